@@ -1,0 +1,194 @@
+"""Building blocks shared by the towers: dense, embedding, LayerNorm, attention.
+
+Conventions (see docs/architecture.md):
+- Every parameter is created through `nn.with_logical_partitioning` with logical axis names
+  (`embed`, `mlp`, `heads`, `vocab`, ...); `blip2_jax.sharding` maps them onto the mesh.
+- `param_dtype` is the storage dtype, `dtype` the compute dtype. LayerNorm, softmax and logits are
+  computed in float32 whatever `dtype` says; results are cast back to `dtype`.
+- Dense kernels are `[in, out]` (HF Linear weights are `[out, in]`; the converters transpose).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation a Hugging Face config names (`hidden_act`, `dense_act_fn`, `activation_function`)."""
+    table = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+    }
+    if name not in table:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(table)}")
+    return table[name]
+
+
+class Dense(nn.Module):
+    """`y = x @ kernel + bias` with logical axis names `(in_axis, out_axis)` on the kernel."""
+
+    features: int
+    axes: tuple[str, str] = ("embed", "mlp")
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
+                (self.features,),
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """A `[num_embeddings, features]` table with logical axes `axes` (default `("vocab", "embed")`)."""
+
+    num_embeddings: int
+    features: int
+    axes: tuple[str, str] = ("vocab", "embed")
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    embedding_init: Initializer = default_kernel_init
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(self.embedding_init, self.axes),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the table (a tied output head), computed and returned in float32."""
+        return jnp.dot(x.astype(jnp.float32), self.embedding.astype(jnp.float32).T)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 (as LAVIS's fp16-safe subclass does), cast back to `dtype`."""
+
+    epsilon: float = 1e-6
+    axis_name: str = "embed"
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            (features,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis_name,)),
+                (features,), self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """T5's LayerNorm: no mean subtraction, no bias, computed in float32."""
+
+    epsilon: float = 1e-6
+    axis_name: str = "embed"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """`[B, T, H*D] -> [B, T, H, D]`."""
+    return x.reshape(x.shape[:-1] + (num_heads, x.shape[-1] // num_heads))
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """`[B, T, H, D] -> [B, T, H*D]`."""
+    return x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
+
+
+def mask_to_bias(mask: jax.Array, fill: float = -1e9) -> jax.Array:
+    """Boolean (or 0/1) mask, True = may attend, to an additive float32 bias (0 or `fill`)."""
+    return jnp.where(mask.astype(bool), 0.0, fill).astype(jnp.float32)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: Optional[jax.Array] = None,
+    *,
+    scale: Optional[float] = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    dropout_rng: Optional[jax.Array] = None,
+    dtype: Dtype = jnp.float32,
+) -> jax.Array:
+    """Softmax attention with float32 scores.
+
+    q: `[B, Tq, H, D]`, k and v: `[B, Tk, H, D]`; `bias` broadcasts to `[B, H, Tq, Tk]` and is added to
+    the scaled scores. `scale` defaults to `D**-0.5` (T5 passes 1.0). Returns `[B, Tq, H, D]` in `dtype`.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    scores = scores * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if not deterministic and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+
+
+def causal_mask(length: int) -> jax.Array:
+    """`[length, length]` boolean lower-triangular mask (position i sees positions <= i)."""
+    return jnp.tril(jnp.ones((length, length), dtype=bool))
+
+
+def logically_constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+    """Activation sharding hint by logical names; a no-op outside a mesh/rules context."""
+    return nn.with_logical_constraint(x, tuple(axes))
