@@ -1,0 +1,90 @@
+"""Hugging Face `OPTForCausalLM` <-> our `OPTForCausalLM` parameters.
+
+HF keys (relative to `hf_prefix`, which is `language_model.` inside a BLIP-2 checkpoint):
+`model.decoder.embed_tokens.weight`, `model.decoder.embed_positions.weight`,
+`model.decoder.project_{in,out}.weight` (only when `word_embed_proj_dim != hidden_size`),
+`model.decoder.final_layer_norm.*` (pre-LN models), `model.decoder.layers.{i}.self_attn.{q,k,v,out}_proj.*`,
+`...self_attn_layer_norm.*`, `...fc1.*`, `...fc2.*`, `...final_layer_norm.*`, and `lm_head.weight`.
+
+Tied head: transformers writes no `lm_head.weight` when it is tied to `embed_tokens`. When a file
+does carry `lm_head.weight`, transformers 5.x keeps it as a separate head (unless it is identical),
+so `load` then builds an untied model (`tie_word_embeddings=False`); otherwise the head is tied.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip2_jax.convert.hf_io import CheckpointReader, write_safetensors
+from blip2_jax.convert.rules import Rule, check_keys, embedding, layer_norm, linear, load_rules, save_rules
+from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
+
+# Keys a HF OPT file may hold that carry nothing for the model.
+IGNORE = ()
+
+
+def rules(config: OPTConfig, hf_prefix: str = "") -> list[Rule]:
+    """Every parameter of `OPTForCausalLM(config)` with its HF key (`hf_prefix` + key)."""
+    d = f"{hf_prefix}model.decoder."
+    bias = config.enable_bias
+    affine = config.layer_norm_elementwise_affine
+    out = embedding(d + "embed_tokens.weight", ("embed_tokens",))
+    out += embedding(d + "embed_positions.weight", ("embed_positions",))
+    if config.embed_dim != config.hidden_size:
+        out += linear(d + "project_in", ("project_in",), bias=False)
+        out += linear(d + "project_out", ("project_out",), bias=False)
+    if config.has_final_layer_norm and affine:
+        out += layer_norm(d + "final_layer_norm", ("final_layer_norm",))
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"{d}layers.{i}.", (f"layers_{i}",)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out += linear(hf + f"self_attn.{proj}", ours + ("self_attn", proj), bias=bias)
+        if affine:
+            out += layer_norm(hf + "self_attn_layer_norm", ours + ("self_attn_layer_norm",))
+            out += layer_norm(hf + "final_layer_norm", ours + ("final_layer_norm",))
+        out += linear(hf + "fc1", ours + ("fc1",), bias=bias)
+        out += linear(hf + "fc2", ours + ("fc2",), bias=bias)
+    if not config.tie_word_embeddings:
+        out += linear(f"{hf_prefix}lm_head", ("lm_head",), bias=False)
+    return out
+
+
+def config_for_checkpoint(hf_config: dict, keys, hf_prefix: str = "", **overrides) -> OPTConfig:
+    """Our config for an HF config plus the keys actually in the file (an `lm_head.weight` unties the head)."""
+    cfg = OPTConfig.from_hf(hf_config, **overrides)
+    if f"{hf_prefix}lm_head.weight" in set(keys) and "tie_word_embeddings" not in overrides:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+    return cfg
+
+
+def load(path: str, dtype=jnp.float32, *, remat: bool = False) -> tuple[OPTForCausalLM, dict]:
+    """An `OPTForCausalLM` directory (config.json + safetensors) -> `(model, params)`.
+
+    `dtype` is both the storage and the compute dtype of the tower. Missing or unexpected keys
+    raise `CheckpointError` listing both.
+    """
+    with CheckpointReader(path) as reader:
+        cfg = config_for_checkpoint(reader.config, reader.keys(), dtype=dtype, param_dtype=dtype, remat=remat)
+        rs = rules(cfg)
+        check_keys(rs, reader.keys(), ignore=IGNORE, source=path)
+        params = load_rules(reader.get, rs, dtype=np.dtype(dtype), source=path)
+    return OPTForCausalLM(cfg), jax.tree.map(jnp.asarray, params)
+
+
+def to_hf_state_dict(params: dict, config: OPTConfig, hf_prefix: str = "", dtype=np.float32) -> dict[str, np.ndarray]:
+    """Our params -> HF tensors (no `lm_head.weight` when tied, as transformers writes it)."""
+    params = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32)), params)
+    return save_rules(params, rules(config, hf_prefix), dtype=dtype)
+
+
+def save(params: dict, config: OPTConfig, path: str, dtype=np.float32) -> None:
+    """Write an `OPTForCausalLM` directory (config.json + model.safetensors) that transformers loads."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config.to_hf(), f, indent=2)
+    write_safetensors(os.path.join(path, "model.safetensors"), to_hf_state_dict(params, config, dtype=dtype))

@@ -1,0 +1,304 @@
+"""OPT (decoder-only causal LM) as a Flax linen module, with a fixed-size key/value cache.
+
+Semantics follow Hugging Face `OPTForCausalLM` (transformers 5.x):
+- learned positions with an offset of 2, computed from the attention mask as
+  `cumsum(mask) * mask - 1` (so left padding shifts positions, as HF does);
+- `project_in` / `project_out` when `word_embed_proj_dim != hidden_size` (opt-350m);
+- pre-LN (`do_layer_norm_before=True`) or post-LN blocks; the decoder's final LayerNorm only for
+  pre-LN models without `_remove_final_layer_norm`;
+- the LM head tied to `embed_tokens` unless `tie_word_embeddings=False` (the converter sets that
+  when a checkpoint carries its own `lm_head.weight`).
+
+Precision: parameters in `param_dtype`, matmuls in `dtype`; LayerNorm, softmax and logits in float32.
+
+Cache: `init_cache(config, batch, max_len, dtype)` returns a pytree
+`{"index": int32[], "mask": int32[B, max_len], "layers": ({"k", "v"}: [B, max_len, H, D], ...)}`.
+With a cache, `attention_mask` covers only the new tokens; the cache remembers the mask of the
+earlier ones, so positions and padding stay exact across prefill and one-token steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blip2_jax.models.layers import (Dense, Embed, LayerNorm, activation, dot_product_attention,
+                                     mask_to_bias, merge_heads, split_heads)
+
+Dtype = Any
+Cache = dict
+POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq padding_idx relic)
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which HF OPT uses
+
+_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _as_dtype(d):
+    return _DTYPE_NAMES[d] if isinstance(d, str) else d
+
+
+def _freeze_ids(x):
+    """Lists (e.g. several EOS ids) become tuples so the config stays hashable."""
+    return tuple(x) if isinstance(x, list) else x
+
+
+@dataclasses.dataclass(frozen=True)
+class OPTConfig:
+    """The fields of Hugging Face's OPTConfig that change the computation, plus our precision knobs."""
+
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 2048
+    word_embed_proj_dim: Optional[int] = None  # None: equal to hidden_size
+    do_layer_norm_before: bool = True
+    remove_final_layer_norm: bool = False  # HF `_remove_final_layer_norm`
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    activation_function: str = "relu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    pad_token_id: Optional[int] = 1
+    bos_token_id: Optional[int] = 2
+    eos_token_id: Any = 2
+    tie_word_embeddings: bool = True
+    # Ours.
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings and the LM head (`word_embed_proj_dim`)."""
+        return self.word_embed_proj_dim or self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        return self.do_layer_norm_before and not self.remove_final_layer_norm
+
+    @classmethod
+    def from_hf(cls, d: dict, **overrides) -> "OPTConfig":
+        """From a Hugging Face `config.json` dict (OPT's own, or BLIP-2's `text_config`)."""
+        if d.get("model_type", "opt") != "opt":
+            raise ValueError(f"OPTConfig.from_hf: model_type is {d.get('model_type')!r}, expected 'opt'")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields and k not in ("dtype", "param_dtype", "remat")}
+        if "_remove_final_layer_norm" in d:
+            kw["remove_final_layer_norm"] = d["_remove_final_layer_norm"]
+        kw["eos_token_id"] = _freeze_ids(kw.get("eos_token_id", 2))
+        kw.update(overrides)
+        for k in ("dtype", "param_dtype"):
+            if k in kw:
+                kw[k] = _as_dtype(kw[k])
+        cfg = cls(**kw)
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(f"OPTConfig: hidden_size {cfg.hidden_size} is not divisible by "
+                             f"num_attention_heads {cfg.num_attention_heads}")
+        return cfg
+
+    def to_hf(self) -> dict:
+        """A `config.json` dict that transformers' `OPTConfig` / `OPTForCausalLM` load."""
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return {
+            "model_type": "opt", "architectures": ["OPTForCausalLM"],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers, "ffn_dim": self.ffn_dim,
+            "num_attention_heads": self.num_attention_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "word_embed_proj_dim": self.embed_dim, "do_layer_norm_before": self.do_layer_norm_before,
+            "_remove_final_layer_norm": self.remove_final_layer_norm, "enable_bias": self.enable_bias,
+            "layer_norm_elementwise_affine": self.layer_norm_elementwise_affine,
+            "activation_function": self.activation_function, "dropout": self.dropout,
+            "attention_dropout": self.attention_dropout, "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id, "eos_token_id": eos,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+
+
+def init_cache(config: OPTConfig, batch: int, max_len: int, dtype: Dtype = None) -> Cache:
+    """An empty cache for `max_len` positions (prompt + generated); fixed shapes, so one jit serves all steps."""
+    dtype = dtype or config.dtype
+    shape = (batch, max_len, config.num_attention_heads, config.head_dim)
+    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # noqa: E731
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "mask": jnp.zeros((batch, max_len), jnp.int32),
+        "layers": tuple(layer() for _ in range(config.num_hidden_layers)),
+    }
+
+
+def reorder_cache(cache: Cache, indices: jax.Array) -> Cache:
+    """Select rows of the batch (beam search): every array with a batch axis is `take`n along axis 0."""
+    return jax.tree.map(lambda x: jnp.take(x, indices, axis=0) if x.ndim > 0 else x, cache)
+
+
+def _norm(cfg: OPTConfig, name: str):
+    """HF OPT LayerNorm (eps 1e-5); without parameters when `layer_norm_elementwise_affine` is False."""
+    if cfg.layer_norm_elementwise_affine:
+        return LayerNorm(epsilon=LAYER_NORM_EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+
+    def normalize(x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        return ((x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)).astype(cfg.dtype)
+    return normalize
+
+
+class OPTAttention(nn.Module):
+    config: OPTConfig
+
+    @nn.compact
+    def __call__(self, x, bias, layer_cache, index, deterministic: bool):
+        cfg = self.config
+        dense = lambda name, axes: Dense(cfg.hidden_size, axes=axes, use_bias=cfg.enable_bias,  # noqa: E731
+                                         dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+        h = cfg.num_attention_heads
+        q = split_heads(dense("q_proj", ("embed", "heads"))(x), h)
+        k = split_heads(dense("k_proj", ("embed", "heads"))(x), h)
+        v = split_heads(dense("v_proj", ("embed", "heads"))(x), h)
+        new_cache = None
+        if layer_cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), index, 1)
+            new_cache = {"k": k, "v": v}
+        dropout_rng = None
+        if not deterministic and cfg.attention_dropout > 0:
+            dropout_rng = self.make_rng("dropout")
+        out = dot_product_attention(q, k, v, bias, dropout_rate=cfg.attention_dropout,
+                                    deterministic=deterministic, dropout_rng=dropout_rng, dtype=cfg.dtype)
+        out = dense("out_proj", ("heads", "embed"))(merge_heads(out))
+        return out, new_cache
+
+
+class OPTDecoderLayer(nn.Module):
+    config: OPTConfig
+
+    @nn.compact
+    def __call__(self, x, bias, layer_cache, index, deterministic: bool):
+        cfg = self.config
+        drop = nn.Dropout(cfg.dropout)
+        attn_norm = _norm(cfg, "self_attn_layer_norm")
+        ffn_norm = _norm(cfg, "final_layer_norm")
+
+        residual = x
+        if cfg.do_layer_norm_before:
+            x = attn_norm(x)
+        x, new_cache = OPTAttention(cfg, name="self_attn")(x, bias, layer_cache, index, deterministic)
+        x = residual + drop(x, deterministic=deterministic)
+        if not cfg.do_layer_norm_before:
+            x = attn_norm(x)
+
+        residual = x
+        if cfg.do_layer_norm_before:
+            x = ffn_norm(x)
+        x = Dense(cfg.ffn_dim, axes=("embed", "mlp"), use_bias=cfg.enable_bias, dtype=cfg.dtype,
+                  param_dtype=cfg.param_dtype, name="fc1")(x)
+        x = activation(cfg.activation_function)(x)
+        x = Dense(cfg.hidden_size, axes=("mlp", "embed"), use_bias=cfg.enable_bias, dtype=cfg.dtype,
+                  param_dtype=cfg.param_dtype, name="fc2")(x)
+        x = residual + drop(x, deterministic=deterministic)
+        if not cfg.do_layer_norm_before:
+            x = ffn_norm(x)
+        return x, new_cache
+
+
+def _positions(mask: jax.Array) -> jax.Array:
+    """HF OPT positions: `cumsum(mask) * mask - 1` (padding gets -1, i.e. table row 1)."""
+    mask = mask.astype(jnp.int32)
+    return jnp.cumsum(mask, axis=1) * mask - 1
+
+
+class OPTForCausalLM(nn.Module):
+    """OPT decoder plus LM head. `__call__(inputs_embeds, attention_mask, *, cache, deterministic)`."""
+
+    config: OPTConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.embed_positions = Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size,
+                                     axes=(None, "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        if cfg.embed_dim != cfg.hidden_size:
+            self.project_in = Dense(cfg.hidden_size, axes=(None, "embed"), use_bias=False,
+                                    dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            self.project_out = Dense(cfg.embed_dim, axes=("embed", None), use_bias=False,
+                                     dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        layer_cls = nn.remat(OPTDecoderLayer, static_argnums=(5,)) if cfg.remat else OPTDecoderLayer
+        self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        if cfg.has_final_layer_norm:
+            self.final_layer_norm = _norm(cfg, "final_layer_norm")
+        if not cfg.tie_word_embeddings:
+            # Logits in float32: the head computes in float32 whatever the tower's dtype.
+            self.lm_head = Dense(cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
+                                 dtype=jnp.float32, param_dtype=cfg.param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings `[B, T, word_embed_proj_dim]` in `dtype` (what BLIP-2 concatenates after its queries)."""
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, inputs_embeds: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
+                 *, input_ids: Optional[jax.Array] = None, cache: Optional[Cache] = None,
+                 deterministic: bool = True) -> tuple[jax.Array, Optional[Cache]]:
+        """Logits `[B, T, vocab]` in float32 and the updated cache (None without a cache).
+
+        `attention_mask` `[B, T]` (1 = token, 0 = padding; default all ones) covers the T new positions;
+        with a `cache` the earlier positions' mask is taken from the cache.
+        """
+        if (inputs_embeds is None) == (input_ids is None):
+            raise ValueError("OPTForCausalLM: pass exactly one of inputs_embeds and input_ids")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        b, t = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        attention_mask = attention_mask.astype(jnp.int32)
+
+        if cache is None:
+            index = 0
+            key_mask = attention_mask
+            positions = _positions(attention_mask)
+        else:
+            index = cache["index"]
+            key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask, index, 1)
+            positions = jax.lax.dynamic_slice_in_dim(_positions(key_mask), index, t, 1)
+        # Causal and padding mask: query i (absolute index + i) sees keys j <= it that are not padding.
+        q_pos = index + jnp.arange(t)
+        k_pos = jnp.arange(key_mask.shape[1])
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask[:, None, :].astype(bool)
+        bias = mask_to_bias(allowed)[:, None]  # [B, 1, T, K]
+
+        x = inputs_embeds.astype(self.config.dtype)
+        if self.config.embed_dim != self.config.hidden_size:
+            x = self.project_in(x)
+        x = x + self.embed_positions(positions + POSITION_OFFSET)
+        # (HF OPT applies no dropout to the embeddings.)
+
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache["layers"][i]
+            x, new_layer_cache = layer(x, bias, layer_cache, index, deterministic)
+            new_layers.append(new_layer_cache)
+
+        if self.config.has_final_layer_norm:
+            x = self.final_layer_norm(x)
+        if self.config.embed_dim != self.config.hidden_size:
+            x = self.project_out(x)
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x.astype(jnp.float32))
+
+        new_cache = None
+        if cache is not None:
+            new_cache = {"index": cache["index"] + t, "mask": key_mask, "layers": tuple(new_layers)}
+        return logits.astype(jnp.float32), new_cache
