@@ -35,9 +35,20 @@ def reshape(ours_shape: tuple[int, ...], hf_shape: tuple[int, ...]) -> Transform
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+    """`hf_key` <-> `path`. With `chunk=(i, n)` the HF tensor is fused: ours is its i-th of n equal
+    parts along axis 0 (HF's fused ViT `qkv`); chunks no rule names are written as zeros."""
+
     hf_key: str
     path: tuple[str, ...]
     transform: Transform = IDENTITY
+    chunk: tuple[int, int] | None = None
+
+    def read(self, get: Callable[[str], np.ndarray]) -> np.ndarray:
+        value = get(self.hf_key)
+        if self.chunk is not None:
+            index, count = self.chunk
+            value = np.split(value, count, axis=0)[index]
+        return self.transform.to_ours(value)
 
 
 def linear(hf_prefix: str, path: tuple[str, ...], bias: bool = True) -> list[Rule]:
@@ -87,7 +98,7 @@ def load_rules(get: Callable[[str], np.ndarray], rules: Iterable[Rule], *, dtype
     tree: Tree = {}
     for rule in rules:
         try:
-            value = rule.transform.to_ours(get(rule.hf_key))
+            value = rule.read(get)
         except KeyError:
             raise CheckpointError(f"{source}: missing tensor {rule.hf_key!r}") from None
         set_path(tree, rule.path, np.asarray(value).astype(dtype))
@@ -97,10 +108,16 @@ def load_rules(get: Callable[[str], np.ndarray], rules: Iterable[Rule], *, dtype
 def save_rules(params: Mapping, rules: Iterable[Rule], *, dtype=np.float32) -> dict[str, np.ndarray]:
     """HF tensors from our tree; fails if a parameter of ours is not covered by a rule."""
     rules = list(rules)
-    out = {}
+    out, chunks = {}, {}
     for rule in rules:
-        value = np.asarray(get_path(params, rule.path))
-        out[rule.hf_key] = np.ascontiguousarray(rule.transform.to_hf(value).astype(dtype))
+        value = np.ascontiguousarray(rule.transform.to_hf(np.asarray(get_path(params, rule.path))).astype(dtype))
+        if rule.chunk is None:
+            out[rule.hf_key] = value
+        else:
+            chunks.setdefault(rule.hf_key, [None] * rule.chunk[1])[rule.chunk[0]] = value
+    for key, parts in chunks.items():
+        like = next(p for p in parts if p is not None)
+        out[key] = np.concatenate([np.zeros_like(like) if p is None else p for p in parts], axis=0)
     covered = {r.path for r in rules}
     leftover = [".".join(p) for p in flatten(params) if p not in covered]
     if leftover:

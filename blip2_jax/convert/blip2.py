@@ -1,0 +1,220 @@
+"""Hugging Face BLIP-2 <-> blip2_jax: configs and key maps for the vision tower, the Q-Former and heads.
+
+Checkpoints handled (`config.json` + safetensors, single or sharded):
+- `Blip2ForImageTextRetrieval` -> `Blip2Stage1` (no `temp` / ITG head in the file: they start fresh);
+- `Blip2ForConditionalGeneration` with an OPT or T5 text config -> `Blip2OPT` / `Blip2T5`.
+The LLM key maps come from `convert/opt.py` and `convert/t5.py`, under the `language_model.` prefix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from blip2_jax.convert.rules import (CONV, IDENTITY, Rule, embedding, layer_norm, linear, prefixed, reshape)
+from blip2_jax.models.blip2 import Blip2Config
+from blip2_jax.models.qformer import QFormerConfig
+from blip2_jax.models.vit import VisionConfig
+
+# What our stage-1 model has that HF retrieval checkpoints lack (they start as in a fresh stage 1).
+STAGE1_ONLY = ("temp", "lm_transform", "lm_transform_ln", "lm_bias")
+# Keys in HF files that carry no information for us.
+IGNORED_HF_KEYS = (r".*position_ids",)
+
+
+# -- configs ------------------------------------------------------------------------------------
+def vision_config_from_hf(d: dict, **overrides) -> VisionConfig:
+    return VisionConfig(
+        style="eva", hidden_size=d.get("hidden_size", 1408), intermediate_size=d.get("intermediate_size", 6144),
+        num_layers=d.get("num_hidden_layers", 39), num_heads=d.get("num_attention_heads", 16),
+        image_size=d.get("image_size", 224), patch_size=d.get("patch_size", 14),
+        layer_norm_eps=d.get("layer_norm_eps", 1e-6), hidden_act=d.get("hidden_act", "gelu"),
+        attention_dropout=d.get("attention_dropout", 0.0), **overrides)
+
+
+def vision_config_to_hf(c: VisionConfig) -> dict:
+    if c.style != "eva":
+        raise ValueError("Hugging Face Blip2VisionConfig describes the EVA-style tower only (CLIP ViT-L has "
+                         "biased k projections and ln_pre, which Blip2VisionModel cannot express)")
+    return dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
+                num_attention_heads=c.num_heads, image_size=c.image_size, patch_size=c.patch_size,
+                layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act, attention_dropout=c.attention_dropout,
+                qkv_bias=True, model_type="blip_2_vision_model")
+
+
+def qformer_config_from_hf(d: dict, num_query_tokens: int, **overrides) -> QFormerConfig:
+    return QFormerConfig(
+        hidden_size=d.get("hidden_size", 768), num_layers=d.get("num_hidden_layers", 12),
+        num_heads=d.get("num_attention_heads", 12), intermediate_size=d.get("intermediate_size", 3072),
+        hidden_act=d.get("hidden_act", "gelu"), layer_norm_eps=d.get("layer_norm_eps", 1e-12),
+        hidden_dropout=d.get("hidden_dropout_prob", 0.1), attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
+        max_position_embeddings=d.get("max_position_embeddings", 512), vocab_size=d.get("vocab_size", 30522),
+        pad_token_id=d.get("pad_token_id", 0), cross_attention_frequency=d.get("cross_attention_frequency", 2),
+        encoder_hidden_size=d.get("encoder_hidden_size", 1408), num_query_tokens=num_query_tokens,
+        use_text_input=d.get("use_qformer_text_input", False), **overrides)
+
+
+def qformer_config_to_hf(c: QFormerConfig) -> dict:
+    return dict(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                intermediate_size=c.intermediate_size, hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps,
+                hidden_dropout_prob=c.hidden_dropout, attention_probs_dropout_prob=c.attention_dropout,
+                max_position_embeddings=c.max_position_embeddings, vocab_size=c.vocab_size,
+                pad_token_id=c.pad_token_id, cross_attention_frequency=c.cross_attention_frequency,
+                encoder_hidden_size=c.encoder_hidden_size, use_qformer_text_input=c.use_text_input,
+                model_type="blip_2_qformer")
+
+
+def text_config_from_hf(d: dict, dtype=jnp.float32):
+    """OPTConfig or T5Config for a Blip2 text_config dict."""
+    kind = d.get("model_type", "opt")
+    if kind == "opt":
+        from blip2_jax.models.opt import OPTConfig
+        return OPTConfig.from_hf(d, dtype=dtype, param_dtype=dtype)
+    if kind == "t5":
+        from blip2_jax.models.t5 import T5Config
+        return T5Config.from_hf(d, dtype=dtype, param_dtype=dtype)
+    raise ValueError(f"text_config.model_type {kind!r} is not supported (opt or t5)")
+
+
+def architecture(d: dict) -> str:
+    archs = d.get("architectures") or []
+    if "Blip2ForImageTextRetrieval" in archs:
+        return "retrieval"
+    if "Blip2ForConditionalGeneration" in archs or d.get("text_config"):
+        return "generation"
+    raise ValueError(f"config.json architectures {archs} is not a BLIP-2 model this project loads "
+                     "(Blip2ForConditionalGeneration or Blip2ForImageTextRetrieval)")
+
+
+def config_from_hf(d: dict, *, dtype=jnp.float32, frozen_dtype=None) -> Blip2Config:
+    """Our `Blip2Config` from a Hugging Face `config.json` dict.
+
+    `dtype` is the storage/compute dtype of the trainable part; `frozen_dtype` (default `dtype`) that
+    of the frozen towers (ViT and LLM).
+    """
+    frozen_dtype = frozen_dtype or dtype
+    nq = d.get("num_query_tokens", 32)
+    vision = vision_config_from_hf(d.get("vision_config", {}), dtype=frozen_dtype, param_dtype=frozen_dtype)
+    kind = architecture(d)
+    qcfg = d.get("qformer_config", {})
+    if kind == "generation":
+        qcfg = {**qcfg, "use_qformer_text_input": False}
+    qformer = qformer_config_from_hf(qcfg, nq, dtype=dtype, param_dtype=dtype)
+    text = text_config_from_hf(d["text_config"], frozen_dtype) if kind == "generation" else None
+    return Blip2Config(vision=vision, qformer=qformer, text=text, num_query_tokens=nq,
+                       image_text_hidden_size=d.get("image_text_hidden_size", 256),
+                       ln_vision_eps=vision.layer_norm_eps, with_lm_head=False,
+                       image_token_index=d.get("image_token_index"))
+
+
+# -- key maps -----------------------------------------------------------------------------------
+def vision_rules(c: VisionConfig, hf_prefix: str = "vision_model.", ln_vision: bool = True) -> list[Rule]:
+    """EVA tower as HF `Blip2VisionModel` stores it (fused qkv with a zero k bias)."""
+    d = c.hidden_size
+    rules = [
+        Rule("embeddings.class_embedding", ("embeddings", "class_embedding"), reshape((d,), (1, 1, d))),
+        Rule("embeddings.patch_embedding.weight", ("embeddings", "patch_kernel"), CONV),
+        Rule("embeddings.patch_embedding.bias", ("embeddings", "patch_bias")),
+        Rule("embeddings.position_embedding", ("embeddings", "position_embedding")),
+    ]
+    for i in range(c.num_layers):
+        hf, ours = f"encoder.layers.{i}.", (f"layers_{i}",)
+        attn = ours + ("attention",)
+        for j, name in enumerate(("query", "key", "value")):
+            rules.append(Rule(hf + "self_attn.qkv.weight", attn + (name, "kernel"), linear("", ())[0].transform, (j, 3)))
+        rules.append(Rule(hf + "self_attn.qkv.bias", attn + ("query", "bias"), IDENTITY, (0, 3)))
+        rules.append(Rule(hf + "self_attn.qkv.bias", attn + ("value", "bias"), IDENTITY, (2, 3)))
+        rules += linear(hf + "self_attn.projection", attn + ("out",))
+        rules += layer_norm(hf + "layer_norm1", ours + ("norm1",))
+        rules += layer_norm(hf + "layer_norm2", ours + ("norm2",))
+        rules += linear(hf + "mlp.fc1", ours + ("fc1",))
+        rules += linear(hf + "mlp.fc2", ours + ("fc2",))
+    rules = prefixed(rules, hf_prefix, ("vision",))
+    if ln_vision:
+        rules += layer_norm(hf_prefix + "post_layernorm", ("ln_vision",))
+    return rules
+
+
+def qformer_rules(c: QFormerConfig, hf_prefix: str = "qformer.", embeddings_prefix: str = "embeddings.") -> list[Rule]:
+    """HF `Blip2QFormerModel` (+ the retrieval model's `embeddings.*` text embeddings)."""
+    rules = layer_norm(hf_prefix + "layernorm", ("qformer", "layernorm"))
+    if c.use_text_input:
+        rules += embedding(embeddings_prefix + "word_embeddings.weight", ("qformer", "word_embeddings"))
+        rules += embedding(embeddings_prefix + "position_embeddings.weight", ("qformer", "position_embeddings"))
+    for i in range(c.num_layers):
+        hf, ours = f"{hf_prefix}encoder.layer.{i}.", ("qformer", f"layer_{i}")
+        blocks = [("attention", "attention")]
+        if c.has_cross_attention(i):
+            blocks.append(("crossattention", "crossattention"))
+        for hf_name, our_name in blocks:
+            for proj in ("query", "key", "value"):
+                rules += linear(f"{hf}{hf_name}.attention.{proj}", ours + (our_name, proj))
+            rules += linear(f"{hf}{hf_name}.output.dense", ours + (f"{our_name}_output", "dense"))
+            rules += layer_norm(f"{hf}{hf_name}.output.LayerNorm", ours + (f"{our_name}_output", "LayerNorm"))
+        ffns = [("intermediate_query", "output_query", "query_ffn")]
+        if c.use_text_input:
+            ffns.append(("intermediate", "output", "text_ffn"))
+        for hf_in, hf_out, our in ffns:
+            rules += linear(f"{hf}{hf_in}.dense", ours + (our, "intermediate"))
+            rules += linear(f"{hf}{hf_out}.dense", ours + (our, "output", "dense"))
+            rules += layer_norm(f"{hf}{hf_out}.LayerNorm", ours + (our, "output", "LayerNorm"))
+    return rules
+
+
+def text_rules(text_config: Any, hf_prefix: str = "language_model.") -> list[Rule]:
+    kind = type(text_config).__name__
+    if kind == "OPTConfig":
+        from blip2_jax.convert import opt
+        return prefixed(opt.rules(text_config, hf_prefix=hf_prefix), "", ("language_model",))
+    from blip2_jax.convert import t5
+    return prefixed(t5.rules(text_config, hf_prefix=hf_prefix), "", ("language_model",))
+
+
+def rules(config: Blip2Config) -> list[Rule]:
+    """Every HF key of the checkpoint `config` describes, with its place in our tree."""
+    out = vision_rules(config.vision)
+    out.append(Rule("query_tokens", ("query_tokens",)))
+    out += qformer_rules(config.qformer)
+    if config.text is None:
+        out += linear("vision_projection", ("vision_proj",))
+        out += linear("text_projection", ("text_proj",))
+        out += linear("itm_head", ("itm_head",))
+    else:
+        out += linear("language_projection", ("language_projection",))
+        out += text_rules(config.text)
+    return out
+
+
+def config_to_hf(config: Blip2Config) -> dict:
+    """A `config.json` dict that transformers 5.x loads into the matching Blip2 class."""
+    d = dict(
+        model_type="blip-2", num_query_tokens=config.num_query_tokens,
+        vision_config=vision_config_to_hf(config.vision), qformer_config=qformer_config_to_hf(config.qformer),
+        initializer_factor=1.0, initializer_range=0.02,
+    )
+    if config.text is None:
+        d["architectures"] = ["Blip2ForImageTextRetrieval"]
+        d["image_text_hidden_size"] = config.image_text_hidden_size
+        d["qformer_config"]["use_qformer_text_input"] = True
+    else:
+        d["architectures"] = ["Blip2ForConditionalGeneration"]
+        d["text_config"] = config.text.to_hf()
+        d["use_decoder_only_language_model"] = type(config.text).__name__ == "OPTConfig"
+        # transformers 5.x scatters the queries into image-token positions: it needs the id.
+        index = config.image_token_index
+        if index is None:
+            # HF looks the placeholder up in the embedding table before scattering the queries in, so
+            # it must be a valid row; the last one is the usual unused padding row of hub vocabularies.
+            index = d["text_config"]["vocab_size"] - 1
+        d["image_token_index"] = index
+    return d
+
+
+def with_dtypes(config: Blip2Config, *, dtype, frozen_dtype) -> Blip2Config:
+    """The same architecture with other storage/compute dtypes."""
+    vision = dataclasses.replace(config.vision, dtype=frozen_dtype, param_dtype=frozen_dtype)
+    qformer = dataclasses.replace(config.qformer, dtype=dtype, param_dtype=dtype)
+    text = None if config.text is None else dataclasses.replace(config.text, dtype=frozen_dtype,
+                                                                 param_dtype=frozen_dtype)
+    return dataclasses.replace(config, vision=vision, qformer=qformer, text=text)

@@ -1,0 +1,109 @@
+"""`from_pretrained` / `save_pretrained`: the public entry points for Hugging Face BLIP-2 directories."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip2_jax.convert import blip2 as hf_blip2
+from blip2_jax.convert.hf_io import CheckpointReader, write_safetensors
+from blip2_jax.convert.rules import check_keys, flatten, load_rules, save_rules, set_path
+from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, build_model
+
+log = logging.getLogger(__name__)
+
+
+def abstract_params(model: nn.Module) -> dict:
+    """Shapes and dtypes of the model's parameters (nothing is allocated)."""
+    cfg: Blip2Config = model.config
+    size = cfg.vision.image_size
+    pixels = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    args = [pixels, ids, ids]
+    if type(model).__name__ == "Blip2T5":
+        args += [ids, ids]
+    variables = jax.eval_shape(lambda *a: model.init(jax.random.PRNGKey(0), *a), *args)
+    return nn.unbox(variables["params"])
+
+
+def _cast_like(tree: dict, abstract: dict) -> dict:
+    flat = flatten(tree)
+    out: dict = {}
+    for path, leaf in flatten(abstract).items():
+        if path in flat:
+            set_path(out, path, jnp.asarray(flat[path], dtype=leaf.dtype))
+    return out
+
+
+def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Optional[Any] = None):
+    """`(model, params)` for a Hugging Face BLIP-2 directory (see DESIGN.md, "Public API").
+
+    `dtype` is the parameter/compute dtype of the trainable part, `frozen_dtype` (default `dtype`) that
+    of the frozen ViT and LLM. Weights are read tensor by tensor from safetensors.
+    """
+    with CheckpointReader(path) as reader:
+        config = hf_blip2.config_from_hf(reader.config, dtype=dtype, frozen_dtype=frozen_dtype)
+        model = build_model(config)
+        rules = hf_blip2.rules(config)
+        absent = _tied_absent(config, reader)
+        check_keys([r for r in rules if r.hf_key not in absent], reader.keys(),
+                   ignore=hf_blip2.IGNORED_HF_KEYS, source=path)
+        tree = load_rules(reader.get, [r for r in rules if r.hf_key not in absent], source=path)
+        if absent:
+            tree["language_model"] = _text_converter(config).fill_tied(config.text, tree["language_model"])
+    abstract = abstract_params(model)
+    if isinstance(model, Blip2Stage1):
+        tree["temp"] = np.float32(config.temperature_init)  # HF retrieval checkpoints carry no temperature
+        log.info("%s: no ITC temperature in the checkpoint; starting from %s", path, config.temperature_init)
+    params = _cast_like(tree, abstract)
+    _check_complete(params, abstract, path)
+    return model, params
+
+
+def _text_converter(config: Blip2Config):
+    """`convert/opt.py` or `convert/t5.py` for a stage-2 config, None for stage 1."""
+    if config.text is None:
+        return None
+    if type(config.text).__name__ == "OPTConfig":
+        from blip2_jax.convert import opt
+        return opt
+    from blip2_jax.convert import t5
+    return t5
+
+
+def _tied_absent(config: Blip2Config, reader: CheckpointReader) -> set[str]:
+    """HF keys of tied weights that this file does not store; `fill_tied` supplies them."""
+    conv = _text_converter(config)
+    if conv is None:
+        return set()
+    return {"language_model." + k for k in conv.tied_keys(config.text)} - set(reader.keys())
+
+
+def _check_complete(params: dict, abstract: dict, source: str) -> None:
+    have, want = set(flatten(params)), set(flatten(abstract))
+    missing = sorted(".".join(p) for p in want - have)
+    if missing:
+        raise ValueError(f"{source}: the model has parameters the checkpoint did not provide: {missing}")
+
+
+def save_pretrained(model: nn.Module, params: dict, path: str, *, dtype: Any = np.float32) -> None:
+    """Write a Hugging Face directory (`config.json` + `model.safetensors`) that transformers 5.x loads
+    into the matching Blip2 class and runs with the same outputs."""
+    config: Blip2Config = model.config
+    os.makedirs(path, exist_ok=True)
+    params = {k: v for k, v in params.items() if k not in hf_blip2.STAGE1_ONLY}
+    if config.text is None and not config.qformer.use_text_input:
+        raise ValueError("a retrieval checkpoint needs the Q-Former's text path (use_text_input=True)")
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), dtype=np.float32), params)
+    tensors = save_rules(host, hf_blip2.rules(config), dtype=dtype)
+    hf_config = hf_blip2.config_to_hf(config)
+    hf_config["torch_dtype"] = np.dtype(dtype).name
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+    write_safetensors(os.path.join(path, "model.safetensors"), tensors)

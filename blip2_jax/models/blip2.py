@@ -1,0 +1,240 @@
+"""The BLIP-2 compositions.
+
+- `Blip2Stage1`: ViT + `ln_vision` + Q-Former + the stage-1 heads (ITC projections, ITM head, the
+  ITG LM head with its decoder tied to the word embeddings, the ITC temperature). It is also the
+  model behind Hugging Face's `Blip2ForImageTextRetrieval` checkpoints (which lack `temp` and the
+  ITG head; those start as in a fresh stage 1).
+- `Blip2OPT` / `Blip2T5`: ViT + `ln_vision` + the Q-Former's query path + `language_projection` +
+  the frozen LLM (Hugging Face `Blip2ForConditionalGeneration`).
+
+Top-level parameter names are the frozen/trainable boundary: `vision` (and `language_model` in
+stage 2) are frozen, everything else trains (`ln_vision` included, as in LAVIS).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blip2_jax.models import layers
+from blip2_jax.models.layers import Dense, LayerNorm
+from blip2_jax.models.qformer import QFormer, QFormerConfig, attention_mask
+from blip2_jax.models.vit import VisionConfig, VisionTransformer
+
+FROZEN_KEYS = ("vision", "language_model")
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip2Config:
+    vision: VisionConfig = VisionConfig()
+    qformer: QFormerConfig = QFormerConfig()
+    text: Any = None  # OPTConfig / T5Config for stage 2, None for stage 1
+    num_query_tokens: int = 32
+    image_text_hidden_size: int = 256
+    ln_vision_eps: float = 1e-5  # LAVIS ln_vision uses torch's default; HF checkpoints say 1e-6
+    temperature_init: float = 0.07
+    with_lm_head: bool = True  # the ITG head (stage 1)
+    image_token_index: Optional[int] = None  # kept so save_pretrained can write it
+
+    def __post_init__(self):
+        if self.qformer.num_query_tokens != self.num_query_tokens:
+            raise ValueError(f"Blip2Config: num_query_tokens {self.num_query_tokens} != qformer.num_query_tokens "
+                             f"{self.qformer.num_query_tokens}")
+        if self.qformer.encoder_hidden_size != self.vision.hidden_size:
+            raise ValueError(f"Blip2Config: qformer.encoder_hidden_size {self.qformer.encoder_hidden_size} != "
+                             f"vision.hidden_size {self.vision.hidden_size}")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """`torch.nn.functional.normalize`: x / max(||x||, eps), in float32."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class _ImageQueries(nn.Module):
+    """Shared front: frozen ViT -> ln_vision -> learned queries through the Q-Former."""
+
+    config: Blip2Config
+
+    def setup(self):
+        cfg = self.config
+        self.vision = VisionTransformer(cfg.vision, name="vision")
+        self.ln_vision = LayerNorm(cfg.ln_vision_eps, name="ln_vision")
+        self.query_tokens = self.param(
+            "query_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "queries", "embed")),
+            (1, cfg.num_query_tokens, cfg.qformer.hidden_size), cfg.qformer.param_dtype)
+        self.qformer = QFormer(cfg.qformer, name="qformer")
+
+    def vit_features(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The frozen part: ViT hidden states `[B, N, Dv]` (before ln_vision)."""
+        return self.vision(pixel_values, deterministic)
+
+    def image_embeds(self, vit_features: jax.Array) -> jax.Array:
+        """`ln_vision` over the ViT features, in float32: what the Q-Former cross-attends to."""
+        return self.ln_vision(vit_features.astype(jnp.float32))
+
+    def query_outputs(self, image_embeds: jax.Array, deterministic: bool = True):
+        """Learned queries through the Q-Former: `(hidden [B, Q, D], per-layer (k, v))`."""
+        queries = jnp.broadcast_to(self.query_tokens, (image_embeds.shape[0],) + self.query_tokens.shape[1:])
+        return self.qformer(query_embeds=queries, image_embeds=image_embeds, deterministic=deterministic)
+
+
+class Blip2Stage1(_ImageQueries):
+    """Stage-1 / retrieval model. Public methods: `itc`, `itm` (and `__call__`, which runs all heads)."""
+
+    def setup(self):
+        super().setup()
+        cfg, qcfg = self.config, self.config.qformer
+        if not qcfg.use_text_input:
+            raise ValueError("Blip2Stage1 needs qformer.use_text_input=True")
+        proj = lambda name: Dense(cfg.image_text_hidden_size, ("embed", None), name=name)  # noqa: E731
+        self.vision_proj = proj("vision_proj")
+        self.text_proj = proj("text_proj")
+        self.itm_head = Dense(2, ("embed", None), name="itm_head")
+        if cfg.with_lm_head:
+            self.lm_transform = Dense(qcfg.hidden_size, ("embed", "embed2"), name="lm_transform")
+            self.lm_transform_ln = LayerNorm(qcfg.layer_norm_eps, name="lm_transform_ln")
+            self.lm_bias = self.param("lm_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
+                                      (qcfg.vocab_size,), jnp.float32)
+        self.temp = self.param("temp", lambda _, s: jnp.full(s, cfg.temperature_init, jnp.float32), ())
+
+    # -- features -------------------------------------------------------------------------------
+    def image_features(self, image_embeds: jax.Array, deterministic: bool = True):
+        """`(normalised per-query ITC features [B, Q, E], query hidden, query K/V cache)`."""
+        hidden, kvs = self.query_outputs(image_embeds, deterministic)
+        return l2_normalize(self.vision_proj(hidden)), hidden, kvs
+
+    def text_features(self, input_ids: jax.Array, text_mask: jax.Array, deterministic: bool = True):
+        """Unimodal text pass: normalised `[CLS]` ITC feature `[B, E]`."""
+        mask = attention_mask("unimodal", 0, text_mask)
+        hidden, _ = self.qformer(input_ids=input_ids, self_mask=mask, deterministic=deterministic)
+        return l2_normalize(self.text_proj(hidden[:, 0]))
+
+    def itm_logits(self, image_embeds: jax.Array, input_ids: jax.Array, text_mask: jax.Array,
+                   deterministic: bool = True) -> jax.Array:
+        """Bidirectional pass over [queries; text]: ITM head averaged over the query positions `[B, 2]`."""
+        nq = self.config.num_query_tokens
+        queries = jnp.broadcast_to(self.query_tokens, (input_ids.shape[0],) + self.query_tokens.shape[1:])
+        mask = attention_mask("bidirectional", nq, text_mask)
+        hidden, _ = self.qformer(query_embeds=queries, input_ids=input_ids, self_mask=mask,
+                                 image_embeds=image_embeds, deterministic=deterministic)
+        return self.itm_head(hidden[:, :nq]).astype(jnp.float32).mean(axis=1)
+
+    def itg_logits(self, input_ids: jax.Array, text_mask: jax.Array, query_kvs, deterministic: bool = True):
+        """Text attending causally to itself and fully to the cached query K/V: LM logits `[B, T, V]`."""
+        nq = self.config.num_query_tokens
+        full = attention_mask("causal", nq, text_mask)
+        hidden, _ = self.qformer(input_ids=input_ids, self_mask=full[:, nq:], past=query_kvs,
+                                 deterministic=deterministic)
+        h = layers.activation(self.config.qformer.hidden_act)(self.lm_transform(hidden))
+        h = self.lm_transform_ln(h)
+        return self.qformer.attend_word_embeddings(h) + self.lm_bias
+
+    # -- public API ---------------------------------------------------------------------------------
+    def itc(self, pixel_values, input_ids, attention_mask):
+        """`[B_img, B_txt]` similarities: max over queries of the cosine (no temperature)."""
+        image_embeds = self.image_embeds(self.vit_features(pixel_values))
+        image_feats, _, _ = self.image_features(image_embeds)
+        text_feats = self.text_features(input_ids, attention_mask)
+        return jnp.einsum("iqe,te->itq", image_feats, text_feats).max(axis=-1)
+
+    def itm(self, pixel_values, input_ids, attention_mask):
+        """ITM logits `[B, 2]` for the pairs (pixel_values[i], input_ids[i])."""
+        return self.itm_logits(self.image_embeds(self.vit_features(pixel_values)), input_ids, attention_mask)
+
+    def __call__(self, pixel_values, input_ids, attention_mask, deterministic: bool = True):
+        """All heads at once (used for init): ITC similarities, ITM logits and ITG logits."""
+        image_embeds = self.image_embeds(self.vit_features(pixel_values, deterministic))
+        image_feats, _, kvs = self.image_features(image_embeds, deterministic)
+        text_feats = self.text_features(input_ids, attention_mask, deterministic)
+        out = {"itc": jnp.einsum("iqe,te->itq", image_feats, text_feats).max(axis=-1),
+               "itm": self.itm_logits(image_embeds, input_ids, attention_mask, deterministic)}
+        if self.config.with_lm_head:
+            out["itg"] = self.itg_logits(input_ids, attention_mask, kvs, deterministic)
+        return out
+
+
+class _Stage2(_ImageQueries):
+    """Common part of the stage-2 models: image -> soft visual prompt in the LLM's width."""
+
+    def setup(self):
+        super().setup()
+        self.language_projection = Dense(self.config.text.hidden_size, ("embed", "llm_embed"),
+                                         name="language_projection")
+
+    def visual_prompt(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Projected query outputs `[B, Q, D_llm]`, in the LLM's compute dtype."""
+        image_embeds = self.image_embeds(self.vit_features(pixel_values, deterministic))
+        hidden, _ = self.query_outputs(image_embeds, deterministic)
+        return self.language_projection(hidden).astype(self.config.text.dtype)
+
+    def prompt_inputs(self, prompt: jax.Array, input_ids: jax.Array, text_mask: jax.Array):
+        """`[visual prompt; text embeddings]` and the matching mask (all ones over the queries)."""
+        embeds = jnp.concatenate([prompt, self.language_model.embed(input_ids).astype(prompt.dtype)], axis=1)
+        ones = jnp.ones(prompt.shape[:2], text_mask.dtype)
+        return embeds, jnp.concatenate([ones, text_mask], axis=1)
+
+
+class Blip2OPT(_Stage2):
+    """`__call__(pixel_values, input_ids, attention_mask)` -> text logits `[B, T, V]` (float32)."""
+
+    def setup(self):
+        from blip2_jax.models.opt import OPTForCausalLM  # the LLM towers sit beside, not below, the Q-Former
+
+        super().setup()
+        self.language_model = OPTForCausalLM(self.config.text, name="language_model")
+
+    def __call__(self, pixel_values, input_ids, attention_mask, deterministic: bool = True):
+        prompt = self.visual_prompt(pixel_values, deterministic)
+        logits, _ = self.language_model(*self.prompt_inputs(prompt, input_ids, attention_mask),
+                                        deterministic=deterministic)
+        return logits[:, prompt.shape[1]:]
+
+
+class Blip2T5(_Stage2):
+    """`__call__(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)`
+    -> decoder logits `[B, T_dec, V]` (float32)."""
+
+    def setup(self):
+        from blip2_jax.models.t5 import T5ForConditionalGeneration
+
+        super().setup()
+        self.language_model = T5ForConditionalGeneration(self.config.text, name="language_model")
+
+    def encode(self, pixel_values, input_ids, attention_mask, deterministic: bool = True):
+        """T5 encoder over `[visual prompt; text]`: `(encoder hidden, encoder mask)`."""
+        prompt = self.visual_prompt(pixel_values, deterministic)
+        embeds, mask = self.prompt_inputs(prompt, input_ids, attention_mask)
+        return self.language_model.encode(embeds, mask, deterministic=deterministic), mask
+
+    def __call__(self, pixel_values, input_ids, attention_mask, decoder_input_ids,
+                 decoder_attention_mask=None, deterministic: bool = True):
+        encoded, mask = self.encode(pixel_values, input_ids, attention_mask, deterministic)
+        logits, _ = self.language_model.decode(decoder_input_ids, encoded, mask, decoder_attention_mask,
+                                               deterministic=deterministic)
+        return logits
+
+
+Blip2Model = Union[Blip2Stage1, Blip2OPT, Blip2T5]
+
+
+def build_model(config: Blip2Config) -> nn.Module:
+    """The composition a config describes (stage 2 when it has a text config)."""
+    if config.text is None:
+        return Blip2Stage1(config)
+    kind = type(config.text).__name__
+    if kind == "OPTConfig":
+        return Blip2OPT(config)
+    if kind == "T5Config":
+        return Blip2T5(config)
+    raise ValueError(f"Blip2Config.text must be an OPTConfig or T5Config, got {kind}")
+
+
+def split_frozen(params: dict) -> tuple[dict, dict]:
+    """`(trainable, frozen)` by top-level key (`vision`, `language_model` are frozen)."""
+    frozen = {k: v for k, v in params.items() if k in FROZEN_KEYS}
+    trainable = {k: v for k, v in params.items() if k not in FROZEN_KEYS}
+    return trainable, frozen

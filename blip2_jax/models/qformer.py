@@ -1,0 +1,215 @@
+"""The Q-Former: a BERT whose first `num_queries` positions are learned queries.
+
+One forward pass runs over `[queries; text]` (either part may be absent):
+- embeddings: text gets word + absolute position embeddings (positions start at 0 for the text);
+  the queries (no position embedding) are prepended and one LayerNorm covers the concatenation;
+- every layer: self-attention over all positions with an additive mask (see `attention_mask`),
+  optionally in front of cached query keys/values; cross-attention to the image features for the
+  query positions only, every `cross_attention_frequency` layers (layers 0, f, 2f, ...); then the
+  query positions go through the query FFN, the text positions through the text FFN.
+Post-LN blocks as BERT: `LN(x + dropout(dense(sublayer(x))))`.
+
+The three BLIP-2 masks are all expressed by `attention_mask(kind, ...)`:
+- "bidirectional" (ITM): every position sees every (non-padding) position;
+- "causal" (ITG, multimodal causal): queries see queries; text sees all queries and earlier text;
+- "unimodal" (ITC): queries see only queries, text only text (ITC runs the two halves as separate
+  passes, which is the same computation without the wasted half).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blip2_jax.models import layers
+from blip2_jax.models.layers import Dense, Embed, LayerNorm
+
+Dtype = Any
+MASK_FILL = -10000.0  # BERT/LAVIS additive mask value (not finfo.min)
+KV = tuple[jax.Array, jax.Array]  # (keys, values), each [B, T, H, Dh]
+
+
+@dataclasses.dataclass(frozen=True)
+class QFormerConfig:
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    max_position_embeddings: int = 512
+    vocab_size: int = 30523  # bert-base-uncased + [DEC]
+    pad_token_id: int = 0
+    cross_attention_frequency: int = 2
+    encoder_hidden_size: int = 1408
+    num_query_tokens: int = 32
+    use_text_input: bool = True  # word/position embeddings and the text FFNs (stage 1, retrieval)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"QFormerConfig: hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.cross_attention_frequency < 1:
+            raise ValueError(f"QFormerConfig.cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
+
+    def has_cross_attention(self, layer: int) -> bool:
+        return layer % self.cross_attention_frequency == 0
+
+
+def attention_mask(kind: str, num_queries: int, text_mask: Optional[jax.Array], *, batch: int = 1) -> jax.Array:
+    """Boolean `[B, L, L]` (L = queries + text) self-attention mask; True = may attend.
+
+    `text_mask` `[B, T]` marks real (1) and padding (0) text tokens; None means no text.
+    """
+    if text_mask is None:
+        return jnp.ones((batch, num_queries, num_queries), bool)
+    b, t = text_mask.shape
+    key_valid = jnp.concatenate([jnp.ones((b, num_queries), bool), text_mask.astype(bool)], axis=1)
+    is_query = jnp.arange(num_queries + t) < num_queries
+    if kind == "bidirectional":
+        allowed = jnp.ones((num_queries + t, num_queries + t), bool)
+    elif kind == "causal":
+        text_rows = jnp.concatenate([jnp.ones((t, num_queries), bool), layers.causal_mask(t)], axis=1)
+        query_rows = jnp.concatenate([jnp.ones((num_queries, num_queries), bool),
+                                      jnp.zeros((num_queries, t), bool)], axis=1)
+        allowed = jnp.concatenate([query_rows, text_rows], axis=0)
+    elif kind == "unimodal":
+        allowed = is_query[:, None] == is_query[None, :]
+    else:
+        raise ValueError(f"unknown Q-Former mask kind {kind!r}: bidirectional, causal or unimodal")
+    return allowed[None] & key_valid[:, None, :]
+
+
+class MultiHeadAttention(nn.Module):
+    config: QFormerConfig
+    kv_features: Optional[int] = None  # cross-attention reads the image width
+
+    @nn.compact
+    def __call__(self, x, kv_input, bias, past: Optional[KV] = None, deterministic: bool = True):
+        cfg = self.config
+        dense = lambda name: Dense(cfg.hidden_size, ("embed", "heads"), dtype=cfg.dtype,  # noqa: E731
+                                   param_dtype=cfg.param_dtype, name=name)
+        q = layers.split_heads(dense("query")(x), cfg.num_heads)
+        k = layers.split_heads(dense("key")(kv_input), cfg.num_heads)
+        v = layers.split_heads(dense("value")(kv_input), cfg.num_heads)
+        new_kv = (k, v)
+        if past is not None:
+            k = jnp.concatenate([past[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([past[1].astype(v.dtype), v], axis=1)
+        rng = None if deterministic or cfg.attention_dropout == 0 else self.make_rng("dropout")
+        out = layers.dot_product_attention(q, k, v, bias, dropout_rate=cfg.attention_dropout,
+                                           deterministic=deterministic, dropout_rng=rng, dtype=cfg.dtype)
+        return layers.merge_heads(out), new_kv
+
+
+class AddNorm(nn.Module):
+    """BERT's `LN(residual + dropout(dense(x)))`."""
+
+    config: QFormerConfig
+    in_axis: str = "heads"
+
+    @nn.compact
+    def __call__(self, x, residual, deterministic: bool = True):
+        cfg = self.config
+        h = Dense(cfg.hidden_size, (self.in_axis, "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  name="dense")(x)
+        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        return LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="LayerNorm")(h + residual)
+
+
+class FeedForward(nn.Module):
+    config: QFormerConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        cfg = self.config
+        h = Dense(cfg.intermediate_size, ("embed", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  name="intermediate")(x)
+        h = layers.activation(cfg.hidden_act)(h)
+        return AddNorm(cfg, in_axis="mlp", name="output")(h, x, deterministic)
+
+
+class QFormerLayer(nn.Module):
+    config: QFormerConfig
+    has_cross_attention: bool
+
+    @nn.compact
+    def __call__(self, x, num_queries: int, self_bias, image_embeds, past: Optional[KV], deterministic: bool):
+        cfg = self.config
+        attn, kv = MultiHeadAttention(cfg, name="attention")(x, x, self_bias, past, deterministic)
+        h = AddNorm(cfg, name="attention_output")(attn, x, deterministic)
+        parts = []
+        if num_queries > 0:
+            hq = h[:, :num_queries]
+            if self.has_cross_attention:
+                if image_embeds is None:
+                    raise ValueError("Q-Former: a cross-attention layer needs image_embeds for the query positions")
+                cross, _ = MultiHeadAttention(cfg, name="crossattention")(hq, image_embeds, None, None, deterministic)
+                hq = AddNorm(cfg, name="crossattention_output")(cross, hq, deterministic)
+            parts.append(FeedForward(cfg, name="query_ffn")(hq, deterministic))
+        if h.shape[1] > num_queries:
+            if not cfg.use_text_input:
+                raise ValueError("Q-Former built with use_text_input=False has no text path")
+            parts.append(FeedForward(cfg, name="text_ffn")(h[:, num_queries:], deterministic))
+        out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        return layers.logically_constrain(out, ("batch", "length", "embed")), kv
+
+
+class QFormer(nn.Module):
+    """The Q-Former encoder with its embeddings (no heads; those live in `blip2.py`).
+
+    Call with any of: `query_embeds [B, Q, D]` (learned queries), `input_ids [B, T]`, both, or text
+    only with `past` (per-layer cached query K/V of an earlier query pass, for ITG). Returns
+    `(hidden [B, Q+T, D], per-layer (k, v) of this pass)`.
+    """
+
+    config: QFormerConfig
+
+    def setup(self):
+        cfg = self.config
+        if cfg.use_text_input:
+            self.word_embeddings = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                                         param_dtype=cfg.param_dtype, name="word_embeddings")
+            self.position_embeddings = Embed(cfg.max_position_embeddings, cfg.hidden_size, axes=(None, "embed"),
+                                             dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="position_embeddings")
+        self.layernorm = LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="layernorm")
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        layer_cls = nn.remat(QFormerLayer, static_argnums=(2, 6)) if cfg.remat else QFormerLayer
+        self.layers = [layer_cls(cfg, cfg.has_cross_attention(i), name=f"layer_{i}") for i in range(cfg.num_layers)]
+
+    def embed(self, query_embeds: Optional[jax.Array], input_ids: Optional[jax.Array],
+              deterministic: bool = True) -> jax.Array:
+        parts = []
+        if query_embeds is not None:
+            parts.append(query_embeds.astype(self.config.dtype))
+        if input_ids is not None:
+            positions = jnp.arange(input_ids.shape[1])
+            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions)[None])
+        x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        return self.embedding_dropout(self.layernorm(x), deterministic=deterministic)
+
+    def __call__(self, query_embeds: Optional[jax.Array] = None, input_ids: Optional[jax.Array] = None,
+                 self_mask: Optional[jax.Array] = None, image_embeds: Optional[jax.Array] = None,
+                 past: Optional[Sequence[KV]] = None, deterministic: bool = True):
+        """`self_mask` `[B, L, L_past + L]` boolean (True = may attend); None = all visible."""
+        num_queries = 0 if query_embeds is None else query_embeds.shape[1]
+        x = self.embed(query_embeds, input_ids, deterministic)
+        bias = None if self_mask is None else layers.mask_to_bias(self_mask, MASK_FILL)[:, None]
+        if image_embeds is not None:
+            image_embeds = image_embeds.astype(self.config.dtype)
+        kvs = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, num_queries, bias, image_embeds, None if past is None else past[i], deterministic)
+            kvs.append(kv)
+        return x, kvs
+
+    def attend_word_embeddings(self, x: jax.Array) -> jax.Array:
+        """Logits against the word embedding table (the ITG head's tied decoder)."""
+        return self.word_embeddings.attend(x)

@@ -1,0 +1,43 @@
+"""Tiny randomly initialised Hugging Face models for parity tests (torch is the reference)."""
+from __future__ import annotations
+
+import torch
+
+
+def redraw_(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Re-draw every parameter so that every layer matters (HF's vision init is ~1e-10).
+
+    Norm scales get 1 + N(0, 0.1), everything else N(0, std); the EVA k bias stays zero as in real
+    checkpoints (a k bias cannot change attention anyway).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if ("norm" in name.lower() or "LayerNorm" in name) and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(std * noise)
+            if name.endswith("self_attn.qkv.bias"):
+                third = p.shape[0] // 3
+                p[third:2 * third] = 0.0
+    return model.eval()
+
+
+def blip2_retrieval_config(*, vision_hidden=32, vision_layers=2, vision_heads=4, image_size=28, patch=14,
+                           q_hidden=32, q_layers=2, q_heads=4, cross_freq=2, num_queries=4, vocab=99,
+                           embed_dim=16, image_token_index=None):
+    from transformers import Blip2Config
+    cfg = Blip2Config(
+        vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden + 8,
+                           num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                           image_size=image_size, patch_size=patch, layer_norm_eps=1e-6),
+        qformer_config=dict(hidden_size=q_hidden, num_hidden_layers=q_layers, num_attention_heads=q_heads,
+                            intermediate_size=2 * q_hidden + 4, cross_attention_frequency=cross_freq,
+                            vocab_size=vocab, max_position_embeddings=40, use_qformer_text_input=True),
+        num_query_tokens=num_queries, image_text_hidden_size=embed_dim,
+    )
+    cfg.architectures = ["Blip2ForImageTextRetrieval"]
+    if image_token_index is not None:
+        cfg.image_token_index = image_token_index
+    return cfg

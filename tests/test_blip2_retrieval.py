@@ -1,0 +1,117 @@
+"""Parity of the ViT, the Q-Former and the stage-1 heads with HF Blip2ForImageTextRetrieval (float32)."""
+import numpy as np
+import pytest
+import torch
+
+import jax
+import jax.numpy as jnp
+from transformers import Blip2ForImageTextRetrieval
+
+import blip2_jax
+from tests import hf_tiny
+
+CONFIGS = {
+    "freq2": dict(),
+    "freq1_wide": dict(vision_hidden=48, vision_layers=3, vision_heads=6, q_hidden=48, q_layers=3, q_heads=6,
+                       cross_freq=1, num_queries=6, embed_dim=12),
+}
+
+
+def assert_close(ours, ref, tol=1e-4):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    err = np.abs(ours - ref).max()
+    bound = tol * max(1.0, np.abs(ref).max())
+    assert err <= bound, f"max |ours - ref| = {err:.3g} > {bound:.3g}"
+    return err
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def retrieval(request, tmp_path_factory):
+    cfg = hf_tiny.blip2_retrieval_config(**CONFIGS[request.param])
+    torch.manual_seed(0)
+    hf = hf_tiny.redraw_(Blip2ForImageTextRetrieval(cfg), seed=1)
+    path = str(tmp_path_factory.mktemp(request.param))
+    hf.save_pretrained(path)
+    rng = np.random.default_rng(0)
+    size = cfg.vision_config.image_size
+    pixels = rng.normal(size=(3, size, size, 3)).astype(np.float32)
+    ids = rng.integers(1, cfg.qformer_config.vocab_size, size=(3, 7))
+    mask = np.ones((3, 7), np.int64)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0
+    return hf, path, pixels, ids, mask
+
+
+def torch_pixels(pixels):
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+
+
+def test_vision_and_qformer_outputs(retrieval):
+    hf, path, pixels, _, _ = retrieval
+    model, params = blip2_jax.from_pretrained(path)
+    with torch.no_grad():
+        vis = hf.vision_model(pixel_values=torch_pixels(pixels)).last_hidden_state
+        q = hf.qformer(query_embeds=hf.query_tokens.expand(3, -1, -1), encoder_hidden_states=vis,
+                       encoder_attention_mask=torch.ones(vis.shape[:2], dtype=torch.long)).last_hidden_state
+    v = {"params": params}
+    ours_vis = model.apply(v, jnp.asarray(pixels), method=lambda m, x: m.image_embeds(m.vit_features(x)))
+    assert_close(ours_vis, vis.numpy())
+    ours_q, _ = model.apply(v, ours_vis, method=lambda m, e: m.query_outputs(e))
+    assert_close(ours_q, q.numpy())
+
+
+def test_itm_and_itc(retrieval):
+    hf, path, pixels, ids, mask = retrieval
+    model, params = blip2_jax.from_pretrained(path)
+    with torch.no_grad():
+        args = dict(pixel_values=torch_pixels(pixels), input_ids=torch.from_numpy(ids),
+                    attention_mask=torch.from_numpy(mask))
+        itm = hf(**args, use_image_text_matching_head=True).logits_per_image.numpy()
+        itc = hf(**args, use_image_text_matching_head=False).logits_per_image.numpy()
+    v = {"params": params}
+    assert_close(model.apply(v, pixels, ids, mask, method="itm"), itm)
+    assert_close(model.apply(v, pixels, ids, mask, method="itc"), itc)
+
+
+def test_bfloat16_frozen_vision_within_tolerance(retrieval):
+    hf, path, pixels, ids, mask = retrieval
+    model, params = blip2_jax.from_pretrained(path, frozen_dtype=jnp.bfloat16)
+    assert params["vision"]["layers_0"]["fc1"]["kernel"].dtype == jnp.bfloat16
+    assert params["qformer"]["layernorm"]["scale"].dtype == jnp.float32
+    with torch.no_grad():
+        itm = hf(pixel_values=torch_pixels(pixels), input_ids=torch.from_numpy(ids),
+                 attention_mask=torch.from_numpy(mask), use_image_text_matching_head=True).logits_per_image.numpy()
+    assert_close(model.apply({"params": params}, pixels, ids, mask, method="itm"), itm, tol=3e-2)
+
+
+def test_save_pretrained_round_trip_runs_in_transformers(retrieval, tmp_path):
+    hf, path, pixels, ids, mask = retrieval
+    model, params = blip2_jax.from_pretrained(path)
+    blip2_jax.save_pretrained(model, params, str(tmp_path))
+    again = Blip2ForImageTextRetrieval.from_pretrained(str(tmp_path)).eval()
+    nq = again.config.num_query_tokens
+    with torch.no_grad():
+        args = dict(pixel_values=torch_pixels(pixels), input_ids=torch.from_numpy(ids),
+                    attention_mask=torch.from_numpy(mask))
+        want = hf(**args, use_image_text_matching_head=True).logits_per_image.numpy()
+        if again.config.image_token_index is not None:  # 5.x strips the first num_query_tokens ids
+            pad = torch.full((3, nq), again.config.image_token_index)
+            args["input_ids"] = torch.cat([pad, args["input_ids"]], 1)
+            args["attention_mask"] = torch.cat([torch.ones(3, nq, dtype=torch.long), args["attention_mask"]], 1)
+        got = again(**args, use_image_text_matching_head=True).logits_per_image.numpy()
+    assert_close(got, want, tol=1e-5)
+    # And our reader reads back exactly what we wrote.
+    _, params2 = blip2_jax.from_pretrained(str(tmp_path))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
+
+
+def test_position_embedding_interpolation_matches_hf(retrieval):
+    hf, path, _, _, _ = retrieval
+    model, params = blip2_jax.from_pretrained(path)
+    size = hf.config.vision_config.image_size + 2 * hf.config.vision_config.patch_size  # a larger grid
+    pixels = np.random.default_rng(3).normal(size=(2, size, size, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = hf.vision_model(pixel_values=torch_pixels(pixels), interpolate_pos_encoding=True).last_hidden_state
+    ours = model.apply({"params": params}, pixels, method=lambda m, x: m.image_embeds(m.vit_features(x)))
+    assert_close(ours, ref.numpy())
