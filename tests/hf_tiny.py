@@ -41,3 +41,30 @@ def blip2_retrieval_config(*, vision_hidden=32, vision_layers=2, vision_heads=4,
     if image_token_index is not None:
         cfg.image_token_index = image_token_index
     return cfg
+
+
+def blip2_opt_config(*, vocab=120, hidden=32, layers=2, heads=4, num_queries=4, cross_freq=2, **vision):
+    from transformers import Blip2Config, OPTConfig
+    base = blip2_retrieval_config(num_queries=num_queries, cross_freq=cross_freq, **vision)
+    text = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden + 4,
+                     num_attention_heads=heads, max_position_embeddings=64, word_embed_proj_dim=hidden,
+                     pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    cfg = Blip2Config(vision_config=base.vision_config.to_dict(),
+                      qformer_config={**base.qformer_config.to_dict(), "use_qformer_text_input": False},
+                      text_config=text.to_dict(), num_query_tokens=num_queries, image_token_index=vocab - 1)
+    cfg.architectures = ["Blip2ForConditionalGeneration"]
+    return cfg
+
+
+def blip2_t5_config(*, vocab=120, d_model=32, layers=2, heads=4, num_queries=4, cross_freq=2, **vision):
+    from transformers import Blip2Config, T5Config
+    base = blip2_retrieval_config(num_queries=num_queries, cross_freq=cross_freq, **vision)
+    text = T5Config(vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model + 4,
+                    num_layers=layers, num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
+                    dense_act_fn="gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
+                    eos_token_id=1, relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    cfg = Blip2Config(vision_config=base.vision_config.to_dict(),
+                      qformer_config={**base.qformer_config.to_dict(), "use_qformer_text_input": False},
+                      text_config=text.to_dict(), num_query_tokens=num_queries, image_token_index=vocab - 1)
+    cfg.architectures = ["Blip2ForConditionalGeneration"]
+    return cfg

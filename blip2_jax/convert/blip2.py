@@ -65,16 +65,26 @@ def qformer_config_to_hf(c: QFormerConfig) -> dict:
                 model_type="blip_2_qformer")
 
 
-def text_config_from_hf(d: dict, dtype=jnp.float32):
-    """OPTConfig or T5Config for a Blip2 text_config dict."""
-    kind = d.get("model_type", "opt")
+def text_converter(text_config_dict_or_config):
+    """`convert/opt.py` or `convert/t5.py` for a text config (HF dict or ours)."""
+    if isinstance(text_config_dict_or_config, dict):
+        kind = text_config_dict_or_config.get("model_type", "opt")
+    else:
+        kind = {"OPTConfig": "opt", "T5Config": "t5"}.get(type(text_config_dict_or_config).__name__)
     if kind == "opt":
-        from blip2_jax.models.opt import OPTConfig
-        return OPTConfig.from_hf(d, dtype=dtype, param_dtype=dtype)
+        from blip2_jax.convert import opt
+        return opt
     if kind == "t5":
-        from blip2_jax.models.t5 import T5Config
-        return T5Config.from_hf(d, dtype=dtype, param_dtype=dtype)
+        from blip2_jax.convert import t5
+        return t5
     raise ValueError(f"text_config.model_type {kind!r} is not supported (opt or t5)")
+
+
+def text_config_from_hf(d: dict, keys=(), dtype=jnp.float32):
+    """OPTConfig or T5Config for a Blip2 `text_config` dict and the keys present in the file
+    (whether the file stores its own LM head decides tying)."""
+    return text_converter(d).config_for_checkpoint(d, keys, hf_prefix="language_model.", dtype=dtype,
+                                                   param_dtype=dtype)
 
 
 def architecture(d: dict) -> str:
@@ -87,7 +97,7 @@ def architecture(d: dict) -> str:
                      "(Blip2ForConditionalGeneration or Blip2ForImageTextRetrieval)")
 
 
-def config_from_hf(d: dict, *, dtype=jnp.float32, frozen_dtype=None) -> Blip2Config:
+def config_from_hf(d: dict, keys=(), *, dtype=jnp.float32, frozen_dtype=None) -> Blip2Config:
     """Our `Blip2Config` from a Hugging Face `config.json` dict.
 
     `dtype` is the storage/compute dtype of the trainable part; `frozen_dtype` (default `dtype`) that
@@ -101,7 +111,7 @@ def config_from_hf(d: dict, *, dtype=jnp.float32, frozen_dtype=None) -> Blip2Con
     if kind == "generation":
         qcfg = {**qcfg, "use_qformer_text_input": False}
     qformer = qformer_config_from_hf(qcfg, nq, dtype=dtype, param_dtype=dtype)
-    text = text_config_from_hf(d["text_config"], frozen_dtype) if kind == "generation" else None
+    text = text_config_from_hf(d["text_config"], keys, frozen_dtype) if kind == "generation" else None
     return Blip2Config(vision=vision, qformer=qformer, text=text, num_query_tokens=nq,
                        image_text_hidden_size=d.get("image_text_hidden_size", 256),
                        ln_vision_eps=vision.layer_norm_eps, with_lm_head=False,
@@ -163,12 +173,7 @@ def qformer_rules(c: QFormerConfig, hf_prefix: str = "qformer.", embeddings_pref
 
 
 def text_rules(text_config: Any, hf_prefix: str = "language_model.") -> list[Rule]:
-    kind = type(text_config).__name__
-    if kind == "OPTConfig":
-        from blip2_jax.convert import opt
-        return prefixed(opt.rules(text_config, hf_prefix=hf_prefix), "", ("language_model",))
-    from blip2_jax.convert import t5
-    return prefixed(t5.rules(text_config, hf_prefix=hf_prefix), "", ("language_model",))
+    return prefixed(text_converter(text_config).rules(text_config, hf_prefix=hf_prefix), "", ("language_model",))
 
 
 def rules(config: Blip2Config) -> list[Rule]:

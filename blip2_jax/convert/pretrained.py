@@ -48,15 +48,11 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Option
     of the frozen ViT and LLM. Weights are read tensor by tensor from safetensors.
     """
     with CheckpointReader(path) as reader:
-        config = hf_blip2.config_from_hf(reader.config, dtype=dtype, frozen_dtype=frozen_dtype)
+        config = hf_blip2.config_from_hf(reader.config, reader.keys(), dtype=dtype, frozen_dtype=frozen_dtype)
         model = build_model(config)
         rules = hf_blip2.rules(config)
-        absent = _tied_absent(config, reader)
-        check_keys([r for r in rules if r.hf_key not in absent], reader.keys(),
-                   ignore=hf_blip2.IGNORED_HF_KEYS, source=path)
-        tree = load_rules(reader.get, [r for r in rules if r.hf_key not in absent], source=path)
-        if absent:
-            tree["language_model"] = _text_converter(config).fill_tied(config.text, tree["language_model"])
+        check_keys(rules, reader.keys(), ignore=hf_blip2.IGNORED_HF_KEYS, source=path)
+        tree = load_rules(reader.get, rules, source=path)
     abstract = abstract_params(model)
     if isinstance(model, Blip2Stage1):
         tree["temp"] = np.float32(config.temperature_init)  # HF retrieval checkpoints carry no temperature
@@ -64,25 +60,6 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Option
     params = _cast_like(tree, abstract)
     _check_complete(params, abstract, path)
     return model, params
-
-
-def _text_converter(config: Blip2Config):
-    """`convert/opt.py` or `convert/t5.py` for a stage-2 config, None for stage 1."""
-    if config.text is None:
-        return None
-    if type(config.text).__name__ == "OPTConfig":
-        from blip2_jax.convert import opt
-        return opt
-    from blip2_jax.convert import t5
-    return t5
-
-
-def _tied_absent(config: Blip2Config, reader: CheckpointReader) -> set[str]:
-    """HF keys of tied weights that this file does not store; `fill_tied` supplies them."""
-    conv = _text_converter(config)
-    if conv is None:
-        return set()
-    return {"language_model." + k for k in conv.tied_keys(config.text)} - set(reader.keys())
 
 
 def _check_complete(params: dict, abstract: dict, source: str) -> None:

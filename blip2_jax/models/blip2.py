@@ -174,8 +174,8 @@ class _Stage2(_ImageQueries):
     def prompt_inputs(self, prompt: jax.Array, input_ids: jax.Array, text_mask: jax.Array):
         """`[visual prompt; text embeddings]` and the matching mask (all ones over the queries)."""
         embeds = jnp.concatenate([prompt, self.language_model.embed(input_ids).astype(prompt.dtype)], axis=1)
-        ones = jnp.ones(prompt.shape[:2], text_mask.dtype)
-        return embeds, jnp.concatenate([ones, text_mask], axis=1)
+        ones = jnp.ones(prompt.shape[:2], jnp.int32)
+        return embeds, jnp.concatenate([ones, text_mask.astype(jnp.int32)], axis=1)
 
 
 class Blip2OPT(_Stage2):
