@@ -76,8 +76,13 @@ def soft_cross_entropy(logits: jax.Array, target_probs: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 def _max_query_sim(image_feats: jax.Array, text_feats: jax.Array) -> jax.Array:
     """[B_img, Q, E] x [B_txt, E] -> [B_img, B_txt]: max over queries of the dot product."""
+    # HIGHEST: B*B*Q*E is small, and TF32/bf16 passes would blur similarities that a small
+    # temperature multiplies by ~14.
     sim_q = jnp.einsum(
-        "iqe,te->itq", image_feats.astype(jnp.float32), text_feats.astype(jnp.float32)
+        "iqe,te->itq",
+        image_feats.astype(jnp.float32),
+        text_feats.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
     )
     return jnp.max(sim_q, axis=-1)
 
