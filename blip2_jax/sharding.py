@@ -115,6 +115,16 @@ def _check_mesh_axis(axis):
         raise ValueError(f"axis rule names mesh axis {axis!r}; mesh axes are {MESH_AXES}")
 
 
+def unbox(tree: Any) -> Any:
+    """Removes flax `Partitioned` boxes, keeping the raw values.
+
+    Unlike `nn.unbox` this adds no sharding constraint (which fails on ShapeDtypeStructs under
+    `jax.set_mesh`); placement is decided by the shardings computed here instead.
+    """
+    is_box = lambda x: isinstance(x, nn.Partitioned)
+    return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
+
+
 def _divisible_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
     """`spec` with every dimension whose size is not divisible by its mesh axes set to None."""
     out = []
@@ -137,7 +147,7 @@ def logical_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh,
     """
     rules = axis_rules() if rules is None else tuple(rules)
     specs = nn.get_partition_spec(abstract_tree)  # logical PartitionSpecs, boxes removed
-    shapes = nn.unbox(abstract_tree)
+    shapes = unbox(abstract_tree)
 
     def one(logical: P, leaf) -> NamedSharding:
         mesh_spec = nn.logical_to_mesh_axes(tuple(logical), rules) if len(logical) else P()
@@ -149,7 +159,7 @@ def logical_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh,
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
     """Unboxed ShapeDtypeStructs carrying `shardings` (targets for Orbax restore and AOT lowering)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.unbox(abstract_tree), shardings)
+                        unbox(abstract_tree), shardings)
 
 
 def create_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array,
@@ -160,7 +170,7 @@ def create_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array,
     """
     abstract = jax.eval_shape(init_fn, rng)
     shardings = logical_shardings(abstract, mesh, rules)
-    init = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)
+    init = jax.jit(lambda r: unbox(init_fn(r)), out_shardings=shardings)
     return init(rng), shardings
 
 

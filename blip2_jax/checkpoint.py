@@ -1,0 +1,98 @@
+"""Orbax checkpoints of the train state and the data iterator's position.
+
+A checkpoint at step `s` (directory `<workdir>/checkpoints/<s>/`) holds two items:
+- `state`: the train state `{"step", "params", "opt_state", "rng"}` (trainable params only; frozen
+  towers are re-read from their source on every start), saved with `StandardSave`;
+- `data`: every process's data-iterator state (`get_state()`), as JSON: `{"<process index>":
+  {"json": value}}` or `{"bytes_b64": ...}` for bytes states such as grain's.
+
+Restoring with `StandardRestore(abstract state whose leaves carry NamedShardings)` gives back the
+optax state types and places every array directly on the *current* mesh, which may differ from the
+one that saved it (resharding happens on read).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def encode_data_state(state: Any) -> dict:
+    """A JSON-able wrapper for an iterator state (bytes are base64-encoded)."""
+    if isinstance(state, (bytes, bytearray)):
+        return {"bytes_b64": base64.b64encode(bytes(state)).decode("ascii")}
+    json.dumps(state)  # fail here, with the type in the message, rather than inside Orbax
+    return {"json": state}
+
+
+def decode_data_state(wrapped: dict) -> Any:
+    """Inverse of `encode_data_state`."""
+    if "bytes_b64" in wrapped:
+        return base64.b64decode(wrapped["bytes_b64"])
+    return wrapped["json"]
+
+
+def _gather_process_strings(text: str) -> list[str]:
+    """Every process's `text`, in process order (an all-gather of padded uint8 arrays)."""
+    if jax.process_count() == 1:
+        return [text]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(text.encode("utf-8"), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([raw.size], np.int64))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = multihost_utils.process_allgather(padded)
+    return [bytes(rows[i, :int(lengths[i][0])]).decode("utf-8") for i in range(rows.shape[0])]
+
+
+class Checkpointer:
+    """Asynchronous Orbax checkpoints under `directory`, keeping the latest `keep`."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "data"))
+
+    def latest_step(self) -> Optional[int]:
+        """The step of the newest complete checkpoint, or None."""
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: Any) -> None:
+        """Starts saving `state` and the data iterator state at `step` (returns before writing ends).
+
+        Device arrays are copied to host memory before this returns, so `state` may be donated to
+        the next train step right away.
+        """
+        per_process = _gather_process_strings(json.dumps(encode_data_state(data_state)))
+        data = {str(i): json.loads(s) for i, s in enumerate(per_process)}
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
+        """`(state, data_state)` at `step`; arrays land on `abstract_state`'s shardings."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        data = restored["data"]
+        key = str(jax.process_index())
+        if len(data) != jax.process_count() or key not in data:
+            raise ValueError(
+                f"checkpoint {self.directory}/{step} holds data-iterator states for {len(data)} "
+                f"processes, but this run has {jax.process_count()}; the data position cannot be "
+                "restored (start a new workdir, or restore with the same process count)")
+        return restored["state"], decode_data_state(data[key])
+
+    def wait(self) -> None:
+        """Blocks until every started save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
