@@ -1,0 +1,119 @@
+"""Pretrained initialisation for stage 1, from `config.init` paths.
+
+- `vision_checkpoint`: the frozen ViT from an HF BLIP-2 directory (EVA ViT-g) or an HF
+  `CLIPVisionModel` directory (CLIP ViT-L, `config.model.vision.style = "clip"`).
+- `stage1_checkpoint`: a whole stage-1 model from an HF `Blip2ForImageTextRetrieval` directory or a
+  converted LAVIS directory; `qformer_checkpoint`: the Q-Former from a `bert-base-uncased` directory.
+What a checkpoint lacks keeps its fresh initialisation, and the log lists it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from blip2_jax.convert import blip2 as hf_blip2
+from blip2_jax.convert.hf_io import CheckpointReader
+from blip2_jax.convert.rules import flatten, load_rules, set_path
+from blip2_jax.models.blip2 import Blip2Config
+
+log = logging.getLogger(__name__)
+
+
+def _place_like(tree: dict, target: dict) -> dict:
+    """Put loaded numpy leaves on the shardings (and dtypes) of the matching `target` leaves."""
+    flat_target = flatten(target)
+    out: dict = {}
+    for path, value in flatten(tree).items():
+        leaf = flat_target[path]
+        if tuple(value.shape) != tuple(leaf.shape):
+            raise ValueError(f"{'.'.join(path)}: checkpoint shape {value.shape} != model shape {leaf.shape}")
+        set_path(out, path, jax.device_put(np.asarray(value, dtype=leaf.dtype), leaf.sharding))
+    return out
+
+
+def _read_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def load_vision(path: str, cfg: Blip2Config) -> dict:
+    """`{"vision": ...}` as numpy from a BLIP-2 or CLIP directory."""
+    hf = _read_config(path)
+    if hf.get("model_type") in ("clip_vision_model", "clip") or cfg.vision.style == "clip":
+        from blip2_jax.convert import clip
+        return {"vision": clip.load_vision_params(path, cfg.vision)}
+    with CheckpointReader(path) as reader:
+        rules = hf_blip2.vision_rules(cfg.vision, ln_vision=False)
+        return load_rules(reader.get, rules, source=path)
+
+
+def frozen_loader(config, cfg: Blip2Config) -> Optional[Callable]:
+    path = config.init.vision_checkpoint
+    if not path:
+        return None
+
+    def load(abstract):
+        tree = load_vision(path, cfg)
+        log.info("frozen ViT loaded from %s", path)
+        return _place_like(tree, abstract)
+
+    return load
+
+
+def _stage1_from_dir(path: str, cfg: Blip2Config) -> dict:
+    """The trainable stage-1 leaves a checkpoint directory provides (numpy)."""
+    if os.path.exists(os.path.join(path, "lavis_extra.safetensors")) or _read_config(path).get("lavis"):
+        from blip2_jax.convert import lavis
+        tree = lavis.load_stage1(path, cfg)
+        tree.pop("vision", None)
+        return tree
+    hf = _read_config(path)
+    if hf_blip2.architecture(hf) != "retrieval":
+        raise ValueError(f"{path}: init.stage1_checkpoint must be a Blip2ForImageTextRetrieval or LAVIS stage-1 "
+                         f"directory, found {hf.get('architectures')}")
+    with CheckpointReader(path) as reader:
+        rules = [r for r in hf_blip2.rules(hf_blip2.config_from_hf(hf)) if r.path[0] != "vision"]
+        return load_rules(reader.get, rules, source=path)
+
+
+def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
+    stage1, bert = config.init.stage1_checkpoint, config.init.qformer_checkpoint
+    if not stage1 and not bert:
+        return None
+
+    def load(fresh: dict) -> dict:
+        loaded: dict = {}
+        if bert:
+            from blip2_jax.convert import bert as bert_conv
+            loaded.update(flatten(bert_conv.load_qformer_params(bert, cfg)))
+            log.info("Q-Former initialised from BERT at %s", bert)
+        if stage1:
+            loaded.update(flatten(_stage1_from_dir(stage1, cfg)))
+            log.info("stage-1 model initialised from %s", stage1)
+        fresh_flat = flatten(fresh)
+        unknown = sorted(".".join(p) for p in loaded if p not in fresh_flat)
+        if unknown:
+            raise ValueError(f"checkpoint parameters the stage-1 model does not have: {unknown}")
+        kept = sorted(".".join(p) for p in fresh_flat if p not in loaded)
+        if kept:
+            log.warning("not in the checkpoint(s), freshly initialised: %s", ", ".join(kept))
+        tree: dict = {}
+        for path, leaf in fresh_flat.items():
+            set_path(tree, path, loaded.get(path, leaf))
+        merged = {}
+        for path, value in flatten(tree).items():
+            leaf = fresh_flat[path]
+            if path in loaded:
+                if tuple(np.shape(value)) != tuple(leaf.shape):
+                    raise ValueError(f"{'.'.join(path)}: checkpoint shape {np.shape(value)} != model shape "
+                                     f"{leaf.shape}")
+                value = jax.device_put(np.asarray(value, dtype=leaf.dtype), leaf.sharding)
+            set_path(merged, path, value)
+        return merged
+
+    return load
