@@ -1,0 +1,358 @@
+"""Batched decoding for the stage-2 models (`Blip2OPT`, `Blip2T5`): greedy, beam search, nucleus sampling.
+
+`generate(model, params, pixel_values, input_ids, attention_mask, *, max_new_tokens, ...)` returns the
+new tokens `[B, max_new_tokens]` (int32; T5 without its decoder start token; after a row's first EOS
+the values are `pad_token_id`). Greedy and beam search follow Hugging Face transformers 5.x `generate`
+token for token:
+
+- logits processors in HF's order: repetition penalty (every id HF has in its sequence: for OPT the
+  image placeholder id, the prompt where its mask has started, and the generated ids; for T5 the
+  decoder start id and the generated ids), then the min-new-tokens EOS mask; with sampling,
+  temperature then top-p (HF's `TopPLogitsWarper`, keeping 1 token, or `n_eos + 1` in beam sampling);
+- greedy runs on the raw logits, beam search on log-softmax scores;
+- beam search is HF's static-shape `_beam_search`: `max(2, 1 + n_eos) * num_beams` candidates a step,
+  finished hypotheses scored `sum_logprobs / generated_len ** length_penalty` (the generated length
+  counts the EOS and excludes the prompt, as `cur_len + 1 - decoder_prompt_len` in 5.x), and the
+  `early_stopping=False` heuristic that stops a row once its best running beam can no longer beat the
+  worst kept hypothesis at the current length.
+
+Everything after the argument checks is one `jax.jit` program: a prefill pass through the LLM with
+a fixed-size key/value cache, then a `lax.while_loop` of one-token steps that ends when every row is
+done. It compiles once per (model, batch shape, prompt length, max_new_tokens, num_beams, flags);
+the float knobs (penalties, temperature, top_p) are traced values and do not recompile.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip2_jax.models.blip2 import Blip2OPT, Blip2T5
+
+NEG = -1.0e9  # HF's "impossible" score in beam search (added, not assigned, so it stays float32-exact)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What changes the program's structure (one compilation per distinct value)."""
+
+    max_new_tokens: int
+    num_beams: int
+    do_sample: bool
+    eos: tuple[int, ...]
+    pad: int
+    use_repetition_penalty: bool
+    use_min_new_tokens: bool
+    use_top_p: bool
+    use_temperature: bool
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The language-model side: prefill and one-token step, for OPT and T5.
+# ---------------------------------------------------------------------------------------------------------
+def _prefill_opt(model, params, pixel_values, input_ids, mask, max_new_tokens):
+    """Visual prompt + text through OPT once: `(last logits [B, V], cache, step_fn)`."""
+    from blip2_jax.models import opt
+
+    variables = {"params": params}
+
+    def run(m, px, ids, msk):
+        embeds, full_mask = m.prompt_inputs(m.visual_prompt(px), ids, msk)
+        cache = opt.init_cache(m.config.text, ids.shape[0], embeds.shape[1] + max_new_tokens)
+        return m.language_model(embeds, full_mask, cache=cache)
+
+    logits, cache = model.apply(variables, pixel_values, input_ids, mask, method=run)
+
+    def step(tokens, cache):
+        ones = jnp.ones((tokens.shape[0], 1), jnp.int32)
+        lg, cache = model.apply(variables, method=lambda m: m.language_model(
+            attention_mask=ones, input_ids=tokens[:, None], cache=cache))
+        return lg[:, -1], cache
+
+    return logits[:, -1], cache, step
+
+
+def _prefill_t5(model, params, pixel_values, input_ids, mask, max_new_tokens):
+    """Encoder over [visual prompt; text], then the decoder start token: `(logits [B, V], cache, step_fn)`."""
+    from blip2_jax.models import t5
+
+    variables = {"params": params}
+    text = model.config.text
+    start = jnp.full((input_ids.shape[0], 1), text.decoder_start_token_id, jnp.int32)
+
+    def run(m, px, ids, msk):
+        encoded, enc_mask = m.encode(px, ids, msk)
+        cache = t5.init_cache(text, ids.shape[0], max_new_tokens + 1)
+        return m.language_model.decode(start, encoded, enc_mask, cache=cache)
+
+    logits, cache = model.apply(variables, pixel_values, input_ids, mask, method=run)
+
+    def step(tokens, cache):
+        lg, cache = model.apply(variables, method=lambda m: m.language_model.decode(
+            tokens[:, None], None, None, cache=cache))
+        return lg[:, -1], cache
+
+    return logits[:, -1], cache, step
+
+
+def _batch_map(fn: Callable, cache):
+    """Apply `fn` to every cache array that has a batch axis (the scalar index is shared)."""
+    return jax.tree.map(lambda x: fn(x) if x.ndim > 0 else x, cache)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logits processing (HF's processors, same order and float32 arithmetic).
+# ---------------------------------------------------------------------------------------------------------
+def _initial_seen(model, input_ids, mask, vocab: int) -> jax.Array:
+    """`[B, V]` bool: the ids HF's repetition penalty counts before anything is generated."""
+    b = input_ids.shape[0]
+    seen = jnp.zeros((b, vocab + 1), bool)  # column `vocab` absorbs ids outside the head (HF clamps)
+    if isinstance(model, Blip2T5):
+        return seen.at[:, model.config.text.decoder_start_token_id].set(True)[:, :vocab]
+    image_id = model.config.image_token_index
+    if image_id is not None:
+        seen = seen.at[:, min(image_id, vocab)].set(True)
+    # HF ignores only the leading padding (`prompt_ignore_length`): positions from the first 1 on count.
+    counted = jnp.cumsum(mask, axis=1) > 0
+    ids = jnp.where(counted, jnp.minimum(input_ids, vocab), vocab)
+    seen = seen.at[jnp.arange(b)[:, None], ids].set(True)
+    return seen[:, :vocab]
+
+
+def _mark_seen(seen, tokens):
+    return seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
+
+
+def _top_p_mask(scores, top_p, min_keep: int):
+    """HF `TopPLogitsWarper`: drop the low tail whose total probability is at most `1 - top_p`."""
+    order = jnp.argsort(scores, axis=-1)  # ascending
+    sorted_scores = jnp.take_along_axis(scores, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_scores, axis=-1), axis=-1)
+    remove_sorted = cum <= (1.0 - top_p)
+    remove_sorted = remove_sorted.at[..., -min_keep:].set(False)
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(scores.shape[0])[:, None], order].set(remove_sorted)
+    return jnp.where(remove, -jnp.inf, scores)
+
+
+def _process(st: _Static, knobs: dict, scores, seen, t):
+    """All processors for new-token index `t` on `scores [N, V]` (float32)."""
+    if st.use_repetition_penalty:
+        p = knobs["repetition_penalty"]
+        scores = jnp.where(seen, jnp.where(scores < 0, scores * p, scores / p), scores)
+    if st.use_min_new_tokens:
+        is_eos = jnp.isin(jnp.arange(scores.shape[-1]), jnp.asarray(st.eos))
+        scores = jnp.where(is_eos & (t < knobs["min_new_tokens"]), -jnp.inf, scores)
+    if st.do_sample:
+        if st.use_temperature:
+            scores = scores / knobs["temperature"]
+        if st.use_top_p:
+            min_keep = len(st.eos) + 1 if st.num_beams > 1 else 1
+            scores = _top_p_mask(scores, knobs["top_p"], min_keep)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Greedy / sampling.
+# ---------------------------------------------------------------------------------------------------------
+def _greedy(st: _Static, knobs, logits, cache, step, seen, rng):
+    b, n = logits.shape[0], st.max_new_tokens
+    eos = jnp.asarray(st.eos)
+
+    def select(state, logits):
+        t, out, done, seen, cache = state
+        scores = _process(st, knobs, logits, seen, t)
+        if st.do_sample:
+            tok = jax.random.categorical(jax.random.fold_in(rng, t), scores, axis=-1)
+        else:
+            tok = jnp.argmax(scores, axis=-1)
+        tok = jnp.where(done, st.pad, tok).astype(jnp.int32)
+        out = out.at[:, t].set(tok)
+        done = done | jnp.isin(tok, eos)
+        if st.use_repetition_penalty:
+            seen = _mark_seen(seen, tok)
+        return (t + 1, out, done, seen, cache)
+
+    def cond(state):
+        t, _, done, _, _ = state
+        return (t < n) & ~jnp.all(done)
+
+    def body(state):
+        t, out, done, seen, cache = state
+        logits, cache = step(out[:, t - 1], cache)
+        return select((t, out, done, seen, cache), logits)
+
+    state = (jnp.int32(0), jnp.full((b, n), st.pad, jnp.int32), jnp.zeros((b,), bool), seen, cache)
+    state = select(state, logits)
+    return jax.lax.while_loop(cond, body, state)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Beam search (HF 5.x `_beam_search`, vectorised with static shapes exactly as HF does it).
+# ---------------------------------------------------------------------------------------------------------
+def _gather(x, idx):
+    """`x [B, M, ...]` rows `idx [B, k]` along axis 1."""
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _beam_search(st: _Static, knobs, logits, cache, step, seen, rng):
+    k, n = st.num_beams, st.max_new_tokens
+    b, vocab = logits.shape
+    keep = max(2, 1 + len(st.eos)) * k
+    eos = jnp.asarray(st.eos)
+    denoms = knobs["length_denominators"]  # [n]: float32((t + 1) ** length_penalty), computed on the host
+    expand = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
+    cache = _batch_map(expand, cache)
+    logits = expand(logits)
+    seen = None if seen is None else expand(seen)
+
+    def select(state, logits):
+        (t, run_seq, run_scores, seqs, scores, finished, unsatisfied, _, seen, cache) = state
+        logp = _process(st, knobs, jax.nn.log_softmax(logits, axis=-1), seen, t)
+        logp = (logp.reshape(b, k, vocab) + run_scores[:, :, None]).reshape(b, k * vocab)
+        if st.do_sample:  # k draws without replacement in proportion to softmax(logp): Gumbel top-k
+            gumbel = jax.random.gumbel(jax.random.fold_in(rng, t), logp.shape)
+            idx = jax.lax.top_k(logp + gumbel, keep)[1]
+            top_lp = jnp.take_along_axis(logp, idx, axis=1)
+            order = jnp.argsort(-top_lp, axis=1)
+            top_lp, idx = jnp.take_along_axis(top_lp, order, 1), jnp.take_along_axis(idx, order, 1)
+        else:
+            top_lp, idx = jax.lax.top_k(logp, keep)
+        src, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
+        cand = _gather(run_seq, src).at[:, :, t].set(tok)
+        hits = jnp.isin(tok, eos) | (t + 1 >= n)
+
+        # e. the best `k` candidates that did not stop keep running.
+        run_lp = top_lp + hits.astype(jnp.float32) * NEG
+        nxt = jax.lax.top_k(run_lp, k)[1]
+        run_seq, run_scores, run_src = _gather(cand, nxt), _gather(run_lp, nxt), _gather(src, nxt)
+
+        # f. stopped candidates among the top `k` may enter the kept hypotheses.
+        just = hits & (jnp.arange(keep) < k)[None]
+        fin_lp = top_lp / denoms[t]
+        fin_lp = fin_lp + (~unsatisfied).astype(jnp.float32) * NEG
+        fin_lp = fin_lp + (~just).astype(jnp.float32) * NEG
+        top = jax.lax.top_k(jnp.concatenate([scores, fin_lp], 1), k)[1]
+        seqs = _gather(jnp.concatenate([seqs, cand], 1), top)
+        scores = _gather(jnp.concatenate([scores, fin_lp], 1), top)
+        finished = _gather(jnp.concatenate([finished, just], 1), top)
+
+        # g. the running rows' caches and seen-sets follow their source beams.
+        rows = (run_src + jnp.arange(b)[:, None] * k).reshape(-1)
+        cache = _batch_map(lambda x: jnp.take(x, rows, axis=0), cache)
+        if st.use_repetition_penalty:
+            seen = _mark_seen(jnp.take(seen, rows, axis=0), run_seq[:, :, t].reshape(-1))
+        best_running = run_scores[:, :1] / denoms[t]
+        worst_kept = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
+        unsatisfied = unsatisfied & jnp.any(best_running > worst_kept, axis=-1, keepdims=True)
+        return (t + 1, run_seq, run_scores, seqs, scores, finished, unsatisfied, hits, seen, cache)
+
+    def cond(state):
+        t, unsatisfied, hits = state[0], state[6], state[7]
+        return (t < n) & jnp.any(unsatisfied) & ~jnp.all(hits)
+
+    def body(state):
+        t, run_seq, cache = state[0], state[1], state[-1]
+        logits, cache = step(run_seq[:, :, t - 1].reshape(-1), cache)
+        return select(state[:-1] + (cache,), logits)
+
+    run_scores = jnp.zeros((b, k), jnp.float32).at[:, 1:].set(NEG)
+    seq0 = jnp.full((b, k, n), st.pad, jnp.int32)
+    state = (jnp.int32(0), seq0, run_scores, seq0, jnp.full((b, k), NEG, jnp.float32), jnp.zeros((b, k), bool),
+             jnp.ones((b, 1), bool), jnp.zeros((b, keep), bool), seen, cache)
+    state = select(state, logits)
+    return jax.lax.while_loop(cond, body, state)[3][:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compiled program and the public function.
+# ---------------------------------------------------------------------------------------------------------
+def _program(model, st: _Static, params, pixel_values, input_ids, mask, knobs, rng):
+    prefill = _prefill_t5 if isinstance(model, Blip2T5) else _prefill_opt
+    logits, cache, step = prefill(model, params, pixel_values, input_ids, mask, st.max_new_tokens)
+    vocab = logits.shape[-1]
+    seen = _initial_seen(model, input_ids, mask, vocab) if st.use_repetition_penalty else None
+    decode = _beam_search if st.num_beams > 1 else _greedy
+    out = decode(st, knobs, logits, cache, step, seen, rng)
+    # Padding after each row's first EOS (beam hypotheses carry fill values there).
+    is_eos = jnp.isin(out, jnp.asarray(st.eos))
+    after = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
+    return jnp.where(after, st.pad, out)
+
+
+_compiled = jax.jit(_program, static_argnums=(0, 1))
+
+
+def _ids_tuple(x) -> tuple[int, ...]:
+    if x is None:
+        return ()
+    return tuple(int(i) for i in x) if isinstance(x, (list, tuple, np.ndarray)) else (int(x),)
+
+
+def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *, max_new_tokens: int,
+             num_beams: int = 1, do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0,
+             min_new_tokens: int = 0, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
+             eos_token_id: Any = None, pad_token_id: Optional[int] = None,
+             rng: Optional[jax.Array] = None) -> jax.Array:
+    """New token ids `[B, max_new_tokens]` (int32) for images `pixel_values [B, H, W, 3]` (NHWC, normalised).
+
+    `input_ids` / `attention_mask` `[B, T]`: text prompt ids only (no image placeholders); OPT prompts
+    left-padded. Without `input_ids`, OPT starts from its BOS (as HF does) and T5 encodes the visual
+    prompt alone. `eos_token_id` (an id or several) and `pad_token_id` default to the text config's.
+    `rng` (a `jax.random.key`/`PRNGKey`) seeds sampling; required when `do_sample`.
+    """
+    if not isinstance(model, (Blip2OPT, Blip2T5)):
+        raise TypeError(f"generate: model must be Blip2OPT or Blip2T5, got {type(model).__name__}")
+    text = model.config.text
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_beams < 1:
+        raise ValueError(f"generate: num_beams must be >= 1, got {num_beams}")
+    if repetition_penalty <= 0 or temperature <= 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: need repetition_penalty > 0, temperature > 0 and 0 < top_p <= 1, got "
+                         f"{repetition_penalty}, {temperature}, {top_p}")
+    if do_sample and rng is None:
+        raise ValueError("generate: do_sample=True needs rng (e.g. jax.random.key(0))")
+    eos = _ids_tuple(text.eos_token_id if eos_token_id is None else eos_token_id)
+    if not eos:
+        raise ValueError("generate: no eos_token_id given and the text config has none")
+    pad = text.pad_token_id if pad_token_id is None else pad_token_id
+    if pad is None:
+        pad = eos[0]
+
+    pixel_values = jnp.asarray(pixel_values, jnp.float32)
+    b = pixel_values.shape[0]
+    if input_ids is None:
+        if attention_mask is not None:
+            raise ValueError("generate: attention_mask given without input_ids")
+        if isinstance(model, Blip2OPT):
+            if text.bos_token_id is None:
+                raise ValueError("generate: OPT without a prompt starts from BOS, but the text config has none")
+            input_ids = np.full((b, 1), text.bos_token_id, np.int32)
+        else:
+            input_ids = np.zeros((b, 0), np.int32)
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2 or input_ids.shape[0] != b:
+        raise ValueError(f"generate: input_ids must be [B={b}, T], got shape {input_ids.shape}")
+    mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"generate: attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+
+    st = _Static(max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), do_sample=bool(do_sample), eos=eos,
+                 pad=int(pad), use_repetition_penalty=repetition_penalty != 1.0,
+                 use_min_new_tokens=min_new_tokens > 0, use_top_p=do_sample and top_p < 1.0,
+                 use_temperature=do_sample and temperature != 1.0)
+    # HF divides float32 scores by the Python float `len ** length_penalty`: the same numbers, host-side.
+    denoms = np.arange(1, max_new_tokens + 1, dtype=np.float64) ** float(length_penalty)
+    knobs = {"repetition_penalty": jnp.float32(repetition_penalty), "min_new_tokens": jnp.int32(min_new_tokens),
+             "temperature": jnp.float32(temperature), "top_p": jnp.float32(top_p),
+             "length_denominators": jnp.asarray(denoms.astype(np.float32))}
+    if rng is None:
+        rng = jax.random.PRNGKey(0)  # unused: decoding is deterministic
+    elif jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    rng = jnp.asarray(rng, jnp.uint32)
+    return _compiled(model, st, params, pixel_values, input_ids, mask, knobs, rng)
