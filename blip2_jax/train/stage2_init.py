@@ -1,0 +1,179 @@
+"""Pretrained initialisation for stage 2, from `config.init` paths.
+
+Frozen tree `{"vision", "language_model"}`:
+- `vision_checkpoint`: the ViT from an HF BLIP-2 directory or an HF `CLIPVisionModel` directory (as
+  stage 1). Empty: the random ViT `init_frozen` draws, which for the same `config.seed` and vision
+  sizes is the very ViT stage 1 drew (Flax derives a parameter's random numbers from its path, and
+  the ViT sits under `vision` in both models), so a stage-1 demo run with a random frozen ViT and
+  the stage-2 demo see the same image features.
+- `llm_checkpoint`: an HF `OPTForCausalLM` / `T5ForConditionalGeneration` directory. Empty: random.
+
+Trainable tree: `ln_vision`, `query_tokens` and the Q-Former's query path come from
+`stage1_checkpoint`, which is either this project's stage-1 workdir (the newest Orbax checkpoint's
+`params`) or an HF BLIP-2 directory (retrieval or conditional generation). The stage-1 text-only
+parts (word/position embeddings, text FFNs, ITC/ITM/ITG heads, temperature) are dropped;
+`language_projection` stays fresh. Everything loaded and everything left fresh is logged.
+
+Tensors are read one at a time, cast to the target leaf's dtype and put on its sharding.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from blip2_jax.convert import blip2 as hf_blip2
+from blip2_jax.convert.hf_io import CheckpointReader
+from blip2_jax.convert.rules import Rule, check_keys, flatten, prefixed, set_path
+from blip2_jax.models.blip2 import Blip2Config
+
+log = logging.getLogger(__name__)
+# Top-level trainable entries a stage-1 checkpoint provides for stage 2.
+FROM_STAGE1 = ("ln_vision", "query_tokens", "qformer")
+
+
+def read_hf_config(path: str) -> dict:
+    """`config.json` of a Hugging Face directory, with an error naming the file when it is missing."""
+    name = os.path.join(path, "config.json")
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"{name} does not exist (expected a Hugging Face model directory)")
+    with open(name) as f:
+        return json.load(f)
+
+
+def _put(value: np.ndarray, leaf, name: str):
+    if tuple(value.shape) != tuple(leaf.shape):
+        raise ValueError(f"{name}: checkpoint shape {value.shape} != model shape {leaf.shape}")
+    return jax.device_put(np.asarray(value).astype(leaf.dtype), leaf.sharding)
+
+
+def load_rules_placed(reader: CheckpointReader, rules: list[Rule], target: dict, source: str) -> dict:
+    """Read every rule's tensor, cast and place it like the matching `target` leaf (abstract or real)."""
+    flat = flatten(target)
+    out: dict = {}
+    for rule in rules:
+        set_path(out, rule.path, _put(rule.read(reader.get), flat[rule.path], f"{source}: {rule.hf_key}"))
+    return out
+
+
+# -- frozen -------------------------------------------------------------------------------------
+def llm_rules(text_config: Any) -> list[Rule]:
+    """The LLM's HF keys (a standalone OPT / T5 directory) under our `language_model` subtree."""
+    conv = hf_blip2.text_converter(text_config)
+    return prefixed(conv.rules(text_config), "", ("language_model",))
+
+
+def load_llm(path: str, cfg: Blip2Config, abstract: dict) -> dict:
+    """`{"language_model": ...}` from an OPT / T5 directory, placed like `abstract`."""
+    conv = hf_blip2.text_converter(cfg.text)
+    rules = llm_rules(cfg.text)
+    ignore = conv.ignore_patterns() if hasattr(conv, "ignore_patterns") else conv.IGNORE
+    with CheckpointReader(path) as reader:
+        check_keys(rules, reader.keys(), ignore=ignore, source=path)
+        return load_rules_placed(reader, rules, abstract, path)
+
+
+def load_vision(path: str, cfg: Blip2Config, abstract: dict) -> dict:
+    from blip2_jax.train import stage1_init
+    return stage1_init._place_like(stage1_init.load_vision(path, cfg), abstract)
+
+
+def frozen_loader(config, cfg: Blip2Config, random_frozen: Callable[[], dict]) -> Optional[Callable]:
+    """`Task.load_frozen`: the loaded towers; a tower without a checkpoint comes from `random_frozen()`."""
+    vision_path, llm_path = config.init.vision_checkpoint, config.init.llm_checkpoint
+    if not vision_path and not llm_path:
+        return None
+
+    def load(abstract: dict) -> dict:
+        random = random_frozen() if not (vision_path and llm_path) else {}
+        out = {}
+        if vision_path:
+            out.update(load_vision(vision_path, cfg, abstract))
+            log.info("frozen ViT loaded from %s", vision_path)
+        else:
+            out["vision"] = random["vision"]
+            log.warning("init.vision_checkpoint is empty: the frozen ViT is random (seed %d)", config.seed)
+        if llm_path:
+            out.update(load_llm(llm_path, cfg, abstract))
+            log.info("frozen LLM loaded from %s", llm_path)
+        else:
+            out["language_model"] = random["language_model"]
+            log.warning("init.llm_checkpoint is empty: the frozen LLM is random (seed %d)", config.seed)
+        return out
+
+    return load
+
+
+# -- trainable ----------------------------------------------------------------------------------
+def latest_params(workdir: str) -> tuple[int, dict]:
+    """`(step, params)` of the newest checkpoint in a workdir of this project, as numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} does not exist (init.stage1_checkpoint must be a stage-1 workdir "
+                                "or a Hugging Face BLIP-2 directory)")
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()
+                   and os.path.isdir(os.path.join(directory, d, "state")))
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+    path = os.path.join(directory, str(steps[-1]), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        tree = meta.tree if hasattr(meta, "tree") else meta
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        state = ckptr.restore(path, restore_args=restore_args)
+    return steps[-1], state["params"]
+
+
+def stage1_tree_from_hf(path: str, cfg: Blip2Config) -> dict:
+    """`ln_vision`, `query_tokens` and the query-path Q-Former from an HF BLIP-2 directory (numpy)."""
+    hf = read_hf_config(path)
+    hf_blip2.architecture(hf)  # fails with a clear message for other models
+    rules = [r for r in hf_blip2.vision_rules(cfg.vision) if r.path[0] == "ln_vision"]
+    rules.append(Rule("query_tokens", ("query_tokens",)))
+    rules += hf_blip2.qformer_rules(cfg.qformer)  # cfg.qformer.use_text_input is False: query path only
+    tree: dict = {}
+    with CheckpointReader(path) as reader:
+        for rule in rules:
+            set_path(tree, rule.path, np.asarray(rule.read(reader.get)))
+    return tree
+
+
+def read_stage1(path: str, cfg: Blip2Config) -> dict:
+    """The stage-1 tree (numpy) of a stage-1 workdir or an HF BLIP-2 directory."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        step, params = latest_params(path)
+        log.info("stage-1 checkpoint: %s, step %d", path, step)
+        return params
+    return stage1_tree_from_hf(path, cfg)
+
+
+def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
+    """`Task.load_trainable`: the query path from `init.stage1_checkpoint`; the projection fresh."""
+    path = config.init.stage1_checkpoint
+    if not path:
+        return None
+
+    def load(fresh: dict) -> dict:
+        source = flatten(read_stage1(path, cfg))
+        fresh_flat = flatten(fresh)
+        wanted = {p for p in fresh_flat if p[0] in FROM_STAGE1}
+        missing = sorted(".".join(p) for p in wanted if p not in source)
+        if missing:
+            raise ValueError(f"{path}: the stage-1 checkpoint lacks {missing} (different Q-Former sizes?)")
+        dropped = sorted({".".join(p[:3]) for p in source if p not in wanted})
+        log.info("from %s: loaded %d tensors (%s); not used by stage 2: %s", path, len(wanted),
+                 ", ".join(FROM_STAGE1), ", ".join(dropped) or "nothing")
+        kept = sorted(".".join(p) for p in fresh_flat if p not in wanted)
+        log.info("freshly initialised: %s", ", ".join(kept))
+        out: dict = {}
+        for p, leaf in fresh_flat.items():
+            set_path(out, p, _put(np.asarray(source[p]), leaf, ".".join(p)) if p in wanted else leaf)
+        return out
+
+    return load

@@ -1,0 +1,150 @@
+"""Stage 2: loss parity with HF Blip2ForConditionalGeneration (OPT and T5), initialisation from the
+pretrained directories, frozen towers untouched by the train loop, and the text-only LM task."""
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from transformers import Blip2ForConditionalGeneration
+
+from blip2_jax import sharding as sharding_lib
+from blip2_jax.convert.rules import flatten
+from blip2_jax.data import pipeline as data_pipeline
+from blip2_jax.train import loop, stage2, stage2_init
+from tests import hf_tiny
+from tests.test_blip2_retrieval import torch_pixels
+
+B, T = 4, 7  # batch, text length
+
+
+def _hf_model(kind, tmp_path_factory):
+    cfg = hf_tiny.blip2_opt_config() if kind == "opt" else hf_tiny.blip2_t5_config()
+    torch.manual_seed(0)
+    hf = hf_tiny.redraw_(Blip2ForConditionalGeneration(cfg), seed=3)
+    root = tmp_path_factory.mktemp(f"hf_{kind}")
+    hf.save_pretrained(str(root / "blip2"))
+    hf.language_model.save_pretrained(str(root / "llm"))  # a standalone OPT / T5 directory
+    return hf, str(root / "blip2"), str(root / "llm")
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def hf_setup(request, tmp_path_factory):
+    return (request.param,) + _hf_model(request.param, tmp_path_factory)
+
+
+def _config(kind, hf, blip2_dir, llm_dir, batch_size=B):
+    """A stage-2 config describing the tiny HF model, initialised from its directories."""
+    hc = hf.config
+    c = loop.base_config()
+    c.task = "stage2"
+    c.model = stage2.model_section(kind)
+    c.init = stage2.init_section()
+    v, q = hc.vision_config, hc.qformer_config
+    c.model.vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                          num_layers=v.num_hidden_layers, num_heads=v.num_attention_heads,
+                          image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps)
+    c.model.qformer.update(hidden_size=q.hidden_size, num_layers=q.num_hidden_layers,
+                           num_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
+                           cross_attention_frequency=q.cross_attention_frequency)
+    c.model.num_query_tokens = hc.num_query_tokens
+    c.model.ln_vision_eps = v.layer_norm_eps
+    c.model.frozen_dtype = "float32"
+    c.init.vision_checkpoint = blip2_dir
+    c.init.stage1_checkpoint = blip2_dir
+    c.init.llm_checkpoint = llm_dir
+    c.data = data_pipeline.default_config()
+    c.data.text_mode = "opt" if kind == "opt" else "t5_prefix"
+    c.data.max_text_len = T
+    c.data.image_size = v.image_size
+    c.train.batch_size = c.data.global_batch_size = batch_size
+    return c
+
+
+def _batch(kind, hf, rng, batch=B):
+    """A batch as the data pipeline writes it (see its module docstring)."""
+    size = hf.config.vision_config.image_size
+    vocab = hf.config.text_config.vocab_size
+    out = {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+           "image_id": np.arange(batch, dtype=np.int32)}
+    lengths = rng.integers(3, T + 1, size=batch)
+    lengths[0] = T
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    ids = rng.integers(4, vocab - 1, size=(batch, T)).astype(np.int32)
+    if kind == "opt":
+        ids[:, 0] = 2  # BOS
+        ids = np.where(mask == 1, ids, 1)  # pad id 1
+        labels = np.where(mask == 1, ids, -100)
+        labels[:, :2] = -100  # BOS + a one-token prompt
+        out.update(input_ids=ids, attention_mask=mask, labels=labels.astype(np.int32))
+    else:
+        enc_len = rng.integers(2, T + 1, size=batch)
+        enc_mask = (np.arange(T)[None] < enc_len[:, None]).astype(np.int32)
+        enc = np.where(enc_mask == 1, rng.integers(2, vocab - 1, size=(batch, T)), 0).astype(np.int32)
+        target = np.where(mask == 1, ids, 0)
+        labels = np.where(mask == 1, ids, -100).astype(np.int32)
+        dec_in = np.concatenate([np.zeros((batch, 1), np.int32), target[:, :-1]], 1).astype(np.int32)
+        out.update(input_ids=enc, attention_mask=enc_mask, decoder_input_ids=dec_in,
+                   decoder_attention_mask=mask, labels=labels)
+    return out
+
+
+def _hf_loss(kind, hf, batch):
+    nq, idx = hf.config.num_query_tokens, hf.config.image_token_index
+    ids = torch.from_numpy(batch["input_ids"]).long()
+    mask = torch.from_numpy(batch["attention_mask"]).long()
+    ids = torch.cat([torch.full((ids.shape[0], nq), idx), ids], 1)  # 5.x: placeholders first
+    mask = torch.cat([torch.ones((ids.shape[0], nq), dtype=torch.long), mask], 1)
+    labels = torch.from_numpy(batch["labels"]).long()
+    kw = {}
+    if kind == "opt":  # over the whole input, -100 at the placeholders (text-length labels make
+        # transformers 5.24 slice the logits non-contiguously and fail in its loss's .view)
+        labels = torch.cat([torch.full((labels.shape[0], nq), -100), labels], 1)
+    if kind == "t5":
+        kw = dict(decoder_input_ids=torch.from_numpy(batch["decoder_input_ids"]).long(),
+                  decoder_attention_mask=torch.from_numpy(batch["decoder_attention_mask"]).long())
+    with torch.no_grad():
+        return float(hf(pixel_values=torch_pixels(batch["image"]), input_ids=ids, attention_mask=mask,
+                        labels=labels, **kw).loss)
+
+
+def _init_params(task, config, mesh):
+    """Frozen and trainable trees as the loop builds them (load_frozen / load_trainable)."""
+    rules = sharding_lib.axis_rules(tuple(config.mesh.axis_rules))
+    key = jax.random.PRNGKey(0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(task.init_frozen, key)
+        abstract = sharding_lib.abstract_with_shardings(boxed, sharding_lib.logical_shardings(boxed, mesh, rules))
+        frozen = task.load_frozen(abstract)
+        fresh, _ = sharding_lib.create_sharded(task.init_trainable, key, mesh, rules)
+        trainable = task.load_trainable(fresh)
+    return trainable, frozen, fresh
+
+
+def _hf_projection(hf):
+    w = hf.language_projection.weight.detach().numpy()
+    return {"kernel": w.T.copy(), "bias": hf.language_projection.bias.detach().numpy()}
+
+
+def test_loss_parity_with_hf(hf_setup):
+    kind, hf, blip2_dir, llm_dir = hf_setup
+    config = _config(kind, hf, blip2_dir, llm_dir)
+    mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+    task = stage2.make_task(config, mesh)
+    trainable, frozen, fresh = _init_params(task, config, mesh)
+    # The projection starts fresh (only the query path comes from the checkpoint)...
+    np.testing.assert_array_equal(np.asarray(trainable["language_projection"]["kernel"]),
+                                  np.asarray(fresh["language_projection"]["kernel"]))
+    # ... so give it HF's to compare losses.
+    trainable = {**trainable, "language_projection": _hf_projection(hf)}
+    batch = _batch(kind, hf, np.random.default_rng(0))
+    loss_fn = jax.jit(task.loss_fn, static_argnums=4)
+    with jax.set_mesh(mesh):
+        ours, metrics = loss_fn(trainable, frozen, batch, jax.random.PRNGKey(0), False)
+    ref = _hf_loss(kind, hf, batch)
+    assert abs(float(ours) - ref) <= 1e-5, (float(ours), ref)
+    print(f"{kind}: ours {float(ours):.7f} HF {ref:.7f} |diff| {abs(float(ours) - ref):.2e}")
+    assert 0.0 <= float(metrics["token_accuracy"]) <= 1.0
