@@ -102,6 +102,11 @@ class T5Config:
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
+    @property
+    def hidden_size(self) -> int:
+        """`d_model` (HF's T5Config alias; `Blip2T5`'s language projection reads `text.hidden_size`)."""
+        return self.d_model
+
     @classmethod
     def from_hf(cls, d: dict, **overrides) -> "T5Config":
         """From a Hugging Face `config.json` dict (T5's own, or BLIP-2's `text_config`).
