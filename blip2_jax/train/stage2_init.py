@@ -122,11 +122,18 @@ def latest_params(workdir: str) -> tuple[int, dict]:
     if not steps:
         raise FileNotFoundError(f"{directory} holds no finished checkpoint")
     path = os.path.join(directory, str(steps[-1]), "state")
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(path)
-        tree = meta.tree if hasattr(meta, "tree") else meta
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        state = ckptr.restore(path, restore_args=restore_args)
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        tree = ckptr.metadata(path).item_metadata
+        if "params" not in tree:
+            raise ValueError(f"{path} holds no 'params' (not a train state of this project)")
+        # Only the params subtree is read (partial restore), onto the host CPU.
+        item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
+                                       tree["params"])}
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=host), item)
+        state = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                 partial_restore=True))
+    state = jax.tree.map(np.asarray, state)
     return steps[-1], state["params"]
 
 
