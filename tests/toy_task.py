@@ -10,6 +10,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import pytest
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -17,6 +18,30 @@ import numpy as np
 from blip2_jax.models.layers import Dense, LayerNorm
 from blip2_jax.train import loop
 from blip2_jax.train.task import Task
+
+@pytest.fixture(scope="module", autouse=False)
+def compile_cache(tmp_path_factory):
+    """A persistent XLA compilation cache for one test module, removed afterwards.
+
+    Every `loop.train` call builds and jits a new step function; with identical HLO the cache turns
+    a several-second CPU compile into a lookup (e.g. the resume tests re-run the same program).
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    cc.reset_cache()
+    # one directory per pytest session: test modules share compiled programs
+    cache_dir = tmp_path_factory.getbasetemp() / "xla_cache"
+    cache_dir.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
 
 VOCAB, EMBED, MLP, SEQ = 37, 16, 32, 4  # vocab 37: not divisible by tensor=2 (replication fallback)
 
@@ -51,20 +76,17 @@ def make_task(dropout=0.1, contrastive=True, evaluate=True) -> Task:
     def loss_fn(params, frozen, batch, rng, train):
         table = frozen["embedding"].astype(jnp.float32)
         x = table[batch["ids"]] * batch["scale"][:, None, None]
-        logits, proj, log_temp = head.apply({"params": params}, x, train, rngs={"dropout": rng})
+        logits, proj, log_temp = head.apply({"params": params}, x, train, rngs={"dropout": rng} if train else {})
         ce = jnp.mean(jax.nn.logsumexp(logits, -1)
                       - jnp.take_along_axis(logits, batch["target"][:, None], -1)[:, 0])
-        metrics = {"ce": ce, "temp": jnp.exp(log_temp)}
-        loss = ce
-        if contrastive:  # in-batch negatives over the global batch
-            a = proj / jnp.linalg.norm(proj, axis=-1, keepdims=True)
-            b = table[batch["target"]]
-            b = b / jnp.linalg.norm(b, axis=-1, keepdims=True)
-            sims = a @ b.T / jnp.exp(log_temp)
-            con = jnp.mean(jax.nn.logsumexp(sims, -1) - jnp.diagonal(sims))
-            metrics["contrastive"] = con
-            loss = loss + con
-        return loss, metrics
+        # in-batch negatives over the global batch (always reported, in the loss if `contrastive`)
+        a = proj / jnp.linalg.norm(proj, axis=-1, keepdims=True)
+        b = table[batch["target"]]
+        b = b / jnp.linalg.norm(b, axis=-1, keepdims=True)
+        sims = a @ b.T / jnp.exp(log_temp)
+        con = jnp.mean(jax.nn.logsumexp(sims, -1) - jnp.diagonal(sims))
+        loss = ce + con if contrastive else ce
+        return loss, {"ce": ce, "contrastive": con, "temp": jnp.exp(log_temp)}
 
     jitted_loss = jax.jit(loss_fn, static_argnums=(4,))
 

@@ -323,7 +323,9 @@ def _fresh_state(task, tx, init_key, train_key, mesh, rules, state_shardings):
     opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)
     replicated = _replicated(mesh)
     return {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params,
-            "opt_state": opt_state, "rng": jax.device_put(train_key, replicated)}
+            "opt_state": opt_state,
+            # a host copy: the state is donated, the caller's key must survive
+            "rng": jax.device_put(np.asarray(train_key), replicated)}
 
 
 def _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer, stop, start, total,
