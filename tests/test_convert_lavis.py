@@ -169,6 +169,9 @@ def test_stage2_converts_to_what_hf_saves(tmp_path, kind, trainable_only):
     ref_model, ref_params = blip2_jax.from_pretrained(hf_dir)
     assert type(model) is type(ref_model) and model.config.text == ref_model.config.text
     jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    vcfg, vparams = lavis.load_vision_from_blip2(hf_dir)  # the EVA tower alone, out of a BLIP-2 directory
+    assert vcfg == ref_model.config.vision
+    jax.tree.map(np.testing.assert_array_equal, vparams, ref_params["vision"])
 
 
 def test_missing_towers_and_bad_keys_are_explained(tmp_path):

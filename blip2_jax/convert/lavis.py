@@ -32,7 +32,8 @@ its released files may hold no frozen ViT (`visual_encoder.*`) and no LLM (`opt_
 any HF BLIP-2 directory (all BLIP-2 models share the frozen EVA-CLIP-g); `--language-model DIR` (an
 `OPTForCausalLM` / `T5ForConditionalGeneration` directory) gives the LLM config (required for
 opt/t5: a `.pth` has no config) and its weights when the `.pth` has none. For T5, LAVIS (and the HF
-converter) set `dense_act_fn="gelu"`; so does this converter.
+converter) set `dense_act_fn="gelu"`; so does this converter. `load_vision_from_blip2(dir)` alone
+gives that frozen EVA tower (the stage-1 vision initialisation) without reading the rest.
 
 Sizes are inferred from tensor shapes; head counts cannot be, so they come from the usual widths
 (EVA 1408 -> 16 heads, Q-Former 768 -> 12) or `--vision-heads` / `--qformer-heads`. Only the EVA
@@ -259,13 +260,11 @@ def convert_state_dict(state: Mapping, *, kind: Optional[str] = None, vision_dir
     get = _getter(state)
     dtype = np.dtype(dtype)
     has_vision = "visual_encoder.cls_token" in keys
-    vision_reader = None
     if has_vision:
         blocks = _count(keys, r"visual_encoder\.blocks\.(\d+)\.")
         vision = vision_config_from_state(shape, blocks, vision_heads)
     elif vision_dir:
-        vision_reader = CheckpointReader(vision_dir)
-        vision = hf_blip2.vision_config_from_hf(vision_reader.config.get("vision_config", {}))
+        vision, vision_params = load_vision_from_blip2(vision_dir, dtype=dtype)
     else:
         raise CheckpointError(f"{source}: no visual_encoder.* tensors (LAVIS saves only trainable weights); pass "
                               "--vision with a Hugging Face BLIP-2 directory to take the frozen EVA ViT from")
@@ -300,10 +299,8 @@ def convert_state_dict(state: Mapping, *, kind: Optional[str] = None, vision_dir
                     keys, source)
         _check_tied(get, "Qformer.cls.predictions.decoder.bias", "Qformer.cls.predictions.bias", keys, source)
     params = load_rules(get, rs, dtype=dtype, source=source)
-    if vision_reader is not None:
-        with vision_reader:
-            vr = hf_blip2.vision_rules(vision, ln_vision=False)
-            _merge_into(params, load_rules(vision_reader.get, vr, dtype=dtype, source=vision_dir))
+    if not has_vision:
+        params["vision"] = vision_params
     if llm_reader is not None:
         with llm_reader:
             if not llm_in_file:
@@ -312,6 +309,19 @@ def convert_state_dict(state: Mapping, *, kind: Optional[str] = None, vision_dir
                            source=language_model_dir)
                 _merge_into(params, load_rules(llm_reader.get, lr, dtype=dtype, source=language_model_dir))
     return Converted(config, params, kind)
+
+
+def load_vision_from_blip2(path: str, dtype=np.float32) -> tuple[VisionConfig, dict]:
+    """The frozen EVA ViT-g of any Hugging Face BLIP-2 directory: `(VisionConfig, params)` for
+    `VisionTransformer` (`vision_model.*` without `post_layernorm`, which is the trainable `ln_vision`).
+    Only the vision tensors are read, so an OPT-6.7B or FlanT5-XXL directory costs no more than the ViT."""
+    with CheckpointReader(path) as reader:
+        if "vision_config" not in reader.config:
+            raise CheckpointError(f"{path}: config.json has no vision_config (not a BLIP-2 directory)")
+        config = hf_blip2.vision_config_from_hf(reader.config["vision_config"])
+        params = load_rules(reader.get, hf_blip2.vision_rules(config, ln_vision=False), dtype=np.dtype(dtype),
+                            source=path)
+    return config, params["vision"]
 
 
 def _drop_tied_head(keys: set, get, prefix: str, kind: str) -> set:
