@@ -3,7 +3,10 @@ accumulation, NaN handling, metrics output."""
 import dataclasses
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -174,3 +177,48 @@ def test_nonfinite_update_is_skipped(tmp_path):
                     jax.tree.leaves((s3["params"], s3["opt_state"]))):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(s3["params"]["Dense_0"]["kernel"], s4["params"]["Dense_0"]["kernel"])
+
+
+def _bad(mutate):
+    d = loop.base_config().to_dict()
+    mutate(d)
+    import ml_collections
+    return ml_collections.ConfigDict(d)
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["train"].update(chekpoint_every=5), "train.chekpoint_every: unknown field"),
+    (lambda d: d["train"].update(total_steps="10"), "train.total_steps='10': expected int"),
+    (lambda d: d["train"].update(skip_nonfinite_updates=1), "train.skip_nonfinite_updates=1"),
+    (lambda d: d["optimizer"].update(b2=1.5), "optimizer.b2=1.5"),
+    (lambda d: d["optimizer"].update(schedule="linear"), "optimizer.schedule='linear'"),
+    (lambda d: d["mesh"].update(data=3), "mesh.data * mesh.fsdp * mesh.tensor"),
+    (lambda d: d["mesh"].update(axis_rules=(("embed", "model"),)), "mesh.axis_rules"),
+    (lambda d: d["train"].update(batch_size=12), "train.batch_size=12"),
+    (lambda d: d["train"].update(batch_size=16, grad_accum_steps=4), "train.batch_size=16"),
+    (lambda d: d.pop("optimizer"), "optimizer: missing"),
+])
+def test_config_validation_names_the_field(mutate, field):
+    from blip2_jax import config_validation
+    with pytest.raises(config_validation.ConfigError, match=re.escape(field)):
+        config_validation.validate(_bad(mutate), num_devices=8)
+
+
+def test_valid_config_passes_and_int_is_accepted_for_float():
+    from blip2_jax import config_validation
+    config_validation.validate(_bad(lambda d: d["optimizer"].update(peak_lr=1)), num_devices=8)
+    config_validation.validate(toy.config(), num_devices=8)
+
+
+def test_main_rejects_a_bad_override_before_any_compute(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("from blip2_jax.train import loop\n\n"
+                   "def get_config(arg=None):\n    return loop.base_config()\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "blip2_jax.main", f"--config={cfg}",
+                                     f"--workdir={tmp_path / 'w'}", *a], capture_output=True,
+                                    text=True, env=env, cwd=root, timeout=120)
+    out = run("--config.train.batch_size=12", "--config.task=stage1")
+    assert out.returncode != 0 and "train.batch_size=12" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "w").exists()

@@ -59,12 +59,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.axis_rules = ()       # overrides of sharding.DEFAULT_AXIS_RULES: ((logical, mesh axes), ...)
 
     c.train = ml_collections.ConfigDict()
-    c.train.total_steps = 1000
+    c.train.total_steps = 10_000
     c.train.batch_size = 8       # GLOBAL batch per step (all processes, all micro-batches)
     c.train.grad_accum_steps = 1  # micro-batches per step; in-batch negatives are per micro-batch
     c.train.log_every = 10
     c.train.eval_every = 0       # 0: evaluate only after the last step
-    c.train.checkpoint_every = 1000  # 0: checkpoint only at the end and on preemption
+    c.train.checkpoint_every = 1000   # 0: checkpoint only at the end and on preemption
     c.train.keep_checkpoints = 3
     c.train.async_checkpointing = True
     c.train.skip_nonfinite_updates = False  # False: stop with an error naming the step
