@@ -1,0 +1,113 @@
+"""Stage 2 (generative pretraining with a frozen LLM): the Q-Former's queries, projected to the LLM
+width, are a soft visual prompt for a frozen OPT or FlanT5.
+
+`python -m blip2_jax.main --config=configs/stage2.py[:variant] --workdir=DIR [--config.x=y ...]`
+
+Variants (the paper's settings: EVA ViT-g/14 frozen at 224 px, BERT-base Q-Former query path with
+32 queries, AdamW (0.9, 0.98), wd 0.05, peak LR 1e-4 -> min 5e-5 cosine after 2k warmup steps, 80k
+steps; frozen towers in bfloat16):
+  opt2.7b    (default) OPT-2.7B, batch 1920, LM loss on `</s> caption "\\n"` (EOS "\\n").
+  opt6.7b    OPT-6.7B, batch 1920.
+  flant5xl   FlanT5-XL, batch 1520, prefix-LM loss (caption split at a random point between the
+             first token and the middle: prefix to the encoder after the visual prompt, suffix as the
+             decoder target); exact-GELU FFN as LAVIS.
+  flant5xxl  FlanT5-XXL, batch 1520.
+  demo_opt   tiny, 2 CPU cores: the stage-1 demo's ViT/Q-Former sizes (its checkpoint loads), the
+             tiny OPT trained on the captions by `configs/text_lm.py:demo_opt`, the shapes data; with
+             the fixed prompt "a photo of " (set `data.prompt=""` for none).
+  demo_t5    the same with the tiny T5 of `configs/text_lm.py:demo_t5`, "a photo of" -> caption.
+Initialisation: `init.stage1_checkpoint` (a stage-1 workdir of this project, or an HF BLIP-2 dir)
+gives ln_vision, the queries and the Q-Former; `init.llm_checkpoint` the LLM (and its config);
+`init.vision_checkpoint` the ViT; language_projection starts fresh.
+Every field is documented where it is defined (blip2_jax/train/loop.py `base_config`,
+blip2_jax/train/stage2.py sections, blip2_jax/data/pipeline.py `default_config`).
+"""
+import ml_collections
+
+from blip2_jax.data import pipeline as data_pipeline
+from blip2_jax.train import loop, stage2
+
+DEMO_DATA = "demo_data/shapes"  # written by `python -m blip2_jax.data.shapes --out demo_data/shapes`
+DEMO_STAGE1 = "workdirs/demo_stage1"  # workdir of `configs/stage1.py:demo`
+DEMO_LLM = {"opt": "workdirs/demo_text_lm_opt/hf", "t5": "workdirs/demo_text_lm_t5/hf"}  # configs/text_lm.py
+VARIANTS = {  # variant -> (llm, LLM checkpoint dir, global batch)
+    "opt2.7b": ("opt", "checkpoints/opt-2.7b", 1920),
+    "opt6.7b": ("opt", "checkpoints/opt-6.7b", 1920),
+    "flant5xl": ("t5", "checkpoints/flan-t5-xl", 1520),
+    "flant5xxl": ("t5", "checkpoints/flan-t5-xxl", 1520),
+    "demo_opt": ("opt", DEMO_LLM["opt"], 48),
+    "demo_t5": ("t5", DEMO_LLM["t5"], 48),
+}
+
+
+def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
+    arg = arg or "opt2.7b"
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/stage2.py: unknown variant {arg!r} ({', '.join(VARIANTS)})")
+    llm, llm_dir, batch = VARIANTS[arg]
+    c = loop.base_config()
+    c.task = "stage2"
+    c.seed = 42
+    c.model = stage2.model_section(llm)
+    c.init = stage2.init_section()
+    c.data = data_pipeline.default_config()
+    c.data.text_mode = "opt" if llm == "opt" else "t5_prefix"
+    c.data.max_text_len = 32
+    c.data.image_size = 224
+    c.data.tokenizer_path = llm_dir  # HF LLM dirs carry their tokenizer files
+    c.data.num_workers = 16
+
+    c.optimizer.schedule = "warmup_cosine"
+    c.optimizer.peak_lr = 1e-4
+    c.optimizer.min_lr = 5e-5
+    c.optimizer.warmup_lr = 1e-6
+    c.optimizer.warmup_steps = 2000
+    c.optimizer.b1, c.optimizer.b2 = 0.9, 0.98
+    c.optimizer.weight_decay = 0.05
+    c.train.total_steps = 80_000
+    c.train.batch_size = batch
+    c.train.log_every = 100
+    c.train.checkpoint_every = 5000
+    c.train.eval_every = 0
+    c.init.llm_checkpoint = llm_dir
+    c.init.vision_checkpoint = "checkpoints/blip2-itm-vit-g"
+    c.init.stage1_checkpoint = "workdirs/stage1_vit_g"  # this project's stage-1 run (or an HF BLIP-2 dir)
+    c.model.llm_remat = True
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    if arg.startswith("demo"):
+        _demo(c, llm)
+    c.data.global_batch_size = c.train.batch_size
+    return c
+
+
+def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
+    """Tiny and fast: stage-1 demo sizes (configs/stage1.py:demo), the text_lm demo LLM, shapes data."""
+    c.model.vision.update(hidden_size=96, intermediate_size=192, num_layers=2, num_heads=4, image_size=64,
+                          patch_size=8)
+    c.model.qformer.update(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256,
+                           hidden_dropout=0.0, attention_dropout=0.0)
+    c.model.num_query_tokens = 8
+    c.model.frozen_dtype = "float32"
+    c.model.llm_remat = False
+    c.model.llm_dropout = False  # the tiny LLM is fitted to the captions; its dropout only adds noise here
+    c.train.total_steps = 600
+    c.train.log_every = 50
+    c.train.checkpoint_every = 200
+    c.optimizer.peak_lr = 1e-3
+    c.optimizer.min_lr = 1e-4
+    c.optimizer.warmup_lr = 1e-5
+    c.optimizer.warmup_steps = 50
+    c.data.train_sources.shapes = data_pipeline.source_config(DEMO_DATA, prefix="train")
+    c.data.image_size = 64
+    c.data.max_text_len = 24
+    c.data.min_scale = 0.9
+    c.data.hflip = False  # captions say "left of" / "right of": a flip would contradict them
+    c.data.num_workers = 0
+    c.data.read_threads = 2
+    c.data.text_mode = "opt" if llm == "opt" else "t5_prompt"
+    c.data.prompt = "a photo of " if llm == "opt" else "a photo of"
+    # The random frozen ViT of the stage-1 demo: same seed and sizes give the same weights.
+    c.seed = 42
+    c.init.vision_checkpoint = ""
+    c.init.stage1_checkpoint = DEMO_STAGE1

@@ -1,0 +1,62 @@
+"""Text-only LM pretraining of the demo's tiny LLM on the shapes captions (no image).
+
+`python -m blip2_jax.main --config=configs/text_lm.py:demo_opt --workdir=workdirs/demo_text_lm_opt`
+
+Variants:
+  demo_opt  a 2-layer OPT (d=128) on `</s> a photo of caption "\\n"` (causal LM, EOS "\\n", the prompt
+            out of the loss), 400 steps, batch 64;
+  demo_t5   a 2+2-layer T5 (d=128, gated GELU, untied head) on "a photo of" -> caption (the stage-2
+            demo's captioning form), 400 steps, batch 64.
+At the end the LM and its tokenizer are written to `<workdir>/hf` (a Hugging Face directory), which
+`configs/stage2.py:demo_opt` / `demo_t5` load as `init.llm_checkpoint` and `data.tokenizer_path`.
+The tokenizer (byte-level BPE trained on the training captions) is built on first use at
+`data.tokenizer_path`. Fields: blip2_jax/train/loop.py `base_config`, blip2_jax/train/text_lm.py
+`model_section`, blip2_jax/data/pipeline.py `default_config`, and below.
+"""
+import ml_collections
+
+from blip2_jax.data import pipeline as data_pipeline
+from blip2_jax.train import loop, text_lm
+
+DEMO_DATA = "demo_data/shapes"  # written by `python -m blip2_jax.data.shapes --out demo_data/shapes`
+WORKDIRS = {"opt": "workdirs/demo_text_lm_opt", "t5": "workdirs/demo_text_lm_t5"}
+# The stage-2 demos' captioning prompts (OPT: a prefix, with LAVIS's trailing space; T5: encoder text).
+PROMPTS = {"opt": "a photo of ", "t5": "a photo of"}
+
+
+def get_config(arg: str = "demo_opt") -> ml_collections.ConfigDict:
+    arg = arg or "demo_opt"
+    if arg not in ("demo_opt", "demo_t5"):
+        raise ValueError(f"configs/text_lm.py: unknown variant {arg!r} (demo_opt, demo_t5)")
+    llm = arg.split("_")[1]
+    c = loop.base_config()
+    c.task = "text_lm"
+    c.seed = 7
+    c.model = text_lm.model_section(llm)
+    c.build_tokenizer = True      # train a byte-level BPE on the training captions if data.tokenizer_path is missing
+    c.tokenizer_vocab_size = 384  # its vocabulary size (256 bytes + specials + merges)
+    c.export_dir = ""             # where the final HF directory goes; "" = <workdir>/hf
+    c.eval_source = data_pipeline.source_config(DEMO_DATA, prefix="heldout")  # held-out LM loss ("" path: none)
+    c.eval_max_captions = 256     # held-out captions in that one evaluation batch
+
+    c.data = data_pipeline.default_config()
+    c.data.train_sources.shapes = data_pipeline.source_config(DEMO_DATA, prefix="train")
+    c.data.text_mode = "opt" if llm == "opt" else "t5_prompt"
+    c.data.prompt = PROMPTS[llm]
+    c.data.max_text_len = 16
+    c.data.tokenizer_path = f"{DEMO_DATA}/tokenizer_{llm}"
+
+    c.train.batch_size = 64
+    c.train.total_steps = 400
+    c.train.log_every = 50
+    c.train.checkpoint_every = 0
+    c.train.eval_every = 0
+    c.optimizer.schedule = "warmup_cosine"
+    c.optimizer.peak_lr = 2e-3
+    c.optimizer.warmup_lr = 1e-5
+    c.optimizer.min_lr = 1e-4
+    c.optimizer.warmup_steps = 40
+    c.optimizer.weight_decay = 0.01
+    c.mesh.data = -1
+    c.data.global_batch_size = c.train.batch_size
+    return c
