@@ -1,0 +1,169 @@
+"""Bundled demo data: coloured shapes with compositional captions, generated deterministically.
+
+    python -m blip2_jax.data.shapes --out /tmp/shapes [--num_train 10000 --num_heldout 200 --size 64]
+
+Each image shows two objects on a plain background; an object is a size (small, large), a colour
+(red, green, blue, yellow, purple, orange) and a shape (circle, square, triangle, diamond), and the
+two stand in a spatial relation. Every image has two captions describing the same scene from either
+side, e.g. "a small red circle left of a large blue square" and "a large blue square right of a
+small red circle". Learning them requires binding colour, shape and size to position.
+
+Splits (same ArrayRecord format as `blip2_jax.data.build`, prefixes `train` and `heldout`):
+- `heldout`: `num_heldout` scenes with pairwise different (object, relation, object) combinations,
+  written canonically with "left of"/"above" (the second caption uses "right of"/"below"), so every
+  held-out caption is unique to its image and image-text retrieval on the split is well posed.
+- `train`: `num_train` scenes drawn from all combinations (held-out combinations included, with other
+  placements: the held-out images are new, their captions may not be).
+The output depends only on the arguments (byte-identical on re-run).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from blip2_jax.data import records
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = {"small": 0.11, "large": 0.19}  # half-extent as a fraction of the canvas side
+RELATIONS = {"left of": "right of", "above": "below"}
+BACKGROUND = (235, 235, 235)
+OBJECTS = tuple(itertools.product(SIZES, COLORS, SHAPES))
+
+
+def object_text(obj) -> str:
+    size, color, shape = obj
+    return f"a {size} {color} {shape}"
+
+
+def captions_for(a, relation: str, b) -> tuple[str, str]:
+    """(canonical caption, the same scene described from the other object)."""
+    return (f"{object_text(a)} {relation} {object_text(b)}",
+            f"{object_text(b)} {RELATIONS[relation]} {object_text(a)}")
+
+
+def all_combinations() -> list[tuple]:
+    return [(a, rel, b) for a in OBJECTS for rel in RELATIONS for b in OBJECTS if a != b]
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj, cx: float, cy: float, canvas: int):
+    size, color, shape = obj
+    r = SIZES[size] * canvas
+    fill = COLORS[color]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        s = r * 0.85
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+
+
+def render(a, relation: str, b, rng: np.random.Generator, canvas: int = 64) -> Image.Image:
+    """Draws object a `relation` object b, at random positions that make the relation clear."""
+    ra, rb = SIZES[a[0]] * canvas, SIZES[b[0]] * canvas
+    im = Image.new("RGB", (canvas, canvas), BACKGROUND)
+    draw = ImageDraw.Draw(im)
+    # Along the relation axis, a sits in the first half and b in the second, with a gap between
+    # them; across it both share a band so that "left of" never looks like "above".
+    mid = canvas / 2
+    along_a = rng.uniform(ra + 1, mid - ra * 0.3)
+    along_b = rng.uniform(mid + rb * 0.3, canvas - rb - 1)
+    along_b = max(along_b, along_a + ra + rb + 2)
+    if along_b > canvas - rb - 1:  # Too big to fit apart with that draw: pin both to the edges.
+        along_a, along_b = ra + 1, canvas - rb - 1
+    lo, hi = max(ra, rb) + 1, canvas - max(ra, rb) - 1
+    across = rng.uniform(lo, hi)
+    across_a = float(np.clip(across + rng.uniform(-0.05, 0.05) * canvas, ra + 1, canvas - ra - 1))
+    across_b = float(np.clip(across + rng.uniform(-0.05, 0.05) * canvas, rb + 1, canvas - rb - 1))
+    if relation == "left of":
+        _draw(draw, a, along_a, across_a, canvas)
+        _draw(draw, b, along_b, across_b, canvas)
+    else:
+        _draw(draw, a, across_a, along_a, canvas)
+        _draw(draw, b, across_b, along_b, canvas)
+    return im
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def heldout_combinations(num: int, seed: int) -> list[tuple]:
+    combos = all_combinations()
+    if num > len(combos):
+        raise ValueError(f"num_heldout={num} exceeds the {len(combos)} distinct combinations")
+    pick = np.random.default_rng([seed, 0]).permutation(len(combos))[:num]
+    return [combos[i] for i in pick]
+
+
+def make_split(split: str, num: int, seed: int, canvas: int) -> list[records.ImageText]:
+    """Records of one split; deterministic in (split, num, seed, canvas)."""
+    split_id = {"train": 1, "heldout": 2}[split]
+    combos = all_combinations()
+    chosen = heldout_combinations(num, seed) if split == "heldout" else None
+    out = []
+    for i in range(num):
+        rng = np.random.default_rng([seed, split_id, i])
+        if chosen is not None:
+            a, rel, b = chosen[i]
+        else:
+            a, rel, b = combos[int(rng.integers(len(combos)))]
+        im = render(a, rel, b, rng, canvas)
+        out.append(records.ImageText(_png(im), captions_for(a, rel, b), f"{split}-{i:06d}",
+                                     "shapes", "PNG"))
+    return out
+
+
+def generate(out_dir: str, *, num_train: int = 10000, num_heldout: int = 200, size: int = 64,
+             seed: int = 0, train_shards: int = 4) -> dict[str, list[str]]:
+    """Writes `train-*` and `heldout-*` shards to out_dir; returns the shard paths per split."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = {}
+    for split, num, shards in (("train", num_train, train_shards), ("heldout", num_heldout, 1)):
+        recs = make_split(split, num, seed, size)
+        bounds = [round(k * len(recs) / shards) for k in range(shards + 1)]
+        paths = []
+        for k in range(shards):
+            path = os.path.join(out_dir, records.shard_name(split, k, shards))
+            records.write_shard(path, recs[bounds[k]:bounds[k + 1]])
+            paths.append(path)
+        written[split] = paths
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m blip2_jax.data.shapes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--num_train", type=int, default=10000)
+    p.add_argument("--num_heldout", type=int, default=200)
+    p.add_argument("--size", type=int, default=64, help="canvas side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train_shards", type=int, default=4)
+    a = p.parse_args(argv)
+    written = generate(a.out, num_train=a.num_train, num_heldout=a.num_heldout, size=a.size,
+                       seed=a.seed, train_shards=a.train_shards)
+    for split, paths in written.items():
+        print(f"{split}: {len(paths)} shard(s) in {a.out}")
+
+
+if __name__ == "__main__":
+    main()
