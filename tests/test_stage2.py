@@ -228,3 +228,106 @@ def _key_paths(tree):
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
         out.append(tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path))
     return out
+
+
+# -- the demo path: text-only LM -> HF dir -> stage 2 from a stage-1 workdir ----------------------
+def _load_config(name, variant):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join("configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+@pytest.fixture(scope="module")
+def text_lm_run(tmp_path_factory):
+    """A tiny shapes dataset and a 30-step text-LM run of a tiny OPT on its captions."""
+    from blip2_jax.data import shapes
+    from blip2_jax.train import text_lm
+    root = tmp_path_factory.mktemp("demo")
+    shapes.generate(str(root / "shapes"), num_train=300, num_heldout=30, size=64)
+    c = _load_config("text_lm", "demo_opt")
+    c.data.train_sources.shapes.path = c.eval_source.path = str(root / "shapes")
+    c.data.tokenizer_path = str(root / "tokenizer_opt")
+    c.model.text.update(hidden_size=64, word_embed_proj_dim=64, ffn_dim=128)
+    c.train.update(total_steps=30, batch_size=32, log_every=5, async_checkpointing=False)
+    c.data.global_batch_size = 32
+    c.optimizer.update(warmup_steps=5, peak_lr=3e-3)
+    mesh = sharding_lib.make_mesh(c.mesh, jax.devices()[:1])
+    workdir = str(root / "text_lm")
+    out = loop.train(c, text_lm.make_task(c, mesh, workdir=workdir), text_lm.make_data(c), workdir, mesh=mesh)
+    return root, c, out, workdir
+
+
+def test_text_lm_lowers_the_caption_loss_and_exports_an_hf_model(text_lm_run):
+    from transformers import AutoTokenizer, OPTForCausalLM
+    from blip2_jax.convert import opt as opt_conv
+    root, c, out, workdir = text_lm_run
+    tok = AutoTokenizer.from_pretrained(os.path.join(workdir, "hf"))
+    import json
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    # A fresh LM is near uniform (log V); 30 steps must take most of that away, on held-out text too.
+    uniform = np.log(len(tok))
+    assert losses[0] > 0.7 * uniform and losses[-1] < 0.45 * uniform, (losses, uniform)
+    assert out["heldout_lm_loss"] < 0.45 * uniform
+    # The export: transformers loads it and computes our logits; "\n" is one token and the EOS.
+    hf = OPTForCausalLM.from_pretrained(os.path.join(workdir, "hf")).eval()
+    ids = tok("a photo of a small red circle left of a large blue square\n", return_tensors="np").input_ids
+    assert hf.config.eos_token_id == ids[0, -1] == tok.convert_tokens_to_ids("Ċ")
+    model, params = opt_conv.load(os.path.join(workdir, "hf"))
+    ours = np.asarray(model.apply({"params": params}, input_ids=ids)[0])
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_stage2_demo_config_from_stage1_workdir_and_text_lm(text_lm_run, tmp_path):
+    """configs/stage2.py:demo_opt with the text-LM export and a stage-1 workdir checkpoint: the
+    query path comes from the workdir (text parts dropped), the projection is fresh, the pipeline's
+    batches run through the loss."""
+    from blip2_jax import checkpoint as checkpoint_lib
+    from blip2_jax.convert.rules import set_path
+    root, _, _, workdir = text_lm_run
+    c = _load_config("stage2", "demo_opt")
+    c.init.llm_checkpoint = c.data.tokenizer_path = os.path.join(workdir, "hf")
+    c.init.stage1_checkpoint = str(tmp_path / "stage1")
+    c.data.train_sources.shapes.path = str(root / "shapes")
+    c.train.batch_size = c.data.global_batch_size = 4
+    mesh = sharding_lib.make_mesh(c.mesh, jax.devices()[:1])
+    task = stage2.make_task(c, mesh)
+    # A stage-1 train state as the loop writes it: the query path plus stage-1-only parts.
+    rules = sharding_lib.axis_rules(())
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        fresh, _ = sharding_lib.create_sharded(task.init_trainable, jax.random.PRNGKey(5), mesh, rules)
+    stage1_params = {}
+    rng = np.random.default_rng(0)
+    for path, leaf in flatten(fresh).items():
+        if path[0] != "language_projection":
+            set_path(stage1_params, path, rng.normal(size=leaf.shape).astype(np.float32))
+    extras = {("qformer", "word_embeddings", "embedding"): (30, 128), ("temp",): (),
+              ("qformer", "layer_0", "text_ffn", "intermediate", "kernel"): (128, 256)}
+    for path, shape in extras.items():
+        set_path(stage1_params, path, rng.normal(size=shape).astype(np.float32))
+    state = {"step": np.int32(7), "params": stage1_params, "rng": np.zeros(2, np.uint32),
+             "opt_state": {"mu": stage1_params}}
+    ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "stage1" / "checkpoints"), async_save=False)
+    ckpt.save(7, state, {"index": 0})
+    ckpt.close()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        loaded = task.load_trainable(fresh)
+    got, want = flatten(loaded), flatten(stage1_params)
+    assert set(got) == set(flatten(fresh))  # the stage-1-only leaves are dropped
+    for path in got:
+        expected = want[path] if path[0] != "language_projection" else np.asarray(flatten(fresh)[path])
+        np.testing.assert_array_equal(np.asarray(got[path]), expected, err_msg=".".join(path))
+    # The frozen LLM is the text-LM export; the ViT is random (the stage-1 demo's, same seed).
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(task.init_frozen, jax.random.PRNGKey(0))
+        frozen = task.load_frozen(sharding_lib.abstract_with_shardings(
+            boxed, sharding_lib.logical_shardings(boxed, mesh, rules)))
+        batch = next(stage2.make_data(c)())
+        assert batch["labels"].shape == (4, c.data.max_text_len)
+        batch = {k: v for k, v in batch.items() if v.dtype != object}
+        loss, metrics = jax.jit(task.loss_fn, static_argnums=4)(loaded, frozen, batch, jax.random.PRNGKey(0), True)
+    assert np.isfinite(float(loss)) and float(loss) > 0
