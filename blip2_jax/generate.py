@@ -16,10 +16,12 @@ token for token:
   `early_stopping=False` heuristic that stops a row once its best running beam can no longer beat the
   worst kept hypothesis at the current length.
 
-Everything after the argument checks is one `jax.jit` program: a prefill pass through the LLM with
-a fixed-size key/value cache, then a `lax.while_loop` of one-token steps that ends when every row is
-done. It compiles once per (model, batch shape, prompt length, max_new_tokens, num_beams, flags);
-the float knobs (penalties, temperature, top_p) are traced values and do not recompile.
+Two `jax.jit` programs: the visual prompt (ViT, Q-Former, projection; compiled once per image batch
+shape), then the decoder: a prefill pass through the LLM with a fixed-size key/value cache and a
+`lax.while_loop` of one-token steps that ends when every row is done. The decoder compiles once per
+(model, batch shape, prompt length, max_new_tokens, num_beams, number of EOS ids, which processors are
+on); the EOS and pad ids and the float knobs (penalties, temperature, top_p, length penalty) are traced
+values and do not recompile.
 """
 from __future__ import annotations
 
@@ -42,8 +44,7 @@ class _Static:
     max_new_tokens: int
     num_beams: int
     do_sample: bool
-    eos: tuple[int, ...]
-    pad: int
+    n_eos: int  # the EOS ids themselves and the pad id are traced (`knobs`)
     use_repetition_penalty: bool
     use_min_new_tokens: bool
     use_top_p: bool
@@ -53,18 +54,26 @@ class _Static:
 # ---------------------------------------------------------------------------------------------------------
 # The language-model side: prefill and one-token step, for OPT and T5.
 # ---------------------------------------------------------------------------------------------------------
-def _prefill_opt(model, params, pixel_values, input_ids, mask, max_new_tokens):
-    """Visual prompt + text through OPT once: `(last logits [B, V], cache, step_fn)`."""
+def _visual_prompt(model, params, pixel_values):
+    """Projected query outputs `[B, Q, D_llm]`: compiled apart, once per image batch shape, for all settings."""
+    return model.apply({"params": params}, pixel_values, method=lambda m, px: m.visual_prompt(px))
+
+
+_compiled_visual_prompt = jax.jit(_visual_prompt, static_argnums=0)
+
+
+def _prefill_opt(model, params, prompt, input_ids, mask, max_new_tokens):
+    """[visual prompt; text] through OPT once: `(last logits [B, V], cache, step_fn)`."""
     from blip2_jax.models import opt
 
     variables = {"params": params}
 
-    def run(m, px, ids, msk):
-        embeds, full_mask = m.prompt_inputs(m.visual_prompt(px), ids, msk)
+    def run(m, prompt, ids, msk):
+        embeds, full_mask = m.prompt_inputs(prompt, ids, msk)
         cache = opt.init_cache(m.config.text, ids.shape[0], embeds.shape[1] + max_new_tokens)
         return m.language_model(embeds, full_mask, cache=cache)
 
-    logits, cache = model.apply(variables, pixel_values, input_ids, mask, method=run)
+    logits, cache = model.apply(variables, prompt, input_ids, mask, method=run)
 
     def step(tokens, cache):
         ones = jnp.ones((tokens.shape[0], 1), jnp.int32)
@@ -75,7 +84,7 @@ def _prefill_opt(model, params, pixel_values, input_ids, mask, max_new_tokens):
     return logits[:, -1], cache, step
 
 
-def _prefill_t5(model, params, pixel_values, input_ids, mask, max_new_tokens):
+def _prefill_t5(model, params, prompt, input_ids, mask, max_new_tokens):
     """Encoder over [visual prompt; text], then the decoder start token: `(logits [B, V], cache, step_fn)`."""
     from blip2_jax.models import t5
 
@@ -83,12 +92,13 @@ def _prefill_t5(model, params, pixel_values, input_ids, mask, max_new_tokens):
     text = model.config.text
     start = jnp.full((input_ids.shape[0], 1), text.decoder_start_token_id, jnp.int32)
 
-    def run(m, px, ids, msk):
-        encoded, enc_mask = m.encode(px, ids, msk)
+    def run(m, prompt, ids, msk):
+        embeds, enc_mask = m.prompt_inputs(prompt, ids, msk)
+        encoded = m.language_model.encode(embeds, enc_mask)
         cache = t5.init_cache(text, ids.shape[0], max_new_tokens + 1)
         return m.language_model.decode(start, encoded, enc_mask, cache=cache)
 
-    logits, cache = model.apply(variables, pixel_values, input_ids, mask, method=run)
+    logits, cache = model.apply(variables, prompt, input_ids, mask, method=run)
 
     def step(tokens, cache):
         lg, cache = model.apply(variables, method=lambda m: m.language_model.decode(
@@ -143,13 +153,13 @@ def _process(st: _Static, knobs: dict, scores, seen, t):
         p = knobs["repetition_penalty"]
         scores = jnp.where(seen, jnp.where(scores < 0, scores * p, scores / p), scores)
     if st.use_min_new_tokens:
-        is_eos = jnp.isin(jnp.arange(scores.shape[-1]), jnp.asarray(st.eos))
+        is_eos = jnp.isin(jnp.arange(scores.shape[-1]), knobs["eos"])
         scores = jnp.where(is_eos & (t < knobs["min_new_tokens"]), -jnp.inf, scores)
     if st.do_sample:
         if st.use_temperature:
             scores = scores / knobs["temperature"]
         if st.use_top_p:
-            min_keep = len(st.eos) + 1 if st.num_beams > 1 else 1
+            min_keep = st.n_eos + 1 if st.num_beams > 1 else 1
             scores = _top_p_mask(scores, knobs["top_p"], min_keep)
     return scores
 
@@ -159,7 +169,7 @@ def _process(st: _Static, knobs: dict, scores, seen, t):
 # ---------------------------------------------------------------------------------------------------------
 def _greedy(st: _Static, knobs, logits, cache, step, seen, rng):
     b, n = logits.shape[0], st.max_new_tokens
-    eos = jnp.asarray(st.eos)
+    eos, pad = knobs["eos"], knobs["pad"]
 
     def select(state, logits):
         t, out, done, seen, cache = state
@@ -168,7 +178,7 @@ def _greedy(st: _Static, knobs, logits, cache, step, seen, rng):
             tok = jax.random.categorical(jax.random.fold_in(rng, t), scores, axis=-1)
         else:
             tok = jnp.argmax(scores, axis=-1)
-        tok = jnp.where(done, st.pad, tok).astype(jnp.int32)
+        tok = jnp.where(done, pad, tok).astype(jnp.int32)
         out = out.at[:, t].set(tok)
         done = done | jnp.isin(tok, eos)
         if st.use_repetition_penalty:
@@ -184,7 +194,7 @@ def _greedy(st: _Static, knobs, logits, cache, step, seen, rng):
         logits, cache = step(out[:, t - 1], cache)
         return select((t, out, done, seen, cache), logits)
 
-    state = (jnp.int32(0), jnp.full((b, n), st.pad, jnp.int32), jnp.zeros((b,), bool), seen, cache)
+    state = (jnp.int32(0), jnp.full((b, n), pad, jnp.int32), jnp.zeros((b,), bool), seen, cache)
     state = select(state, logits)
     return jax.lax.while_loop(cond, body, state)[1]
 
@@ -201,8 +211,8 @@ def _gather(x, idx):
 def _beam_search(st: _Static, knobs, logits, cache, step, seen, rng):
     k, n = st.num_beams, st.max_new_tokens
     b, vocab = logits.shape
-    keep = max(2, 1 + len(st.eos)) * k
-    eos = jnp.asarray(st.eos)
+    keep = max(2, 1 + st.n_eos) * k
+    eos = knobs["eos"]
     denoms = knobs["length_denominators"]  # [n]: float32((t + 1) ** length_penalty), computed on the host
     expand = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
     cache = _batch_map(expand, cache)
@@ -260,7 +270,7 @@ def _beam_search(st: _Static, knobs, logits, cache, step, seen, rng):
         return select(state[:-1] + (cache,), logits)
 
     run_scores = jnp.zeros((b, k), jnp.float32).at[:, 1:].set(NEG)
-    seq0 = jnp.full((b, k, n), st.pad, jnp.int32)
+    seq0 = jnp.full((b, k, n), knobs["pad"], jnp.int32)
     state = (jnp.int32(0), seq0, run_scores, seq0, jnp.full((b, k), NEG, jnp.float32), jnp.zeros((b, k), bool),
              jnp.ones((b, 1), bool), jnp.zeros((b, keep), bool), seen, cache)
     state = select(state, logits)
@@ -270,17 +280,17 @@ def _beam_search(st: _Static, knobs, logits, cache, step, seen, rng):
 # ---------------------------------------------------------------------------------------------------------
 # The compiled program and the public function.
 # ---------------------------------------------------------------------------------------------------------
-def _program(model, st: _Static, params, pixel_values, input_ids, mask, knobs, rng):
+def _program(model, st: _Static, params, prompt, input_ids, mask, knobs, rng):
     prefill = _prefill_t5 if isinstance(model, Blip2T5) else _prefill_opt
-    logits, cache, step = prefill(model, params, pixel_values, input_ids, mask, st.max_new_tokens)
+    logits, cache, step = prefill(model, params, prompt, input_ids, mask, st.max_new_tokens)
     vocab = logits.shape[-1]
     seen = _initial_seen(model, input_ids, mask, vocab) if st.use_repetition_penalty else None
     decode = _beam_search if st.num_beams > 1 else _greedy
     out = decode(st, knobs, logits, cache, step, seen, rng)
     # Padding after each row's first EOS (beam hypotheses carry fill values there).
-    is_eos = jnp.isin(out, jnp.asarray(st.eos))
+    is_eos = jnp.isin(out, knobs["eos"])
     after = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
-    return jnp.where(after, st.pad, out)
+    return jnp.where(after, knobs["pad"], out)
 
 
 _compiled = jax.jit(_program, static_argnums=(0, 1))
@@ -341,13 +351,14 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
     if mask.shape != input_ids.shape:
         raise ValueError(f"generate: attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
 
-    st = _Static(max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), do_sample=bool(do_sample), eos=eos,
-                 pad=int(pad), use_repetition_penalty=repetition_penalty != 1.0,
+    st = _Static(max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), do_sample=bool(do_sample), n_eos=len(eos),
+                 use_repetition_penalty=repetition_penalty != 1.0,
                  use_min_new_tokens=min_new_tokens > 0, use_top_p=do_sample and top_p < 1.0,
                  use_temperature=do_sample and temperature != 1.0)
     # HF divides float32 scores by the Python float `len ** length_penalty`: the same numbers, host-side.
     denoms = np.arange(1, max_new_tokens + 1, dtype=np.float64) ** float(length_penalty)
-    knobs = {"repetition_penalty": jnp.float32(repetition_penalty), "min_new_tokens": jnp.int32(min_new_tokens),
+    knobs = {"eos": jnp.asarray(eos, jnp.int32), "pad": jnp.int32(pad),
+             "repetition_penalty": jnp.float32(repetition_penalty), "min_new_tokens": jnp.int32(min_new_tokens),
              "temperature": jnp.float32(temperature), "top_p": jnp.float32(top_p),
              "length_denominators": jnp.asarray(denoms.astype(np.float32))}
     if rng is None:
@@ -355,4 +366,5 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
     elif jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     rng = jnp.asarray(rng, jnp.uint32)
-    return _compiled(model, st, params, pixel_values, input_ids, mask, knobs, rng)
+    prompt = _compiled_visual_prompt(model, params, pixel_values)
+    return _compiled(model, st, params, prompt, input_ids, mask, knobs, rng)
