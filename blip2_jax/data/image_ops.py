@@ -146,9 +146,10 @@ def random_augment(im: Image.Image, rng: np.random.Generator, num_ops: int = 2,
 
 def normalize(im: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
     """uint8 RGB -> float32 HWC, (x/255 - mean) / std."""
-    x = np.asarray(im, dtype=np.float32)
-    scale = 1.0 / (255.0 * np.asarray(std, np.float32))
-    return x * scale - np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    x = np.array(im, dtype=np.float32)  # a fresh array, updated in place below
+    x *= 1.0 / (255.0 * np.asarray(std, np.float32))
+    x -= np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    return x
 
 
 def train_transform(data, size: int, rng: np.random.Generator, *, min_scale: float = 0.5,
