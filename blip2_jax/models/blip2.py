@@ -48,6 +48,14 @@ class Blip2Config:
                              f"vision.hidden_size {self.vision.hidden_size}")
 
 
+def llm_width(text_config) -> int:
+    """The LLM's embedding width (OPT `word_embed_proj_dim`-aware `embed_dim`, T5 `d_model`)."""
+    for name in ("embed_dim", "d_model", "hidden_size"):
+        if hasattr(text_config, name):
+            return getattr(text_config, name)
+    raise ValueError(f"{type(text_config).__name__} has no embedding width field")
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """`torch.nn.functional.normalize`: x / max(||x||, eps), in float32."""
     x = x.astype(jnp.float32)
@@ -162,7 +170,7 @@ class _Stage2(_ImageQueries):
 
     def setup(self):
         super().setup()
-        self.language_projection = Dense(self.config.text.hidden_size, ("embed", "llm_embed"),
+        self.language_projection = Dense(llm_width(self.config.text), ("embed", "llm_embed"),
                                          name="language_projection")
 
     def visual_prompt(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
