@@ -70,7 +70,8 @@ def case(request, tmp_path_factory):
     model = Blip2Stage1(config)
     ids = jnp.ones((1, 3), jnp.int32)
     # Any tree of the model's shapes serves as the "fresh init" (running model.init would cost ~30 s here).
-    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(7), jnp.zeros((1, 28, 28, 3)), ids, ids)["params"])
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(7), jnp.zeros((1, 28, 28, 3)), ids, ids)
+    abstract = nn.unbox(abstract["params"])
     fill = np.random.default_rng(7)
     init = jax.tree.map(lambda a: jnp.asarray(0.1 * fill.normal(size=a.shape), a.dtype), abstract)
     params = bert.init_stage1_from_bert(path, init, config, jax.random.PRNGKey(1))
@@ -131,7 +132,8 @@ def test_dec_row_query_ffn_copy_and_fresh_parts(case):
             continue
         jax.tree.map(np.testing.assert_array_equal, layer["query_ffn"], layer["text_ffn"])
         if "crossattention" in layer:  # fresh, as LAVIS's cross-attention
-            jax.tree.map(np.testing.assert_array_equal, layer["crossattention"], init["qformer"][name]["crossattention"])
+            fresh = init["qformer"][name]["crossattention"]
+            jax.tree.map(np.testing.assert_array_equal, layer["crossattention"], fresh)
     for k in ("query_tokens", "temp", "ln_vision", "vision_proj", "text_proj", "itm_head", "vision"):
         jax.tree.map(np.testing.assert_array_equal, params[k], init[k])
     assert jax.tree.structure(params) == jax.tree.structure(init)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import jax
-import jax.numpy as jnp
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
 import blip2_jax
@@ -37,7 +36,8 @@ def to_lavis(hf_state: dict, llm: str = "") -> dict:
         if key.endswith("self_attn.qkv.bias"):  # HF fuses cat(q_bias, 0, v_bias)
             q, k, v = value.chunk(3)
             assert torch.all(k == 0)
-            base = key.replace("vision_model.encoder.layers.", "visual_encoder.blocks.").replace("self_attn.qkv.bias", "attn.")
+            base = key.replace("vision_model.encoder.layers.", "visual_encoder.blocks.")
+            base = base.replace("self_attn.qkv.bias", "attn.")
             out[base + "q_bias"], out[base + "v_bias"] = q.clone(), v.clone()
             continue
         new = key
@@ -65,13 +65,14 @@ def itg_extras(hf_state: dict, seed: int = 5) -> dict:
     g = torch.Generator().manual_seed(seed)
     words = hf_state["embeddings.word_embeddings.weight"]
     d, v = words.shape[1], words.shape[0]
+    positions = hf_state["embeddings.position_embeddings.weight"].shape[0]
     bias = torch.randn(v, generator=g)
     return {"temp": torch.tensor(0.0625), CLS + "transform.dense.weight": torch.randn(d, d, generator=g) * 0.3,
             CLS + "transform.dense.bias": torch.randn(d, generator=g) * 0.3,
             CLS + "transform.LayerNorm.weight": 1 + 0.1 * torch.randn(d, generator=g),
             CLS + "transform.LayerNorm.bias": torch.randn(d, generator=g) * 0.1,
             CLS + "bias": bias, CLS + "decoder.weight": words.clone(), CLS + "decoder.bias": bias.clone(),
-            "Qformer.bert.embeddings.position_ids": torch.arange(hf_state["embeddings.position_embeddings.weight"].shape[0])[None]}
+            "Qformer.bert.embeddings.position_ids": torch.arange(positions)[None]}
 
 
 CONFIGS = {"freq2": dict(), "freq1_wide": dict(vision_hidden=48, vision_layers=3, vision_heads=6, q_hidden=48,

@@ -125,7 +125,8 @@ def vision_config_from_state(shape: Callable[[str], tuple], num_blocks: int, hea
     d = shape("visual_encoder.cls_token")[-1]
     patch = shape("visual_encoder.patch_embed.proj.weight")[-1]
     grid = int(round((shape("visual_encoder.pos_embed")[1] - 1) ** 0.5))
-    return VisionConfig(style="eva", hidden_size=d, intermediate_size=shape("visual_encoder.blocks.0.mlp.fc1.weight")[0],
+    mlp = shape("visual_encoder.blocks.0.mlp.fc1.weight")[0]
+    return VisionConfig(style="eva", hidden_size=d, intermediate_size=mlp,
                         num_layers=num_blocks, num_heads=_heads("vision", d, heads), image_size=grid * patch,
                         patch_size=patch, layer_norm_eps=1e-6, hidden_act="gelu")
 
