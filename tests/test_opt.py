@@ -1,4 +1,5 @@
 """OPT parity against Hugging Face `OPTForCausalLM` (torch, float32) on tiny random models."""
+import dataclasses
 import json
 import os
 
@@ -178,3 +179,32 @@ def test_config_roundtrip_and_prefixed_rules():
     assert not any(k.endswith("lm_head.weight") for k in keys)
     with pytest.raises(ValueError, match="model_type"):
         opt_model.OPTConfig.from_hf({"model_type": "t5"})
+
+
+def test_dropout_and_remat():
+    """Dropout only when asked (rng 'dropout'); remat (static `deterministic`) gives the same logits."""
+    cfg = opt_model.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
+                              max_position_embeddings=20, dropout=0.3, attention_dropout=0.2)
+    model, remat = opt_model.OPTForCausalLM(cfg), opt_model.OPTForCausalLM(dataclasses.replace(cfg, remat=True))
+    ids, mask = map(jnp.asarray, _inputs(cfg.vocab_size, length=6, seed=4))
+
+    v = _random_params(lambda: model.init(jax.random.key(1), input_ids=ids))
+
+    @jax.jit
+    def run(v, rng):
+        drop = lambda: model.apply(v, input_ids=ids, attention_mask=mask, deterministic=False,  # noqa: E731
+                                   rngs={"dropout": rng})[0]
+        plain = lambda m: m.apply(v, input_ids=ids, attention_mask=mask)[0]  # noqa: E731
+        return plain(model), drop(), drop(), plain(remat)
+
+    logits, d1, d2, logits_remat = run(v, jax.random.key(0, impl="rbg"))  # rbg: cheap to compile
+    assert not np.allclose(np.asarray(d1), np.asarray(logits))
+    np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
+    np.testing.assert_allclose(np.asarray(logits_remat), np.asarray(logits), atol=1e-6, rtol=1e-6)
+
+
+def _random_params(init):
+    """Random values for the shapes `init` would create (cheaper than compiling the initializers)."""
+    rng = np.random.default_rng(0)
+    shapes = nn.unbox(jax.eval_shape(init))
+    return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)

@@ -1,4 +1,5 @@
 """T5 / FlanT5 parity against Hugging Face `T5ForConditionalGeneration` (torch, float32) on tiny random models."""
+import dataclasses
 import json
 import os
 
@@ -118,15 +119,20 @@ def test_parity_float32(hf_t5):
                                               decoder_input_ids=jnp.zeros((1, 2), jnp.int32)))
     assert jax.tree.map(lambda s: s.shape, nn.unbox(shapes["params"])) == jax.tree.map(lambda x: x.shape, params)
 
-    v = {"params": params}
-    embeds = ours.apply(v, jnp.asarray(ids), method="embed")
-    enc = ours.apply(v, embeds, jnp.asarray(mask), method="encode")
+    @jax.jit
+    def run(params, ids, mask, dec, dec_mask):
+        v = {"params": params}
+        embeds = ours.apply(v, ids, method="embed")
+        enc = ours.apply(v, embeds, mask, method="encode")
+        logits, cache = ours.apply(v, dec, enc, mask, dec_mask, method="decode")
+        assert cache is None
+        return enc, logits, ours.apply(v, embeds, mask, dec, dec_mask)
+
+    enc, logits, full = run(params, *map(jnp.asarray, (ids, mask, dec, dec_mask)))
     enc_err = _check(enc, ref_enc, mask == 1, 1e-4)
-    logits, cache = ours.apply(v, jnp.asarray(dec), enc, jnp.asarray(mask), jnp.asarray(dec_mask), method="decode")
-    assert logits.dtype == jnp.float32 and logits.shape == ref.shape and cache is None
+    assert logits.dtype == jnp.float32 and logits.shape == ref.shape
     err = _check(logits, ref, dec_mask == 1, 1e-4)
-    full = ours.apply(v, embeds, jnp.asarray(mask), jnp.asarray(dec), jnp.asarray(dec_mask))
-    np.testing.assert_array_equal(np.asarray(full), np.asarray(logits))
+    np.testing.assert_allclose(np.asarray(full), np.asarray(logits), atol=1e-6, rtol=1e-6)
     print(f"T5 f32 max err logits {err:.2e} (max|HF| {np.abs(ref).max():.2f}), encoder {enc_err:.2e}")
 
 
@@ -142,8 +148,8 @@ def test_parity_bfloat16_keeps_wo_float32(hf_t5):
                                             decoder_input_ids=jnp.zeros((1, 2), jnp.int32)))
     init_dtypes = jax.tree.map(lambda s: s.dtype, nn.unbox(init["params"]))
     assert init_dtypes == jax.tree.map(lambda x: x.dtype, params)
-    logits = ours.apply({"params": params}, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                        decoder_input_ids=jnp.asarray(dec), decoder_attention_mask=jnp.asarray(dec_mask))
+    logits = jax.jit(ours.apply)({"params": params}, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                                 decoder_input_ids=jnp.asarray(dec), decoder_attention_mask=jnp.asarray(dec_mask))
     assert logits.dtype == jnp.float32
     err = _check(logits, ref, dec_mask == 1, 3e-2)
     print(f"T5 bf16 max err {err:.2e} (max|HF| {np.abs(ref).max():.2f})")
@@ -155,9 +161,13 @@ def test_incremental_decoding_matches_full_forward(hf_t5):
     ours, params = t5_convert.load(path)
     ids, mask, dec, _ = _inputs(model.config.vocab_size, seed=2)
     dec_mask = np.ones_like(dec)
-    v = {"params": params}
-    enc = ours.apply(v, ours.apply(v, jnp.asarray(ids), method="embed"), jnp.asarray(mask), method="encode")
-    full, _ = ours.apply(v, jnp.asarray(dec), enc, jnp.asarray(mask), method="decode")
+    @jax.jit
+    def full_pass(params, ids, mask, dec):
+        v = {"params": params}
+        enc = ours.apply(v, ours.apply(v, ids, method="embed"), mask, method="encode")
+        return enc, ours.apply(v, dec, enc, mask, method="decode")[0]
+
+    enc, full = full_pass(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec))
     ref, _ = _hf(model, ids, mask, dec, dec_mask)
 
     first = jax.jit(lambda p, x, e, m, c: ours.apply({"params": p}, x, e, m, cache=c, method="decode"))
@@ -243,3 +253,32 @@ def test_config_semantics_follow_transformers(saved):
     assert ours.tie_word_embeddings  # head tied unless the converter finds `lm_head.weight`
     keys = {r.hf_key for r in t5_convert.rules(ours, hf_prefix="language_model.")}
     assert "language_model.shared.weight" in keys and not any("lm_head" in k for k in keys)
+
+
+def test_dropout_and_remat():
+    """Dropout only when asked (rng 'dropout'); remat (static `deterministic`) gives the same logits."""
+    cfg = t5_model.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_decoder_layers=2,
+                            num_heads=2, feed_forward_proj="gated-gelu", dropout_rate=0.3)
+    model = t5_model.T5ForConditionalGeneration(cfg)
+    remat = t5_model.T5ForConditionalGeneration(dataclasses.replace(cfg, remat=True))
+    ids, mask, dec, _ = map(jnp.asarray, _inputs(cfg.vocab_size, enc_len=5, dec_len=4, seed=4))
+
+    v = _random_params(lambda: model.init(jax.random.key(1), input_ids=ids, decoder_input_ids=dec))
+
+    @jax.jit
+    def run(v, rng):
+        kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        drop = lambda: model.apply(v, **kw, deterministic=False, rngs={"dropout": rng})  # noqa: E731
+        return model.apply(v, **kw), drop(), drop(), remat.apply(v, **kw)
+
+    logits, d1, d2, logits_remat = run(v, jax.random.key(0, impl="rbg"))  # rbg: cheap to compile
+    assert not np.allclose(np.asarray(d1), np.asarray(logits))
+    np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
+    np.testing.assert_allclose(np.asarray(logits_remat), np.asarray(logits), atol=1e-6, rtol=1e-6)
+
+
+def _random_params(init):
+    """Random values for the shapes `init` would create (cheaper than compiling the initializers)."""
+    rng = np.random.default_rng(0)
+    shapes = nn.unbox(jax.eval_shape(init))
+    return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)

@@ -24,8 +24,11 @@ from blip2_jax.convert.hf_io import CheckpointReader, write_safetensors
 from blip2_jax.convert.rules import Rule, check_keys, embedding, layer_norm, linear, load_rules, save_rules
 from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
 
-# Keys a HF OPT file may hold that carry nothing for the model.
-IGNORE = ()
+
+
+def ignore_patterns(hf_prefix: str = "") -> list[str]:
+    """Regexes of HF keys an OPT file may hold that we do not need: none (every key must match)."""
+    return []
 
 
 def rules(config: OPTConfig, hf_prefix: str = "") -> list[Rule]:
@@ -71,7 +74,7 @@ def load(path: str, dtype=jnp.float32, *, remat: bool = False) -> tuple[OPTForCa
     with CheckpointReader(path) as reader:
         cfg = config_for_checkpoint(reader.config, reader.keys(), dtype=dtype, param_dtype=dtype, remat=remat)
         rs = rules(cfg)
-        check_keys(rs, reader.keys(), ignore=IGNORE, source=path)
+        check_keys(rs, reader.keys(), ignore=ignore_patterns(), source=path)
         params = load_rules(reader.get, rs, dtype=np.dtype(dtype), source=path)
     return OPTForCausalLM(cfg), jax.tree.map(jnp.asarray, params)
 
