@@ -21,12 +21,11 @@ A checkpoint at step s holds the state after s updates and the data position aft
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
