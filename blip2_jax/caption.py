@@ -1,0 +1,98 @@
+"""Caption images from the command line.
+
+    python -m blip2_jax.caption --model=PATH [--prompt="a photo of"] [--num_beams=5] [--max_new_tokens=30] IMAGE...
+
+Prints one line per image, `IMAGE<TAB>caption`, in the order given (line breaks inside a caption
+become spaces). A file that cannot be read as an
+image gets an error line naming it on stderr; the others are still captioned, and the exit status is
+1 when any image failed (2 for bad arguments or a model that cannot be loaded).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m blip2_jax.caption", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="BLIP-2 directory (HF Blip2ForConditionalGeneration + tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"')
+    p.add_argument("--num_beams", type=int, default=5)
+    p.add_argument("--max_new_tokens", type=int, default=30)
+    p.add_argument("--min_new_tokens", type=int, default=1)
+    p.add_argument("--length_penalty", type=float, default=1.0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--batch_size", type=int, default=8, help="images per generate call (one compilation)")
+    p.add_argument("--frozen_dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="storage/compute dtype of the frozen ViT and LLM")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    return p
+
+
+def read_image(path: str) -> Image.Image:
+    """The image at `path` as RGB; raises ValueError naming the file when it is not a readable image."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def caption_batches(model, params, processor, images, *, prompt: str, batch_size: int, **gen_kw) -> list[str]:
+    """Captions for a list of PIL images, `batch_size` at a time; the last batch is padded with copies
+    so that every call has the same shape (one compilation)."""
+    import blip2_jax
+
+    text = {}
+    if prompt:
+        ids, mask = processor.tokenize([prompt])
+        text = {"input_ids": np.repeat(ids, batch_size, 0), "attention_mask": np.repeat(mask, batch_size, 0)}
+    captions = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pixels = processor.preprocess(chunk + [chunk[0]] * (batch_size - len(chunk)))
+        out = blip2_jax.generate(model, params, pixels, **text, **gen_kw)
+        captions += processor.decode(np.asarray(out)[:len(chunk)])
+    return captions
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.batch_size < 1:
+        print(f"error: --batch_size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    images, names, failed = [], [], 0
+    for path in args.images:
+        try:
+            images.append(read_image(path))
+            names.append(path)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+
+    if images:
+        import jax.numpy as jnp
+
+        import blip2_jax
+
+        try:
+            model, params = blip2_jax.from_pretrained(args.model, frozen_dtype=getattr(jnp, args.frozen_dtype))
+            processor = blip2_jax.load_processor(args.model, tokenizer_path=args.tokenizer)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"error: cannot load the model from {args.model}: {e}", file=sys.stderr)
+            return 2
+        captions = caption_batches(
+            model, params, processor, images, prompt=args.prompt, batch_size=min(args.batch_size, len(images)),
+            max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, min_new_tokens=args.min_new_tokens,
+            length_penalty=args.length_penalty, repetition_penalty=args.repetition_penalty)
+        for name, text in zip(names, captions):
+            print(f"{name}\t{' '.join(text.splitlines())}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""`load_processor(path)`: image preprocessing, prompt tokenisation and decoding for a BLIP-2 directory.
+
+- Images: LAVIS `blip_image_eval` / HF `BlipImageProcessor` (bicubic resize to the model's image size,
+  `/255`, CLIP mean and std), reusing `blip2_jax.data.image_ops.eval_transform`; NHWC float32 out.
+- Prompts: the directory's tokenizer with its own special tokens (OPT prepends `</s>` as BOS, T5
+  appends `</s>`), padded to the longest prompt: on the left for OPT (decoder-only models continue
+  from the last position), on the right for T5.
+- Decoding: each row is cut at its first EOS (the text config's, e.g. "\\n" for BLIP-2 OPT), special
+  tokens are skipped and the text is stripped, as LAVIS's `generate` does.
+
+Everything is read from local files (config.json, preprocessor_config.json, tokenizer files); nothing
+is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from blip2_jax.data import image_ops
+from blip2_jax.data.text import load_tokenizer
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+class Blip2Processor:
+    """Preprocessing and decoding around `blip2_jax.generate`."""
+
+    def __init__(self, tokenizer, image_size: int, *, eos_token_id, padding_side: str = "left",
+                 image_mean: Sequence[float] = image_ops.CLIP_MEAN, image_std: Sequence[float] = image_ops.CLIP_STD):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.padding_side = padding_side
+        eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+
+    def preprocess(self, images) -> np.ndarray:
+        """PIL images or uint8 arrays (`[H, W]`, `[H, W, 3|4]`) -> float32 `[N, S, S, 3]`, CLIP-normalised."""
+        out = []
+        for i, im in enumerate(images):
+            if isinstance(im, np.ndarray):
+                if im.dtype != np.uint8 or im.ndim not in (2, 3):
+                    raise ValueError(f"image {i}: expected a uint8 [H, W] or [H, W, C] array, got "
+                                     f"{im.dtype} {im.shape}")
+                im = Image.fromarray(im if im.ndim == 2 or im.shape[-1] != 1 else im[..., 0])
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"image {i}: expected a PIL image or a uint8 array, got {type(im).__name__}")
+            rgb = np.asarray(im.convert("RGB"), np.uint8)
+            out.append(image_ops.eval_transform(rgb, self.image_size, draft=False, mean=self.image_mean,
+                                                std=self.image_std))
+        return np.stack(out).astype(np.float32)
+
+    def tokenize(self, prompts: Sequence[str], padding_side: Optional[str] = None):
+        """`(input_ids, attention_mask)` int32 `[N, T]` with the tokenizer's special tokens, padded to the
+        longest prompt on `padding_side` (default: left for OPT, right for T5)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has no pad token")
+        rows = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), pad, np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            ids[i, sl], mask[i, sl] = r, 1
+        return ids, mask
+
+    def decode(self, ids) -> list[str]:
+        """Token rows -> text: cut at the first EOS, skip special tokens, strip."""
+        texts = []
+        for row in np.asarray(ids):
+            row = [int(t) for t in row]
+            ends = [k for k, t in enumerate(row) if t in self.eos_token_ids]
+            row = row[:ends[0]] if ends else row
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_processor(path: str, *, tokenizer_path: Optional[str] = None,
+                   image_size: Optional[int] = None) -> Blip2Processor:
+    """A `Blip2Processor` for a BLIP-2 directory (its config.json and tokenizer files).
+
+    `tokenizer_path` points elsewhere for the tokenizer; `image_size` overrides the config's.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"load_processor: {path!r} is not a directory")
+    config = _read_json(os.path.join(path, "config.json"))
+    pre = _read_json(os.path.join(path, "preprocessor_config.json"))
+    pre = pre.get("image_processor", pre)  # a saved processor nests it
+    text = config.get("text_config", {})
+    kind = text.get("model_type", "opt")
+    if image_size is None:
+        size = pre.get("size")
+        image_size = (size.get("height") if isinstance(size, dict) else size) or \
+            config.get("vision_config", {}).get("image_size", 224)
+    tok_dir = tokenizer_path or path
+    if not any(os.path.exists(os.path.join(tok_dir, f)) for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"load_processor: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in "
+                                f"{tok_dir!r}; pass tokenizer_path=")
+    tokenizer = load_tokenizer(tok_dir)
+    return Blip2Processor(tokenizer, image_size, eos_token_id=text.get("eos_token_id"),
+                          padding_side="right" if kind == "t5" else "left",
+                          image_mean=pre.get("image_mean", image_ops.CLIP_MEAN),
+                          image_std=pre.get("image_std", image_ops.CLIP_STD))
