@@ -351,8 +351,15 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
     if mask.shape != input_ids.shape:
         raise ValueError(f"generate: attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
 
-    st = _Static(max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), do_sample=bool(do_sample), n_eos=len(eos),
-                 use_repetition_penalty=repetition_penalty != 1.0,
+    if isinstance(model, Blip2OPT):
+        total = model.config.num_query_tokens + input_ids.shape[1] + max_new_tokens
+        if total > text.max_position_embeddings:
+            raise ValueError(f"generate: {model.config.num_query_tokens} queries + {input_ids.shape[1]} prompt + "
+                             f"{max_new_tokens} new tokens exceed OPT's max_position_embeddings "
+                             f"{text.max_position_embeddings}")
+
+    st = _Static(max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), do_sample=bool(do_sample),
+                 n_eos=len(eos), use_repetition_penalty=repetition_penalty != 1.0,
                  use_min_new_tokens=min_new_tokens > 0, use_top_p=do_sample and top_p < 1.0,
                  use_temperature=do_sample and temperature != 1.0)
     # HF divides float32 scores by the Python float `len ** length_penalty`: the same numbers, host-side.
