@@ -50,6 +50,7 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
     c.seed = 42
     c.model = stage2.model_section(llm)
     c.init = stage2.init_section()
+    c.eval = stage2.eval_section()  # captioning of a held-out split; source "" = none
     c.data = data_pipeline.default_config()
     c.data.text_mode = "opt" if llm == "opt" else "t5_prefix"
     c.data.max_text_len = 32
@@ -111,3 +112,7 @@ def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
     c.seed = 42
     c.init.vision_checkpoint = ""
     c.init.stage1_checkpoint = DEMO_STAGE1
+    # Greedy captions of the 100 held-out scenes after training (caption_exact, BLEU-4, CIDEr).
+    c.eval.source = data_pipeline.source_config(DEMO_DATA, prefix="heldout")
+    c.eval.batch_size = 50
+    c.eval.max_new_tokens = 20  # a shapes caption is 13 tokens + "\n" (EOS)

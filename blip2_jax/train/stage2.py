@@ -16,16 +16,21 @@ Dropout: the Q-Former's as configured; the frozen LLM's own dropout is active in
 """
 from __future__ import annotations
 
+import collections
 import logging
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from blip2_jax import sharding as sharding_lib
 from blip2_jax.convert import blip2 as hf_blip2
 from blip2_jax.convert.hf_io import CheckpointReader
 from blip2_jax.data import pipeline as data_pipeline
+from blip2_jax.data import text as data_text
+from blip2_jax.evaluate import captioning
 from blip2_jax.models.blip2 import Blip2Config, Blip2OPT, Blip2T5, split_frozen
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.vit import VisionConfig
@@ -152,7 +157,8 @@ def make_task(config, mesh) -> Task:
     return Task(init_trainable=init_trainable, loss_fn=loss_fn, init_frozen=init_frozen,
                 load_frozen=stage2_init.frozen_loader(config, cfg, random_frozen),
                 load_trainable=stage2_init.trainable_loader(config, cfg),
-                evaluate=None, flops_per_example=flops_per_example(cfg, config.data.max_text_len),
+                evaluate=make_caption_eval(config, model) if _eval_source(config) else None,
+                flops_per_example=flops_per_example(cfg, config.data.max_text_len),
                 name=f"stage2_{config.model.llm}")
 
 
@@ -177,6 +183,89 @@ def flops_per_example(cfg: Blip2Config, text_len: int) -> float:
         dec = t.num_decoder_layers * (8 * t.d_model * t.inner_dim + 3 * t.d_model * t.d_ff)
         llm = 2 * (nq + text_len) * enc + 2 * text_len * (dec + t.vocab_size * t.d_model)
     return float(vit + 3 * qformer + 3 * llm)
+
+
+# -- evaluation: greedy captions of a held-out split ---------------------------------------------
+def _eval_source(config):
+    """`config.eval.source` when the config has an eval section with a path, else None."""
+    ev = config.get("eval")
+    return ev.source if ev is not None and ev.source.path else None
+
+
+def generation_prompt(config) -> str:
+    """The text prompt captions are generated from: the one the model was trained with.
+
+    OPT: `data.prompt` without its trailing whitespace. The pipeline tokenises `prompt + caption` as
+    one string, and a byte-level BPE attaches the prompt's trailing space to the caption's first word
+    ("Ġa"), so the prompt alone would end in a lone space token the model never saw in training.
+    T5: `t5_prompt` mode encodes the fixed prompt (default "a photo of", as the pipeline); `t5_prefix`
+    has no fixed prompt (the visual prompt alone).
+    """
+    mode, prompt = config.data.text_mode, config.data.prompt
+    if mode == "opt":
+        return prompt.rstrip()
+    if mode == "t5_prompt":
+        return prompt or "a photo of"
+    return ""
+
+
+def caption_scores(references: Sequence[Sequence[str]], generated: Mapping[int, str]) -> dict:
+    """Captioning metrics of `generated[i]` against `references[i]` (both already cleaned).
+
+    - `caption_exact`: fraction of images whose caption equals one of its references exactly;
+    - `top_caption_share`: fraction of images given the single most frequent generated caption (1.0
+      when the LLM ignores the image and says the same thing every time);
+    - `bleu_4`, `cider`: `blip2_jax.evaluate.captioning.caption_metrics` (PTB-tokenised);
+    - `num_images`: how many images were captioned.
+    """
+    if not generated:
+        raise ValueError("caption_scores: no generated captions")
+    ids = sorted(generated)
+    exact = sum(generated[i] in set(references[i]) for i in ids)
+    top = collections.Counter(generated[i] for i in ids).most_common(1)[0][1]
+    metrics = captioning.caption_metrics({i: list(references[i]) for i in ids}, {i: generated[i] for i in ids})
+    return {"caption_exact": exact / len(ids), "top_caption_share": top / len(ids),
+            "bleu_4": metrics["bleu_4"], "cider": metrics["cider"], "num_images": float(len(ids))}
+
+
+def make_caption_eval(config, model):
+    """`Task.evaluate`: greedy (or `eval.num_beams`) captions of every image of `eval.source`, with the
+    training prompt (`generation_prompt`), decoded with the LLM's tokenizer (cut at the first EOS),
+    LAVIS-cleaned and scored against the cleaned references (`caption_scores`)."""
+    from blip2_jax.generate import generate
+    from blip2_jax.processor import Blip2Processor
+
+    ev, data_cfg = config.eval, config.data
+    text = model.config.text
+    processor = Blip2Processor(data_text.load_tokenizer(data_cfg.tokenizer_path), data_cfg.image_size,
+                               eos_token_id=text.eos_token_id,
+                               padding_side="left" if isinstance(model, Blip2OPT) else "right")
+    prompt = generation_prompt(config)
+
+    def captions_of(params) -> dict[int, str]:
+        out = {}
+        ds = data_pipeline.make_eval_dataset(data_cfg, ev.source, batch_size=ev.batch_size,
+                                             process_index=0, process_count=1)
+        for b in ds:
+            n = b["image"].shape[0]
+            ids, mask = processor.tokenize([prompt] * n) if prompt else (None, None)
+            tokens = generate(model, params, b["image"], ids, mask, max_new_tokens=ev.max_new_tokens,
+                              num_beams=ev.num_beams)
+            texts = processor.decode(np.asarray(tokens))
+            for image_id, valid, t in zip(np.asarray(b["image_id"]), np.asarray(b["valid"]), texts):
+                if valid:
+                    out[int(image_id)] = data_text.clean_caption(t, data_cfg.max_words)
+        return out
+
+    def evaluate(trainable, frozen, step):
+        generated = captions_of({**trainable, **frozen})
+        references = [[data_text.clean_caption(c, data_cfg.max_words) for c in caps]
+                      for caps in data_pipeline.read_captions(ev.source)]
+        for i in sorted(generated)[:ev.log_examples]:
+            log.info("step %d, image %d: %r (references %r)", step, i, generated[i], references[i])
+        return caption_scores(references, generated)
+
+    return evaluate
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -224,4 +313,15 @@ def init_section() -> ml_collections.ConfigDict:
     # This project's stage-1 workdir (newest checkpoint) or an HF BLIP-2 dir: ln_vision, queries and
     # the Q-Former's query path; "" = fresh. language_projection always starts fresh.
     c.stage1_checkpoint = ""
+    return c
+
+
+def eval_section() -> ml_collections.ConfigDict:
+    """`config.eval`: captioning of a held-out split after training (and every `train.eval_every`)."""
+    c = ml_collections.ConfigDict()
+    c.source = data_pipeline.source_config()  # held-out split (path "" = no evaluation)
+    c.batch_size = 32       # images per `generate` call (the last batch is padded)
+    c.max_new_tokens = 30   # generation budget per caption (OPT: queries + prompt + this <= positions)
+    c.num_beams = 1         # 1 = greedy
+    c.log_examples = 5      # generated captions written to the log at each evaluation
     return c

@@ -1,0 +1,156 @@
+"""The stage-2 demo chain (text_lm -> stage2 through `blip2_jax.main.run`) and its captioning eval.
+
+- `caption_scores` and the eval hook on cases whose answer is known: the hook is fed known generated
+  ids (a stand-in for `blip2_jax.generate.generate` that records what it was called with), so the
+  prompt, the EOS cut, the LAVIS cleaning and the scores can be checked by hand.
+- A shortened demo: a few text-LM steps of a tiny OPT on a tiny shapes dataset, then a few stage-2
+  steps from its export, both through `main.run`; the final metrics carry the captioning scores, and a
+  second `run` of the finished workdir trains nothing and reports the same scores.
+"""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from blip2_jax.data import pipeline as data_pipeline
+from blip2_jax.data import shapes
+from blip2_jax.data.text import clean_caption, load_tokenizer
+from blip2_jax.evaluate import captioning
+from blip2_jax.train import stage2
+
+NUM_HELDOUT = 12
+
+
+def _load_config(name, variant):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}_demo", os.path.join("configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+# -- scores on hand-made captions -----------------------------------------------------------------
+def test_caption_scores_by_hand():
+    refs = [["a red circle", "a circle"], ["a blue square", "a square"], ["a green diamond", "x"],
+            ["a small triangle", "y"]]
+    hyps = {0: "a circle", 1: "a blue square", 2: "a red circle", 3: "a red circle"}
+    out = stage2.caption_scores(refs, hyps)
+    # 0 and 1 match a reference exactly (either one), 2 and 3 do not; "a red circle" is said twice.
+    assert out["caption_exact"] == 0.5
+    assert out["top_caption_share"] == 0.5
+    assert out["num_images"] == 4
+    ref = captioning.caption_metrics({i: refs[i] for i in hyps}, hyps)
+    assert out["bleu_4"] == ref["bleu_4"] and out["cider"] == ref["cider"]
+    with pytest.raises(ValueError, match="no generated captions"):
+        stage2.caption_scores(refs, {})
+
+
+def test_generation_prompt_follows_training():
+    c = _load_config("stage2", "demo_opt")
+    assert c.data.prompt == "a photo of "
+    assert stage2.generation_prompt(c) == "a photo of"  # the trailing space belongs to the caption's "Ġa"
+    c = _load_config("stage2", "demo_t5")
+    assert stage2.generation_prompt(c) == "a photo of"
+    c.data.text_mode = "t5_prefix"
+    assert stage2.generation_prompt(c) == ""
+
+
+# -- the shortened demo ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Tiny shapes data, a 20-step text LM (its HF export) and a 6-step stage 2, all via main.run."""
+    from blip2_jax import main
+    root = tmp_path_factory.mktemp("s2demo")
+    data = str(root / "shapes")
+    shapes.generate(data, num_train=200, num_heldout=NUM_HELDOUT, size=64, train_shards=1)
+
+    lm = _load_config("text_lm", "demo_opt")
+    lm.data.train_sources.shapes.path = lm.eval_source.path = data
+    lm.data.tokenizer_path = str(root / "tokenizer_opt")
+    lm.model.text.update(hidden_size=64, word_embed_proj_dim=64, ffn_dim=128)
+    lm.train.update(total_steps=20, batch_size=32, log_every=10, async_checkpointing=False)
+    lm.data.global_batch_size = 32
+    lm.optimizer.update(warmup_steps=5, peak_lr=3e-3)
+    lm_out = main.run(lm, str(root / "text_lm"))
+
+    c = _load_config("stage2", "demo_opt")
+    c.init.llm_checkpoint = c.data.tokenizer_path = str(root / "text_lm" / "hf")
+    c.init.stage1_checkpoint = ""  # fresh Q-Former (stage-1 loading: tests/test_stage2.py)
+    c.data.train_sources.shapes.path = c.eval.source.path = data
+    c.model.qformer.update(num_layers=2)
+    c.train.update(total_steps=6, batch_size=16, log_every=3, checkpoint_every=0, async_checkpointing=False)
+    c.data.global_batch_size = 16
+    c.optimizer.warmup_steps = 2
+    c.eval.batch_size = 8  # 12 images: the second batch is padded (valid=False rows are skipped)
+    workdir = str(root / "stage2")
+    out = main.run(c, workdir)
+    return root, c, lm_out, out, workdir
+
+
+def test_demo_chain_reports_captioning_metrics(demo):
+    root, c, lm_out, out, workdir = demo
+    assert lm_out["step"] == 20 and os.path.exists(root / "text_lm" / "hf" / "model.safetensors")
+    assert out["step"] == 6 and np.isfinite(out["loss"])
+    assert out["num_images"] == NUM_HELDOUT  # every held-out image once, padding rows skipped
+    assert 0.0 <= out["caption_exact"] <= 1.0 and 1 / NUM_HELDOUT <= out["top_caption_share"] <= 1.0
+    assert np.isfinite(out["bleu_4"]) and np.isfinite(out["cider"])
+    json.dumps(out)  # main.py prints it as the last line
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert any("eval/caption_exact" in r for r in logged)
+
+
+def test_finished_demo_restarts_nothing(demo):
+    """The loop resumes from the last checkpoint: at total_steps it only re-evaluates (deterministic)."""
+    from blip2_jax import main
+    _, c, _, out, workdir = demo
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    again = main.run(c, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    assert again["step"] == 6
+    for k in ("caption_exact", "top_caption_share", "bleu_4", "cider", "num_images"):
+        assert again[k] == out[k], k
+
+
+# -- the hook on known generated ids ----------------------------------------------------------------
+def test_eval_hook_on_known_generated_ids(demo, monkeypatch):
+    """Feed the hook known ids: the right caption for images 0, 3, 4 (one of them capitalised, with a
+    period, which LAVIS cleaning removes, one the second reference), a wrong caption for the rest; junk
+    after the EOS must be cut. Expected: caption_exact = 3/12; the wrong caption is given to 9 images."""
+    import sys
+    generate_lib = sys.modules["blip2_jax.generate"]  # the module (`blip2_jax.generate` is the function)
+    root, c, _, _, _ = demo
+    tok = load_tokenizer(c.data.tokenizer_path)
+    eos = tok.encode("\n", add_special_tokens=False)[0]
+    refs = data_pipeline.read_captions(c.eval.source)
+    right = {0: refs[0][0].capitalize() + ".", 3: refs[3][1], 4: refs[4][0]}
+    wrong = "a large purple diamond above a large purple diamond"
+    calls = []
+
+    def fake_generate(model, params, pixels, input_ids, attention_mask, *, max_new_tokens, num_beams):
+        start = sum(len(p) for p, _ in calls)
+        calls.append((np.asarray(pixels), np.asarray(input_ids)))
+        rows = []
+        for i in range(start, start + pixels.shape[0]):
+            ids = tok.encode(" " + right.get(i, wrong), add_special_tokens=False) + [eos] + tok.encode(" junk")
+            rows.append((ids + [tok.pad_token_id] * max_new_tokens)[:max_new_tokens])
+        return np.asarray(rows, np.int32)
+
+    monkeypatch.setattr(generate_lib, "generate", fake_generate)
+    c = c.copy_and_resolve_references()
+    c.eval.max_new_tokens = 40
+    mesh = None
+    task = stage2.make_task(c, mesh)
+    out = task.evaluate({}, {}, 6)
+    assert out["caption_exact"] == 3 / NUM_HELDOUT
+    assert out["top_caption_share"] == 9 / NUM_HELDOUT
+    assert out["num_images"] == NUM_HELDOUT
+    hyps = {i: clean_caption(right.get(i, wrong)) for i in range(NUM_HELDOUT)}
+    expected = captioning.caption_metrics({i: [clean_caption(r) for r in refs[i]] for i in hyps}, hyps)
+    assert out["bleu_4"] == pytest.approx(expected["bleu_4"]) and out["cider"] == pytest.approx(expected["cider"])
+    # Two calls of 8 images (the second padded); every row prompted with "</s> a photo of", left-padded.
+    assert [p.shape[0] for p, _ in calls] == [8, 8]
+    prompt = [tok.bos_token_id] + tok.encode("a photo of", add_special_tokens=False)
+    for _, ids in calls:
+        np.testing.assert_array_equal(ids, np.tile(prompt, (8, 1)))
