@@ -31,8 +31,10 @@ def stage_module(task_name: str):
         from blip2_jax.train import stage1 as stage
     elif task_name == "stage2":
         from blip2_jax.train import stage2 as stage
+    elif task_name == "text_lm":
+        from blip2_jax.train import text_lm as stage
     else:
-        raise ValueError(f"config.task={task_name!r}: expected 'stage1' or 'stage2'")
+        raise ValueError(f"config.task={task_name!r}: expected 'stage1', 'stage2' or 'text_lm'")
     return stage
 
 
@@ -47,7 +49,9 @@ def run(config, workdir: str) -> dict:
         raise app.UsageError(str(e)) from None
     stage = stage_module(config.task)
     mesh = sharding.make_mesh(config.mesh)
-    task = stage.make_task(config, mesh)
+    # text_lm exports the trained LLM as a Hugging Face directory under the workdir.
+    task = (stage.make_task(config, mesh, workdir=workdir) if config.task == "text_lm"
+            else stage.make_task(config, mesh))
     return loop.train(config, task, stage.make_data(config), workdir, mesh=mesh)
 
 

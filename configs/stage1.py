@@ -74,9 +74,9 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.model.embed_dim = 64
     c.model.frozen_dtype = "float32"
     c.train.batch_size = 48
-    c.train.total_steps = 600
+    c.train.total_steps = 400
     c.train.log_every = 50
-    c.train.checkpoint_every = 200
+    c.train.checkpoint_every = 100
     c.train.eval_every = 0
     c.optimizer.peak_lr = 1e-3
     c.optimizer.min_lr = 1e-4

@@ -149,6 +149,26 @@ def generate(out_dir: str, *, num_train: int = 10000, num_heldout: int = 200, si
     return written
 
 
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def caption_words() -> list[str]:
+    """Every word any shapes caption can use, sorted."""
+    words = {"a"} | set(SIZES) | set(COLORS) | set(SHAPES)
+    for rel in list(RELATIONS) + list(RELATIONS.values()):
+        words |= set(rel.split())
+    return sorted(words)
+
+
+def write_bert_vocab(out_dir: str) -> str:
+    """A WordPiece `vocab.txt` covering the shapes captions (BERT's special ids 0, 100-103 become
+    0-4); the stage-1 demo's Q-Former tokenizer. Returns the directory."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(BERT_SPECIALS + tuple(caption_words())) + "\n")
+    return out_dir
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m blip2_jax.data.shapes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                        seed=a.seed, train_shards=a.train_shards)
     for split, paths in written.items():
         print(f"{split}: {len(paths)} shard(s) in {a.out}")
+    print(f"stage-1 tokenizer: {write_bert_vocab(os.path.join(a.out, 'tokenizer'))}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Stage 1 end to end on a tiny shapes dataset: the CLI, mesh invariance, exact resume, frozen ViT."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from blip2_jax import sharding
+from blip2_jax.data import shapes
+from blip2_jax.train import loop, stage1
+from configs import stage1 as stage1_config
+from tests.toy_task import compile_cache, losses  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("compile_cache")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("shapes"))
+    shapes.generate(out, num_train=64, num_heldout=8, size=32, train_shards=1)
+    shapes.write_bert_vocab(os.path.join(out, "tokenizer"))
+    return out
+
+
+def tiny_config(shapes_dir, **train):
+    """The demo config, smaller still (same code path)."""
+    c = stage1_config.get_config("demo")
+    c.model.vision.update(hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, image_size=32,
+                          patch_size=8)
+    c.model.qformer.update(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48)
+    c.model.num_query_tokens = 4
+    c.model.embed_dim = 16
+    c.data.image_size = 32
+    c.data.train_sources.shapes.path = shapes_dir
+    c.data.tokenizer_path = os.path.join(shapes_dir, "tokenizer")
+    c.eval.source.path = ""  # no retrieval eval here (the CLI test runs it)
+    c.train.update({**dict(batch_size=16, total_steps=4, log_every=1, checkpoint_every=0, eval_every=0), **train})
+    c.data.global_batch_size = c.train.batch_size
+    c.optimizer.warmup_steps = 1
+    return c
+
+
+def run(cfg, workdir, devices=None, hook=None):
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    return loop.train(cfg, stage1.make_task(cfg, mesh), stage1.make_data(cfg), str(workdir), mesh=mesh,
+                      step_hook=hook)
+
+
+def test_main_runs_the_demo_config_and_ends_with_one_json_line(shapes_dir, tmp_path):
+    overrides = [f"--config.data.train_sources.shapes.path={shapes_dir}",
+                 f"--config.data.tokenizer_path={os.path.join(shapes_dir, 'tokenizer')}",
+                 f"--config.eval.source.path={shapes_dir}", "--config.train.total_steps=2",
+                 "--config.train.batch_size=8", "--config.data.global_batch_size=8", "--config.eval.batch_size=8",
+                 "--config.optimizer.warmup_steps=1", "--config.model.vision.num_layers=1",
+                 "--config.model.qformer.num_layers=2", "--config.model.vision.image_size=32",
+                 "--config.data.image_size=32"]
+    proc = subprocess.run([sys.executable, "-m", "blip2_jax.main", "--config=configs/stage1.py:demo",
+                           f"--workdir={tmp_path}", *overrides], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "temperature", "itm_accuracy", "t2i_r1", "i2t_r1"):
+        assert key in final, key
+    assert 0.0 <= final["t2i_r1"] <= 1.0 and final["step"] == 2
+    assert np.isfinite(final["loss"]) and final["loss"] > 0
+
+
+def test_same_losses_on_every_mesh(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, total_steps=3)
+    run(cfg, tmp_path / "one", devices=jax.devices()[:1])
+    ref = losses(tmp_path / "one")
+    assert ref[1] != ref[2] != ref[3]
+    for data, fsdp, tensor in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+        c = tiny_config(shapes_dir, total_steps=3)
+        c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+        workdir = tmp_path / f"{data}x{fsdp}x{tensor}"
+        run(c, workdir)
+        got = losses(workdir)
+        for step in (1, 2, 3):
+            np.testing.assert_allclose(got[step], ref[step], rtol=0, atol=1e-4,
+                                       err_msg=f"mesh {(data, fsdp, tensor)}, step {step}")
+
+
+def test_sigterm_then_resume_gives_the_uninterrupted_losses(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, total_steps=5, checkpoint_every=2)
+    run(cfg, tmp_path / "straight", devices=jax.devices()[:1])
+    want = losses(tmp_path / "straight")
+
+    def sigterm_at_3(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = run(cfg, tmp_path / "cut", devices=jax.devices()[:1], hook=sigterm_at_3)
+    assert out["preempted"] and out["step"] == 3
+    run(cfg, tmp_path / "cut", devices=jax.devices()[:1])
+    got = losses(tmp_path / "cut")
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step in range(1, 6):
+        assert got[step] == want[step], (step, got[step], want[step])
+
+
+def test_frozen_vit_is_untouched_and_not_in_the_trainable_state(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, total_steps=2)
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    task = stage1.make_task(cfg, mesh)
+    trainable = jax.eval_shape(task.init_trainable, jax.random.PRNGKey(0))
+    frozen = jax.eval_shape(task.init_frozen, jax.random.PRNGKey(0))
+    assert set(frozen) == {"vision"} and "vision" not in trainable
+    # ln_vision trains with the Q-Former, as in LAVIS.
+    assert {"ln_vision", "query_tokens", "qformer", "temp", "lm_bias"} <= set(trainable)
+
+    seen, given = {}, {}
+
+    def load_frozen(abstract):  # a known frozen tree, placed on the shardings the loop asks for
+        keys = iter(jax.random.split(jax.random.PRNGKey(5), len(jax.tree.leaves(abstract))))
+        tree = jax.tree.map(lambda a: jax.device_put(jax.random.normal(next(keys), a.shape, a.dtype), a.sharding),
+                            abstract)
+        given["frozen"] = jax.tree.map(np.asarray, tree)
+        return tree
+
+    def capture(tr, fr, step):
+        seen["frozen"] = jax.tree.map(np.asarray, fr)
+        return {}
+
+    import dataclasses
+    task = dataclasses.replace(task, load_frozen=load_frozen, evaluate=capture)
+    out = loop.train(cfg, task, stage1.make_data(cfg), str(tmp_path), mesh=mesh)
+    assert out["step"] == 2
+    jax.tree.map(np.testing.assert_array_equal, seen["frozen"], given["frozen"])
