@@ -12,3 +12,5 @@ if [ "${1:-}" = "--test" ]; then
 else
   .venv/bin/python -m pip install -q -r requirements.txt
 fi
+# The package itself, editable, so `python -m blip2_jax...` and benchmarks/ work from any directory.
+.venv/bin/python -m pip install -q --no-deps -e .
