@@ -13,7 +13,10 @@ import logging
 import os
 from typing import Callable, Optional
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax.convert import blip2 as hf_blip2
@@ -46,7 +49,10 @@ def load_vision(path: str, cfg: Blip2Config) -> dict:
     hf = _read_config(path)
     if hf.get("model_type") in ("clip_vision_model", "clip") or cfg.vision.style == "clip":
         from blip2_jax.convert import clip
-        return {"vision": clip.load_vision_params(path, cfg.vision)}
+        tower, params = clip.load(path)
+        clip.check_matches(tower.config, dataclasses.replace(cfg.vision, dtype=jnp.float32,
+                                                             param_dtype=jnp.float32))
+        return {"vision": jax.tree.map(np.asarray, params)}
     with CheckpointReader(path) as reader:
         rules = hf_blip2.vision_rules(cfg.vision, ln_vision=False)
         return load_rules(reader.get, rules, source=path)
@@ -82,6 +88,8 @@ def _stage1_from_dir(path: str, cfg: Blip2Config) -> dict:
 
 
 def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
+    """`fresh trainable tree -> tree with the checkpoints' leaves in` (BERT first, then a whole stage-1
+    model on top), or None when `config.init` names neither."""
     stage1, bert = config.init.stage1_checkpoint, config.init.qformer_checkpoint
     if not stage1 and not bert:
         return None
@@ -90,7 +98,10 @@ def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
         loaded: dict = {}
         if bert:
             from blip2_jax.convert import bert as bert_conv
-            loaded.update(flatten(bert_conv.load_qformer_params(bert, cfg)))
+            dec_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)  # the [DEC] embedding row
+            # A full trainable tree; what BERT lacks is the fresh init (and the converter logs which).
+            from_bert = bert_conv.init_stage1_from_bert(bert, jax.tree.map(np.asarray, fresh), cfg, dec_rng)
+            loaded.update(flatten(from_bert))
             log.info("Q-Former initialised from BERT at %s", bert)
         if stage1:
             loaded.update(flatten(_stage1_from_dir(stage1, cfg)))
