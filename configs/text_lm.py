@@ -4,7 +4,8 @@
 
 Variants:
   demo_opt  a 2-layer OPT (d=128) on `</s> a photo of caption "\\n"` (causal LM, EOS "\\n", the prompt
-            out of the loss), 400 steps, batch 64;
+            out of the loss), half of the sequences with a context in front (`context_prob`),
+            400 steps, batch 64;
   demo_t5   a 2+2-layer T5 (d=128, gated GELU, untied head) on "a photo of" -> caption (the stage-2
             demo's captioning form), 400 steps, batch 64.
 At the end the LM and its tokenizer are written to `<workdir>/hf` (a Hugging Face directory), which
@@ -38,12 +39,17 @@ def get_config(arg: str = "demo_opt") -> ml_collections.ConfigDict:
     c.export_dir = ""             # where the final HF directory goes; "" = <workdir>/hf
     c.eval_source = data_pipeline.source_config(DEMO_DATA, prefix="heldout")  # held-out LM loss ("" path: none)
     c.eval_max_captions = 256     # held-out captions in that one evaluation batch
+    # Fraction of training sequences that carry the caption's content words as context in front (where
+    # stage 2 puts the visual prompt), so the frozen LM learns to follow what precedes its text
+    # (blip2_jax/train/text_lm.py `WithContext`); 0 = captions alone.
+    c.context_prob = 0.5
+    c.context_drop_words = "a an the of"  # words left out of that context (space-separated)
 
     c.data = data_pipeline.default_config()
     c.data.train_sources.shapes = data_pipeline.source_config(DEMO_DATA, prefix="train")
     c.data.text_mode = "opt" if llm == "opt" else "t5_prompt"
     c.data.prompt = PROMPTS[llm]
-    c.data.max_text_len = 16
+    c.data.max_text_len = 24  # room for the context: 7 words "\n" + </s> prompt caption "\n" (23 tokens)
     c.data.tokenizer_path = f"{DEMO_DATA}/tokenizer_{llm}"
 
     c.train.batch_size = 64

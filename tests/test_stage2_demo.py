@@ -154,3 +154,30 @@ def test_eval_hook_on_known_generated_ids(demo, monkeypatch):
     prompt = [tok.bos_token_id] + tok.encode("a photo of", add_special_tokens=False)
     for _, ids in calls:
         np.testing.assert_array_equal(ids, np.tile(prompt, (8, 1)))
+
+
+def test_text_lm_context_encoder(tmp_path):
+    """`WithContext`: the context (content words of the caption or its sibling) goes in front, out of
+    the OPT loss; the rest of the sequence is the plain encoding, shifted; T5 keeps its decoder side."""
+    from blip2_jax.train import text_lm
+    cap, other = "a small red circle left of a large blue square", "a large blue square right of a small red circle"
+    tok = text_lm.build_tokenizer([cap, other], str(tmp_path / "opt"), "opt", vocab_size=300)
+    lm = _load_config("text_lm", "demo_opt")
+    lm.data.tokenizer_path = str(tmp_path / "opt")
+    lm.data.max_text_len = 64
+    base = data_pipeline.make_text_encoder(lm.data)
+    enc = text_lm.WithContext(base, tok, 1.0, 64, is_opt=True, drop_words=("a", "of"),
+                              siblings={cap: (cap, other)})
+    seen = set()
+    for seed in range(8):
+        out, plain = enc(cap, np.random.default_rng(seed)), base(cap, np.random.default_rng(seed))
+        n = int(out["attention_mask"].sum())
+        k = n - int(plain["attention_mask"].sum())
+        seen.add(tok.decode(out["input_ids"][:k]))
+        np.testing.assert_array_equal(out["input_ids"][k:n], plain["input_ids"][plain["attention_mask"] == 1])
+        assert (out["labels"][:k] == -100).all()
+        np.testing.assert_array_equal(out["labels"][k:n], plain["labels"][:n - k])
+    assert seen == {"small red circle left large blue square\n", "large blue square right small red circle\n"}
+    # Probability 0: the plain encoding.
+    enc0 = text_lm.WithContext(base, tok, 0.0, 64, is_opt=True)
+    np.testing.assert_array_equal(enc0(cap, np.random.default_rng(0))["input_ids"], base(cap)["input_ids"])

@@ -8,6 +8,9 @@ exactly the stage-2 text objectives without the image (the pipeline's text encod
 - T5 (`"t5_prefix"` / `"t5_prompt"`): encoder gets the caption prefix (split uniformly between the
   first token and the middle) or the fixed prompt, the decoder learns the rest (`</s>`-terminated);
   plain prefix -> suffix, no span corruption.
+With `context_prob > 0` (the demo configs), that fraction of sequences also carries the content words
+of a caption of the same image in front (`WithContext`), so the frozen LM learns to follow what
+precedes its text, which is what lets stage 2's visual prompt steer it.
 Everything trains (no frozen tree). After the last step (`evaluate`), the weights are written as a
 Hugging Face directory (`opt.save` / `t5.save` + the tokenizer files) to `config.export_dir`, or
 `<workdir>/hf` when `make_task` gets the workdir; stage 2 loads it as `init.llm_checkpoint`.
@@ -194,6 +197,84 @@ def _eval_batch(config, encoder) -> dict:
 
 
 # -- data ---------------------------------------------------------------------------------------
+class WithContext:
+    """Wraps a pipeline text encoder: with probability `prob` the caption's gist is also given as context.
+
+    A frozen LLM is only useful to stage 2 if what comes before its text steers it: BLIP-2's LLMs
+    read a soft visual prompt because pretraining taught them to use their context. A tiny LM fitted
+    to captions alone has only learned the caption prior and ignores anything before it, so the demo's
+    text LM also sees, `prob` of the time, the content words of a caption of the same image (the caption
+    itself or one of its `siblings`, drawn at random, without the `drop_words`: e.g. "small red circle
+    left large blue square" before "a large blue square right of a small red circle") in front of the
+    sequence, the place the visual prompt takes in stage 2, and learns to follow them. Drawing the
+    context from any caption of the image matters: stage 2 trains on either caption of an image with
+    one visual prompt, which can only describe the scene, not which caption is wanted.
+    - OPT: `words "\n"` before `</s> [prompt] caption "\n"`, out of the loss (labels -100);
+    - T5: `words` before the encoder text (the decoder target is unchanged).
+    This also trains the positions the text occupies behind the visual prompt. Sequences are re-padded
+    to the encoder's length; a context that does not fit is not added.
+    """
+
+    def __init__(self, encoder, tokenizer, prob: float, max_len: int, is_opt: bool, drop_words=(),
+                 siblings=None):
+        self.encoder, self.tokenizer, self.prob, self.max_len = encoder, tokenizer, float(prob), max_len
+        self.pad, self.is_opt, self.drop_words = tokenizer.pad_token_id, is_opt, frozenset(drop_words)
+        self.siblings = siblings or {}  # caption -> sorted captions of the same image(s), itself included
+
+    def context_text(self, caption: str) -> str:
+        words = " ".join(w for w in caption.split(" ") if w not in self.drop_words)
+        return words + "\n" if self.is_opt else words
+
+    def _prepend(self, ids, mask, context, fill):
+        n = int(mask.sum())
+        if n + len(context) > self.max_len:
+            return None
+        out = np.full(self.max_len, fill, np.int32)
+        out[:len(context)] = context
+        out[len(context):len(context) + n] = ids[:n]
+        return out
+
+    def __call__(self, caption: str, rng: np.random.Generator) -> dict:
+        use = rng.random() < self.prob
+        enc = self.encoder(caption, rng)
+        if not use:
+            return enc
+        choices = self.siblings.get(caption, (caption,))
+        source = choices[int(rng.integers(len(choices)))]
+        context = self.tokenizer.encode(self.context_text(source), add_special_tokens=False)
+        mask = enc["attention_mask"]
+        ids = self._prepend(enc["input_ids"], mask, context, self.pad)
+        if ids is None:
+            return enc
+        out = dict(enc, input_ids=ids, attention_mask=self._prepend(mask, mask, [1] * len(context), 0))
+        if self.is_opt:
+            out["labels"] = self._prepend(enc["labels"], mask, [losses.IGNORE_INDEX] * len(context),
+                                          losses.IGNORE_INDEX)
+        return out
+
+
+def make_encoder(config):
+    """The pipeline's text encoder for `config.data`, with a context `context_prob` of the time (`WithContext`)."""
+    encoder = data_pipeline.make_text_encoder(config.data)
+    prob = float(config.get("context_prob", 0.0))
+    if prob <= 0:
+        return encoder
+    return WithContext(encoder, data_text.load_tokenizer(config.data.tokenizer_path), prob, config.data.max_text_len,
+                       is_opt=config.model.llm == "opt", drop_words=config.context_drop_words.split(),
+                       siblings=caption_siblings(config.data))
+
+
+def caption_siblings(data_cfg) -> dict[str, tuple[str, ...]]:
+    """Cleaned caption -> every cleaned caption of the training images it describes (itself included)."""
+    out: dict[str, set] = {}
+    for name in sorted(data_cfg.train_sources):
+        for caps in data_pipeline.read_captions(data_cfg.train_sources[name]):
+            group = {data_text.clean_caption(c, data_cfg.max_words) for c in caps}
+            for c in group:
+                out.setdefault(c, set()).update(group)
+    return {c: tuple(sorted(g)) for c, g in out.items()}
+
+
 class CaptionIterator:
     """Per-process batches of encoded captions, shuffled per epoch; state = the global example index.
 
@@ -241,7 +322,7 @@ def make_data(config):
     def factory():
         ensure_tokenizer(config)
         captions = training_captions(config.data)
-        return CaptionIterator(captions, data_pipeline.make_text_encoder(config.data), config.train.batch_size,
+        return CaptionIterator(captions, make_encoder(config), config.train.batch_size,
                                config.seed, jax.process_index(), jax.process_count())
 
     return factory
