@@ -13,6 +13,9 @@ Losses (the data pipeline's batch contract, `blip2_jax/data/pipeline.py`):
   `decoder_input_ids` are the labels shifted right behind the start token).
 Dropout: the Q-Former's as configured; the frozen LLM's own dropout is active in training when
 `model.llm_dropout` (LAVIS leaves the frozen LLM in train mode: OPT/T5 dropout 0.1 applies).
+
+Evaluation (`config.eval`, `make_caption_eval`): greedy captions of a held-out split with the
+training prompt, scored by `caption_scores` (caption_exact, top_caption_share, BLEU-4, CIDEr).
 """
 from __future__ import annotations
 
