@@ -112,6 +112,10 @@ def semantic_errors(config: Any, num_devices: Optional[int]) -> list[str]:
             errors.append(f"optimizer.{name}={oc[name]}: must be in [0, 1)")
     if oc.eps <= 0:
         errors.append(f"optimizer.eps={oc.eps}: must be > 0")
+    data = config.get("data")
+    if data is not None and "global_batch_size" in data and data.global_batch_size != tc.batch_size:
+        errors.append(f"data.global_batch_size={data.global_batch_size} must equal "
+                      f"train.batch_size={tc.batch_size} (the pipeline feeds one step's global batch)")
     try:
         sharding.axis_rules(tuple(mc.axis_rules))
     except (ValueError, TypeError) as e:

@@ -197,6 +197,7 @@ def _bad(mutate):
     (lambda d: d["train"].update(batch_size=12), "train.batch_size=12"),
     (lambda d: d["train"].update(batch_size=16, grad_accum_steps=4), "train.batch_size=16"),
     (lambda d: d.pop("optimizer"), "optimizer: missing"),
+    (lambda d: d.update(data={"global_batch_size": 32}), "data.global_batch_size=32 must equal train.batch_size"),
 ])
 def test_config_validation_names_the_field(mutate, field):
     from blip2_jax import config_validation

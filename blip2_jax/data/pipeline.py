@@ -96,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.tokenizer_path = ""           # local dir: BERT vocab (stage1) or the LLM's tokenizer files
     c.max_text_len = 32             # tokens, padded and truncated to exactly this
     c.max_words = 50                # caption cleaning: keep at most this many words
+    c.caption_index = -1            # -1: a random caption of the record per visit; k: always the k-th
     c.prompt = ""                   # opt: prepended, masked in labels; t5_prompt: encoder text
     # Throughput.
     c.num_workers = 0               # grain worker processes (0 = in-process threads only)
@@ -184,6 +185,7 @@ class _TrainTransform(grain.transforms.RandomMap):
     image_kwargs: dict
     image_size: int
     max_words: int
+    caption_index: int = -1
 
     def random_map(self, element, rng: np.random.Generator):
         dense_id, source_index, raw = element
@@ -192,7 +194,10 @@ class _TrainTransform(grain.transforms.RandomMap):
             image, captions, record_id = self.parsers[source_index](raw)
             if not captions:
                 raise ValueError("record has no captions")
-            caption = captions[int(rng.integers(len(captions)))]  # One caption per visit.
+            if self.caption_index < 0:
+                caption = captions[int(rng.integers(len(captions)))]  # One caption per visit.
+            else:
+                caption = captions[min(self.caption_index, len(captions) - 1)]
             tokens = self.text_encoder(text.clean_caption(caption, self.max_words), rng)
             pixels = image_ops.train_transform(image, self.image_size, rng, **self.image_kwargs)
         except Exception as e:  # A bad record must not stop a long run: drop, count and log it.
@@ -324,7 +329,8 @@ def make_train_dataset(config, *, seed: int, process_index: int | None = None,
     weights = [float(config.train_sources[name].weight) for name, _, _ in opened]
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
     transform = _TrainTransform(tuple(p for _, _, p in opened), make_text_encoder(config),
-                                _image_kwargs(config), config.image_size, config.max_words)
+                                _image_kwargs(config), config.image_size, config.max_words,
+                                config.caption_index)
     # Random per element from (seed, global position): before the per-process slice on purpose.
     ds = ds.random_map(transform, seed=_seed_for(seed, 2))
     ds = ds[pi::pc]
@@ -347,6 +353,11 @@ def make_train_iterator(config, *, seed: int, process_index: int | None = None,
     ds = make_train_dataset(config, seed=seed, process_index=process_index,
                             process_count=process_count)
     return TrainIterator(iter(ds))
+
+
+def train_factory(config, *, seed: int):
+    """A zero-argument factory of `make_train_iterator(config, seed=seed)` (the loop's `make_data`)."""
+    return lambda: make_train_iterator(config, seed=seed)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -273,15 +273,8 @@ def make_caption_eval(config, model):
 
 # -- data ---------------------------------------------------------------------------------------
 def make_data(config):
-    data_cfg = config.data
-    if data_cfg.global_batch_size != config.train.batch_size:
-        raise ValueError(f"config.data.global_batch_size ({data_cfg.global_batch_size}) must equal "
-                         f"config.train.batch_size ({config.train.batch_size})")
-
-    def factory():
-        return data_pipeline.make_train_iterator(data_cfg, seed=config.seed)
-
-    return factory
+    """The grain pipeline of `config.data` (its batch size checked by config validation)."""
+    return data_pipeline.train_factory(config.data, seed=config.seed)
 
 
 # -- config sections ----------------------------------------------------------------------------
