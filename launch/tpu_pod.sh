@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the same entrypoint on every host of a Cloud TPU pod slice (untested here: no TPU was lent).
+#   bash launch/tpu_pod.sh TPU_NAME ZONE configs/stage1.py:vit_g gs://BUCKET/workdir [--config.x=y ...]
+# Each host needs the repo at ~/blip2_jax and `bash launch/setup.sh` run once, plus jax[tpu] instead of
+# the CPU jaxlib. The data and the workdir must be reachable from every host (e.g. GCS).
+set -euo pipefail
+TPU=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4; shift 4
+gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
+  "cd ~/blip2_jax && .venv/bin/python -m blip2_jax.main --config=$CONFIG --workdir=$WORKDIR --distributed $*"
