@@ -13,7 +13,6 @@ import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
 
 from blip2_jax import sharding  # noqa: E402
 from blip2_jax.train import aot  # noqa: E402

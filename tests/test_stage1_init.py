@@ -1,5 +1,4 @@
 """Stage-1 pretrained initialisation from config paths: BLIP-2 (ViT + whole model), BERT, CLIP."""
-import os
 
 import jax
 import numpy as np

@@ -5,7 +5,6 @@ import os
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import torch

@@ -14,7 +14,7 @@ import numpy as np
 from blip2_jax.convert import blip2 as hf_blip2
 from blip2_jax.convert.hf_io import CheckpointReader, write_safetensors
 from blip2_jax.convert.rules import check_keys, flatten, load_rules, save_rules, set_path
-from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, build_model
+from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, Blip2T5, build_model
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def abstract_params(model: nn.Module) -> dict:
     pixels = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
     args = [pixels, ids, ids]
-    if type(model).__name__ == "Blip2T5":
+    if isinstance(model, Blip2T5):
         args += [ids, ids]
     variables = jax.eval_shape(lambda *a: model.init(jax.random.PRNGKey(0), *a), *args)
     return nn.unbox(variables["params"])

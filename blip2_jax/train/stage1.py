@@ -7,22 +7,19 @@ the queries, the Q-Former, the heads and the temperature — trains (as in LAVIS
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from blip2_jax import sharding as sharding_lib
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import text as data_text
 from blip2_jax.evaluate import retrieval
 from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, split_frozen
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.vit import VisionConfig
-from blip2_jax.train import losses
+from blip2_jax.train import losses, stage1_init
 from blip2_jax.train.task import Task
 
 log = logging.getLogger(__name__)
@@ -116,7 +113,6 @@ def make_task(config, mesh) -> Task:
         return stage1_losses(model, {**trainable, **frozen}, batch, rng, train=train,
                              dec_token_id=dec_token_id, loss_cfg=loss_cfg)
 
-    from blip2_jax.train import stage1_init
     return Task(
         init_trainable=init_trainable, loss_fn=loss_fn, init_frozen=init_frozen,
         load_frozen=stage1_init.frozen_loader(config, cfg),
