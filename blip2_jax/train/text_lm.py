@@ -259,9 +259,12 @@ def make_encoder(config):
     prob = float(config.get("context_prob", 0.0))
     if prob <= 0:
         return encoder
+    # With a fixed caption per image (data.caption_index >= 0) stage 2 always asks for that caption, so the
+    # context is the caption's own words, in order; otherwise any caption of the image may be the context.
+    siblings = caption_siblings(config.data) if config.data.caption_index < 0 else None
     return WithContext(encoder, data_text.load_tokenizer(config.data.tokenizer_path), prob, config.data.max_text_len,
                        is_opt=config.model.llm == "opt", drop_words=config.context_drop_words.split(),
-                       siblings=caption_siblings(config.data))
+                       siblings=siblings)
 
 
 def caption_siblings(data_cfg) -> dict[str, tuple[str, ...]]:
