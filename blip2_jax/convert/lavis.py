@@ -182,27 +182,19 @@ def vision_rules(c: VisionConfig) -> list[Rule]:
 
 
 def qformer_rules(c: QFormerConfig) -> list[Rule]:
-    """LAVIS `Qformer.bert.*` <-> our `qformer/...`."""
-    b, q = "Qformer.bert.", ("qformer",)
-    rs = layer_norm(b + "embeddings.LayerNorm", q + ("layernorm",))
-    if c.use_text_input:
-        rs.append(Rule(b + "embeddings.word_embeddings.weight", q + ("word_embeddings", "embedding")))
-        rs.append(Rule(b + "embeddings.position_embeddings.weight", q + ("position_embeddings", "embedding")))
-    for i in range(c.num_layers):
-        hf, ours = f"{b}encoder.layer.{i}.", q + (f"layer_{i}",)
-        for block in ("attention",) + (("crossattention",) if c.has_cross_attention(i) else ()):
-            for proj in ("query", "key", "value"):
-                rs += linear(f"{hf}{block}.self.{proj}", ours + (block, proj))
-            rs += linear(f"{hf}{block}.output.dense", ours + (f"{block}_output", "dense"))
-            rs += layer_norm(f"{hf}{block}.output.LayerNorm", ours + (f"{block}_output", "LayerNorm"))
-        ffns = [("intermediate_query", "output_query", "query_ffn")]
-        if c.use_text_input:
-            ffns.append(("intermediate", "output", "text_ffn"))
-        for hf_in, hf_out, our in ffns:
-            rs += linear(f"{hf}{hf_in}.dense", ours + (our, "intermediate"))
-            rs += linear(f"{hf}{hf_out}.dense", ours + (our, "output", "dense"))
-            rs += layer_norm(f"{hf}{hf_out}.LayerNorm", ours + (our, "output", "LayerNorm"))
-    return rs
+    """LAVIS `Qformer.bert.*` <-> our `qformer/...`: the HF map (convert/blip2.py) under LAVIS's names,
+    i.e. the inverse of the renames HF's converter applies."""
+    return [dataclasses.replace(r, hf_key=_lavis_qformer_key(r.hf_key)) for r in hf_blip2.qformer_rules(c)]
+
+
+def _lavis_qformer_key(hf_key: str) -> str:
+    if hf_key.startswith("qformer.layernorm."):
+        return "Qformer.bert.embeddings.LayerNorm." + hf_key[len("qformer.layernorm."):]
+    if hf_key.startswith("embeddings."):
+        return "Qformer.bert." + hf_key
+    key = "Qformer.bert." + hf_key[len("qformer."):]
+    return key.replace(".attention.attention.", ".attention.self.").replace(
+        ".crossattention.attention.", ".crossattention.self.")
 
 
 def extra_rules(with_lm_head: bool = True) -> list[Rule]:
