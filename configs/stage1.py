@@ -66,8 +66,10 @@ def get_config(arg: str = "vit_g") -> ml_collections.ConfigDict:
 
 def _demo(c: ml_collections.ConfigDict) -> None:
     """Tiny and fast: trains and evaluates in a few minutes on 2 CPU cores."""
+    # Random frozen ViT: position embeddings drawn at std 1 so the patch features carry where they are
+    # (at HF's 0.02 they vanish under the content; held-out t2i R@1 0.585 -> 0.67 at the same cost).
     c.model.vision.update(hidden_size=96, intermediate_size=192, num_layers=2, num_heads=4, image_size=64,
-                          patch_size=8)
+                          patch_size=8, position_init_std=1.0)
     c.model.qformer.update(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256,
                            max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
     c.model.num_query_tokens = 8

@@ -84,8 +84,9 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
 
 def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
     """Tiny and fast: stage-1 demo sizes (configs/stage1.py:demo), the text_lm demo LLM, shapes data."""
+    # The stage-1 demo's random frozen ViT: same sizes, seed and position-embedding spread.
     c.model.vision.update(hidden_size=96, intermediate_size=192, num_layers=2, num_heads=4, image_size=64,
-                          patch_size=8)
+                          patch_size=8, position_init_std=1.0)
     c.model.qformer.update(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256,
                            hidden_dropout=0.0, attention_dropout=0.0)
     c.model.num_query_tokens = 8

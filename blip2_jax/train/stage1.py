@@ -207,7 +207,8 @@ def model_section(**overrides) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.vision = ml_collections.ConfigDict(dict(
         style="eva", hidden_size=1408, intermediate_size=6144, num_layers=39, num_heads=16, image_size=224,
-        patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu", remat=False))
+        patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu", remat=False,
+        position_init_std=0.02))  # > 0.02 only for a random frozen ViT (the demo): see VisionConfig
     m.qformer = ml_collections.ConfigDict(dict(
         hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, hidden_act="gelu",
         layer_norm_eps=1e-12, hidden_dropout=0.1, attention_dropout=0.1, max_position_embeddings=512,
