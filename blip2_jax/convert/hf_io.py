@@ -170,6 +170,14 @@ def write_safetensors(filename: str, tensors: Mapping[str, np.ndarray], metadata
             f.write(arr.tobytes())
 
 
+def write_hf_dir(path: str, config: Mapping, tensors: Mapping[str, np.ndarray]) -> None:
+    """A Hugging Face model directory: `config.json` + one `model.safetensors`."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(config), f, indent=2, sort_keys=True)
+    write_safetensors(os.path.join(path, SINGLE_FILE), tensors)
+
+
 def strict_merge(expected: Iterable[str], found: Iterable[str], *, ignore: Iterable[str] = (),
                  source: str = "checkpoint") -> None:
     """Fail with both lists when keys are missing or unexpected, unless an `ignore` regex covers them."""

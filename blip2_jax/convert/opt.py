@@ -13,14 +13,12 @@ so `load` then builds an untied model (`tie_word_embeddings=False`); otherwise t
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax.convert.hf_io import CheckpointReader, write_safetensors
+from blip2_jax.convert.hf_io import CheckpointReader, write_hf_dir
 from blip2_jax.convert.rules import Rule, check_keys, embedding, layer_norm, linear, load_rules, save_rules
 from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
 
@@ -87,7 +85,4 @@ def to_hf_state_dict(params: dict, config: OPTConfig, hf_prefix: str = "", dtype
 
 def save(params: dict, config: OPTConfig, path: str, dtype=np.float32) -> None:
     """Write an `OPTForCausalLM` directory (config.json + model.safetensors) that transformers loads."""
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config.to_hf(), f, indent=2)
-    write_safetensors(os.path.join(path, "model.safetensors"), to_hf_state_dict(params, config, dtype=dtype))
+    write_hf_dir(path, config.to_hf(), to_hf_state_dict(params, config, dtype=dtype))

@@ -1,9 +1,7 @@
 """`from_pretrained` / `save_pretrained`: the public entry points for Hugging Face BLIP-2 directories."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -12,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax.convert import blip2 as hf_blip2
-from blip2_jax.convert.hf_io import CheckpointReader, write_safetensors
+from blip2_jax.convert.hf_io import CheckpointReader, write_hf_dir
 from blip2_jax.convert.rules import check_keys, flatten, load_rules, save_rules, set_path
 from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, Blip2T5, build_model
 
@@ -73,7 +71,6 @@ def save_pretrained(model: nn.Module, params: dict, path: str, *, dtype: Any = n
     """Write a Hugging Face directory (`config.json` + `model.safetensors`) that transformers 5.x loads
     into the matching Blip2 class and runs with the same outputs."""
     config: Blip2Config = model.config
-    os.makedirs(path, exist_ok=True)
     params = {k: v for k, v in params.items() if k not in hf_blip2.STAGE1_ONLY}
     if config.text is None and not config.qformer.use_text_input:
         raise ValueError("a retrieval checkpoint needs the Q-Former's text path (use_text_input=True)")
@@ -81,6 +78,4 @@ def save_pretrained(model: nn.Module, params: dict, path: str, *, dtype: Any = n
     tensors = save_rules(host, hf_blip2.rules(config), dtype=dtype)
     hf_config = hf_blip2.config_to_hf(config)
     hf_config["torch_dtype"] = np.dtype(dtype).name
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2, sort_keys=True)
-    write_safetensors(os.path.join(path, "model.safetensors"), tensors)
+    write_hf_dir(path, hf_config, tensors)

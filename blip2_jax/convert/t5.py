@@ -15,15 +15,13 @@ as transformers does. `wo` is always loaded in float32 (HF `_keep_in_fp32_module
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax.convert.hf_io import CheckpointReader, write_safetensors
+from blip2_jax.convert.hf_io import CheckpointReader, write_hf_dir
 from blip2_jax.convert.rules import Rule, check_keys, embedding, flatten, linear, load_rules, save_rules, set_path
 from blip2_jax.models.t5 import T5Config, T5ForConditionalGeneration
 
@@ -112,10 +110,7 @@ def to_hf_state_dict(params: dict, config: T5Config, hf_prefix: str = "", dtype=
 
 def save(params: dict, config: T5Config, path: str, dtype=np.float32) -> None:
     """Write a `T5ForConditionalGeneration` directory (config.json + model.safetensors) for transformers."""
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config.to_hf(), f, indent=2)
-    write_safetensors(os.path.join(path, "model.safetensors"), to_hf_state_dict(params, config, dtype=dtype))
+    write_hf_dir(path, config.to_hf(), to_hf_state_dict(params, config, dtype=dtype))
 
 
 __all__ = ["rules", "ignore_patterns", "config_for_checkpoint", "keep_wo_float32", "load", "to_hf_state_dict",

@@ -241,6 +241,15 @@ def build_model(config: Blip2Config) -> nn.Module:
     raise ValueError(f"Blip2Config.text must be an OPTConfig or T5Config, got {kind}")
 
 
+def init_fns(model: nn.Module, *inputs):
+    """`(init_trainable, init_frozen)`: the two halves of `model.init(rng, *inputs)` (see `split_frozen`),
+    each a pure `rng -> params` that the train loop runs under `eval_shape` and `jit`."""
+    def init_all(rng):
+        return model.init({"params": rng, "dropout": rng}, *inputs)["params"]
+
+    return (lambda rng: split_frozen(init_all(rng))[0]), (lambda rng: split_frozen(init_all(rng))[1])
+
+
 def split_frozen(params: dict) -> tuple[dict, dict]:
     """`(trainable, frozen)` by top-level key (`vision`, `language_model` are frozen)."""
     frozen = {k: v for k, v in params.items() if k in FROZEN_KEYS}

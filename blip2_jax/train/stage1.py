@@ -16,7 +16,7 @@ import numpy as np
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import text as data_text
 from blip2_jax.evaluate import retrieval
-from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, split_frozen
+from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, init_fns
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.vit import VisionConfig
 from blip2_jax.train import losses, stage1_init
@@ -100,14 +100,7 @@ def make_task(config, mesh) -> Task:
     dec_token_id = tok.bos_token_id
     loss_cfg = config.loss
 
-    def init_all(rng):
-        return model.init({"params": rng, "dropout": rng}, *_dummy_inputs(cfg))["params"]
-
-    def init_trainable(rng):
-        return split_frozen(init_all(rng))[0]
-
-    def init_frozen(rng):
-        return split_frozen(init_all(rng))[1]
+    init_trainable, init_frozen = init_fns(model, *_dummy_inputs(cfg))
 
     def loss_fn(trainable, frozen, batch, rng, train):
         return stage1_losses(model, {**trainable, **frozen}, batch, rng, train=train,

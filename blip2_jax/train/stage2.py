@@ -34,7 +34,7 @@ from blip2_jax.convert.hf_io import CheckpointReader
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import text as data_text
 from blip2_jax.evaluate import captioning
-from blip2_jax.models.blip2 import Blip2Config, Blip2OPT, Blip2T5, split_frozen
+from blip2_jax.models.blip2 import Blip2Config, Blip2OPT, Blip2T5, init_fns
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.vit import VisionConfig
 from blip2_jax.train import losses, stage1, stage2_init
@@ -138,14 +138,7 @@ def make_task(config, mesh) -> Task:
     llm_dropout = bool(config.model.llm_dropout)
     frozen_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)  # the loop's frozen key
 
-    def init_all(rng):
-        return model.init({"params": rng, "dropout": rng}, *_dummy_inputs(cfg))["params"]
-
-    def init_trainable(rng):
-        return split_frozen(init_all(rng))[0]
-
-    def init_frozen(rng):
-        return split_frozen(init_all(rng))[1]
+    init_trainable, init_frozen = init_fns(model, *_dummy_inputs(cfg))
 
     def random_frozen():
         """The loop's random frozen tree (for a tower that has no checkpoint), on its shardings."""
