@@ -1,4 +1,6 @@
 """Parity of the ViT, the Q-Former and the stage-1 heads with HF Blip2ForImageTextRetrieval (float32)."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,20 @@ def test_position_embedding_interpolation_matches_hf(retrieval):
         ref = hf.vision_model(pixel_values=torch_pixels(pixels), interpolate_pos_encoding=True).last_hidden_state
     ours = model.apply({"params": params}, pixels, method=lambda m, x: m.image_embeds(m.vit_features(x)))
     assert_close(ours, ref.numpy())
+
+
+def test_sharded_and_bfloat16_safetensors_load_like_the_single_file(retrieval, tmp_path):
+    hf, path, _, _, _ = retrieval
+    _, want = blip2_jax.from_pretrained(path)
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="50KB")
+    shards = [f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]
+    assert "model.safetensors.index.json" in os.listdir(tmp_path / "sharded") and len(shards) > 1
+    _, got = blip2_jax.from_pretrained(str(tmp_path / "sharded"))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+    # A bfloat16 file: the reader decodes BF16 itself (no torch); values are the bf16 roundings.
+    import copy
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+    _, got16 = blip2_jax.from_pretrained(str(tmp_path / "bf16"))
+    got16.pop("temp"), want.pop("temp")  # not in HF files: our float32 init either way
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+        np.asarray(a), np.asarray(jnp.asarray(b).astype(jnp.bfloat16).astype(jnp.float32))), got16, want)
