@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax.models.blip2 import Blip2OPT, Blip2T5
+from blip2_jax.models.layers import take_batch_rows
 
 NEG = -1.0e9  # HF's "impossible" score in beam search (added, not assigned, so it stays float32-exact)
 
@@ -252,7 +253,7 @@ def _beam_search(st: _Static, knobs, logits, cache, step, seen, rng):
 
         # g. the running rows' caches and seen-sets follow their source beams.
         rows = (run_src + jnp.arange(b)[:, None] * k).reshape(-1)
-        cache = _batch_map(lambda x: jnp.take(x, rows, axis=0), cache)
+        cache = take_batch_rows(cache, rows)  # the LLM modules' reorder_cache
         if st.use_repetition_penalty:
             seen = _mark_seen(jnp.take(seen, rows, axis=0), run_seq[:, :, t].reshape(-1))
         best_running = run_scores[:, :1] / denoms[t]

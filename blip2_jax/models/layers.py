@@ -189,6 +189,11 @@ def causal_mask(length: int) -> jax.Array:
     return jnp.tril(jnp.ones((length, length), dtype=bool))
 
 
+def take_batch_rows(tree, indices: jax.Array):
+    """Rows `indices` of every array with a batch axis (axis 0); scalars stay (beam-search cache reorder)."""
+    return jax.tree.map(lambda x: jnp.take(x, indices, axis=0) if x.ndim > 0 else x, tree)
+
+
 def logically_constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
     """Activation sharding hint by logical names; a no-op outside a mesh/rules context."""
     return nn.with_logical_constraint(x, tuple(axes))

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from blip2_jax.models.layers import (Dense, Embed, LayerNorm, activation, dot_product_attention,
-                                     mask_to_bias, merge_heads, split_heads)
+                                     mask_to_bias, merge_heads, split_heads, take_batch_rows)
 
 Dtype = Any
 Cache = dict
@@ -137,8 +137,8 @@ def init_cache(config: OPTConfig, batch: int, max_len: int, dtype: Dtype = None)
 
 
 def reorder_cache(cache: Cache, indices: jax.Array) -> Cache:
-    """Select rows of the batch (beam search): every array with a batch axis is `take`n along axis 0."""
-    return jax.tree.map(lambda x: jnp.take(x, indices, axis=0) if x.ndim > 0 else x, cache)
+    """Select rows of the batch (beam search)."""
+    return take_batch_rows(cache, indices)
 
 
 def _norm(cfg: OPTConfig, name: str):

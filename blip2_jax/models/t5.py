@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax.models.layers import (Dense, Embed, RMSNorm, activation, dot_product_attention, mask_to_bias,
-                                     merge_heads, split_heads)
+                                     merge_heads, split_heads, take_batch_rows)
 
 Dtype = Any
 Cache = dict
@@ -190,8 +190,8 @@ def init_cache(config: T5Config, batch: int, max_len: int, dtype: Dtype = None) 
 
 
 def reorder_cache(cache: Cache, indices: jax.Array) -> Cache:
-    """Select rows of the batch (beam search): every array with a batch axis is `take`n along axis 0."""
-    return jax.tree.map(lambda x: jnp.take(x, indices, axis=0) if x.ndim > 0 else x, cache)
+    """Select rows of the batch (beam search)."""
+    return take_batch_rows(cache, indices)
 
 
 class T5Attention(nn.Module):
