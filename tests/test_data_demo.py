@@ -4,6 +4,7 @@ import io
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from blip2_jax.data import photos, records, shapes
@@ -43,6 +44,35 @@ def test_shapes_is_deterministic_distinct_and_faithful(tmp_path):
             checked += 1
         assert r.captions[1].endswith(" ".join(words[:4][1:]))  # mirrored wording of the scene
     assert checked > 100
+
+
+def test_shapes_subset_draws_only_those_shapes_and_if_changed_regenerates_only_on_new_arguments(tmp_path):
+    out = str(tmp_path / "squares")
+    args = ["--out", out, "--num_train", "12", "--num_heldout", "30", "--size", "48", "--train_shards", "1",
+            "--shapes", "square"]
+    shapes.main(args)
+    assert len(shapes.all_combinations(["square"])) == 12 * 2 * 11  # 2 sizes x 6 colours, 2 relations
+    held = records.read_shard(os.path.join(out, records.shard_name("heldout", 0, 1)))
+    assert len({r.captions[0] for r in held}) == 30
+    for r in held:
+        words = r.captions[0].split()
+        assert words[3] == words[-1] == "square", r.captions[0]
+        arr = np.asarray(Image.open(io.BytesIO(r.image)).convert("RGB"))
+        for colour in {words[2], words[-2]}:  # a square fills its bounding box exactly
+            ys, xs = np.nonzero((arr == np.array(shapes.COLORS[colour], np.uint8)).all(-1))
+            box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+            assert len(ys) == box or words[2] == words[-2], (r.captions[0], len(ys), box)
+    assert shapes.read_manifest(out)["shapes"] == ["square"]
+
+    shard = os.path.join(out, records.shard_name("train", 0, 1))
+    before = os.stat(shard).st_mtime_ns
+    shapes.main(args + ["--if_changed"])  # same arguments: nothing rewritten
+    assert os.stat(shard).st_mtime_ns == before
+    shapes.main(args[:-1] + ["square,circle", "--if_changed"])  # new arguments: regenerated
+    assert shapes.read_manifest(out)["shapes"] == ["circle", "square"]
+    assert os.stat(shard).st_mtime_ns != before
+    with pytest.raises(ValueError, match="hexagon"):
+        shapes.main(args[:-1] + ["hexagon"])
 
 
 def test_photos_dataset(tmp_path):

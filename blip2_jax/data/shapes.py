@@ -8,6 +8,12 @@ two stand in a spatial relation. Every image has two captions describing the sam
 side, e.g. "a small red circle left of a large blue square" and "a large blue square right of a
 small red circle". Learning them requires binding colour, shape and size to position.
 
+`--shapes` draws a subset of the shapes. The README's demo uses `--shapes square` (264 combinations,
+colour, size and position left to read): what a random frozen ViT with a 4-layer Q-Former tells
+apart in a few CPU minutes. Shape is the attribute it cannot: a supervised probe (ViT -> Q-Former ->
+linear heads, 600 steps) reads size 0.93, colour 0.99 and relation 0.87 on held-out scenes but circle
+vs square at chance (0.52): shape needs a pretrained image encoder, or training far beyond this budget.
+
 Splits (same ArrayRecord format as `blip2_jax.data.build`, prefixes `train` and `heldout`):
 - `heldout`: `num_heldout` scenes with pairwise different (object, relation, object) combinations,
   written canonically with "left of"/"above" (the second caption uses "right of"/"below"), so every
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import json
 import os
 from collections.abc import Sequence
 
@@ -41,7 +48,6 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.11, "large": 0.19}  # half-extent as a fraction of the canvas side
 RELATIONS = {"left of": "right of", "above": "below"}
 BACKGROUND = (235, 235, 235)
-OBJECTS = tuple(itertools.product(SIZES, COLORS, SHAPES))
 
 
 def object_text(obj) -> str:
@@ -55,8 +61,17 @@ def captions_for(a, relation: str, b) -> tuple[str, str]:
             f"{object_text(b)} {RELATIONS[relation]} {object_text(a)}")
 
 
-def all_combinations() -> list[tuple]:
-    return [(a, rel, b) for a in OBJECTS for rel in RELATIONS for b in OBJECTS if a != b]
+def objects(shapes: Sequence[str] = SHAPES) -> list[tuple]:
+    """Every (size, colour, shape) object drawn from `shapes` (a subset of SHAPES)."""
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown or not shapes:
+        raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {tuple(shapes)}")
+    return list(itertools.product(SIZES, COLORS, [s for s in SHAPES if s in shapes]))
+
+
+def all_combinations(shapes: Sequence[str] = SHAPES) -> list[tuple]:
+    objs = objects(shapes)
+    return [(a, rel, b) for a in objs for rel in RELATIONS for b in objs if a != b]
 
 
 def _draw(draw: ImageDraw.ImageDraw, obj, cx: float, cy: float, canvas: int):
@@ -106,19 +121,20 @@ def _png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def heldout_combinations(num: int, seed: int) -> list[tuple]:
-    combos = all_combinations()
+def heldout_combinations(num: int, seed: int, shapes: Sequence[str] = SHAPES) -> list[tuple]:
+    combos = all_combinations(shapes)
     if num > len(combos):
         raise ValueError(f"num_heldout={num} exceeds the {len(combos)} distinct combinations")
     pick = np.random.default_rng([seed, 0]).permutation(len(combos))[:num]
     return [combos[i] for i in pick]
 
 
-def make_split(split: str, num: int, seed: int, canvas: int) -> list[records.ImageText]:
-    """Records of one split; deterministic in (split, num, seed, canvas)."""
+def make_split(split: str, num: int, seed: int, canvas: int,
+               shapes: Sequence[str] = SHAPES) -> list[records.ImageText]:
+    """Records of one split; deterministic in (split, num, seed, canvas, shapes)."""
     split_id = {"train": 1, "heldout": 2}[split]
-    combos = all_combinations()
-    chosen = heldout_combinations(num, seed) if split == "heldout" else None
+    combos = all_combinations(shapes)
+    chosen = heldout_combinations(num, seed, shapes) if split == "heldout" else None
     out = []
     for i in range(num):
         rng = np.random.default_rng([seed, split_id, i])
@@ -133,12 +149,13 @@ def make_split(split: str, num: int, seed: int, canvas: int) -> list[records.Ima
 
 
 def generate(out_dir: str, *, num_train: int = 10000, num_heldout: int = 200, size: int = 64,
-             seed: int = 0, train_shards: int = 4) -> dict[str, list[str]]:
-    """Writes `train-*` and `heldout-*` shards to out_dir; returns the shard paths per split."""
+             seed: int = 0, train_shards: int = 4, shapes: Sequence[str] = SHAPES) -> dict[str, list[str]]:
+    """Writes `train-*` and `heldout-*` shards to out_dir, and `MANIFEST` (the arguments, so a
+    caller can tell whether a directory holds what it asks for); returns the shard paths per split."""
     os.makedirs(out_dir, exist_ok=True)
     written = {}
     for split, num, shards in (("train", num_train, train_shards), ("heldout", num_heldout, 1)):
-        recs = make_split(split, num, seed, size)
+        recs = make_split(split, num, seed, size, shapes)
         bounds = [round(k * len(recs) / shards) for k in range(shards + 1)]
         paths = []
         for k in range(shards):
@@ -146,7 +163,27 @@ def generate(out_dir: str, *, num_train: int = 10000, num_heldout: int = 200, si
             records.write_shard(path, recs[bounds[k]:bounds[k + 1]])
             paths.append(path)
         written[split] = paths
+    with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest(num_train, num_heldout, size, seed, train_shards, shapes), f, indent=1)
     return written
+
+
+MANIFEST = "shapes.json"
+
+
+def manifest(num_train, num_heldout, size, seed, train_shards, shapes) -> dict:
+    """What `generate` wrote, as stored in `<out_dir>/shapes.json`."""
+    return {"num_train": num_train, "num_heldout": num_heldout, "size": size, "seed": seed,
+            "train_shards": train_shards, "shapes": [s for s in SHAPES if s in shapes]}
+
+
+def read_manifest(out_dir: str) -> dict | None:
+    """The manifest of a generated directory, or None when there is none (or it is unreadable)."""
+    try:
+        with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -178,9 +215,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=64, help="canvas side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train_shards", type=int, default=4)
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"comma-separated subset of {','.join(SHAPES)} to draw (default: all)")
+    p.add_argument("--if_changed", action="store_true",
+                   help="do nothing when --out already holds data generated with these arguments")
     a = p.parse_args(argv)
+    shape_list = a.shapes.split(",")
+    objects(shape_list)  # a bad --shapes fails here, before anything is written
+    wanted = manifest(a.num_train, a.num_heldout, a.size, a.seed, a.train_shards, shape_list)
+    if a.if_changed and read_manifest(a.out) == wanted:
+        print(f"{a.out} already holds the shapes data for these arguments")
+        return
     written = generate(a.out, num_train=a.num_train, num_heldout=a.num_heldout, size=a.size,
-                       seed=a.seed, train_shards=a.train_shards)
+                       seed=a.seed, train_shards=a.train_shards, shapes=shape_list)
     for split, paths in written.items():
         print(f"{split}: {len(paths)} shard(s) in {a.out}")
     print(f"stage-1 tokenizer: {write_bert_vocab(os.path.join(a.out, 'tokenizer'))}")
