@@ -132,3 +132,45 @@ def test_frozen_vit_is_untouched_and_not_in_the_trainable_state(shapes_dir, tmp_
     out = loop.train(cfg, task, stage1.make_data(cfg), str(tmp_path), mesh=mesh)
     assert out["step"] == 2
     jax.tree.map(np.testing.assert_array_equal, seen["frozen"], given["frozen"])
+
+
+def test_train_vision_trains_the_vit_and_a_later_run_loads_it_frozen_from_the_workdir(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, total_steps=2, checkpoint_every=2)
+    cfg.model.train_vision = True  # LAVIS's freeze_vit=False
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    task = stage1.make_task(cfg, mesh)
+    assert "vision" in jax.eval_shape(task.init_trainable, jax.random.PRNGKey(0))
+    assert jax.eval_shape(task.init_frozen, jax.random.PRNGKey(0)) == {} and task.load_frozen is None
+    first = {}
+
+    def keep_first(tr, fr, step):
+        first.setdefault("vision", jax.tree.map(np.asarray, tr["vision"]))
+        return {}
+
+    import dataclasses
+    start = jax.tree.map(np.asarray, sharding.unbox(task.init_trainable(
+        jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0)))["vision"])
+    loop.train(cfg, dataclasses.replace(task, evaluate=keep_first), stage1.make_data(cfg), str(tmp_path / "vit"),
+               mesh=mesh)
+    trained = first["vision"]  # after the 2 steps (evaluate runs at the end)
+    # Every ViT tensor moved from its initial value, by two AdamW steps' worth (<= ~2 x peak LR 1e-3).
+    change = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(trained))]
+    assert all(0 < c < 5e-3 for c in change), change
+
+    with pytest.raises(ValueError, match="vision_checkpoint"):
+        bad = tiny_config(shapes_dir)
+        bad.model.train_vision, bad.init.vision_checkpoint = True, str(tmp_path / "vit")
+        stage1.make_task(bad, mesh)
+
+    frozen_cfg = tiny_config(shapes_dir, total_steps=1)
+    frozen_cfg.init.vision_checkpoint = str(tmp_path / "vit")
+    seen = {}
+    task2 = stage1.make_task(frozen_cfg, mesh)
+    task2 = dataclasses.replace(task2, evaluate=lambda tr, fr, s: seen.update(fr=fr) or {})
+    loop.train(frozen_cfg, task2, stage1.make_data(frozen_cfg), str(tmp_path / "frozen"), mesh=mesh)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, seen["fr"]["vision"]), trained)
+
+    no_vit = tiny_config(shapes_dir)
+    no_vit.init.vision_checkpoint = str(tmp_path / "frozen")  # its checkpoint trained no ViT
+    with pytest.raises(ValueError, match="holds no trained ViT"):
+        stage1.make_task(no_vit, mesh).load_frozen(None)

@@ -241,17 +241,19 @@ def build_model(config: Blip2Config) -> nn.Module:
     raise ValueError(f"Blip2Config.text must be an OPTConfig or T5Config, got {kind}")
 
 
-def init_fns(model: nn.Module, *inputs):
+def init_fns(model: nn.Module, *inputs, frozen_keys: tuple[str, ...] = FROZEN_KEYS):
     """`(init_trainable, init_frozen)`: the two halves of `model.init(rng, *inputs)` (see `split_frozen`),
     each a pure `rng -> params` that the train loop runs under `eval_shape` and `jit`."""
     def init_all(rng):
         return model.init({"params": rng, "dropout": rng}, *inputs)["params"]
 
-    return (lambda rng: split_frozen(init_all(rng))[0]), (lambda rng: split_frozen(init_all(rng))[1])
+    return (lambda rng: split_frozen(init_all(rng), frozen_keys)[0]), \
+        (lambda rng: split_frozen(init_all(rng), frozen_keys)[1])
 
 
-def split_frozen(params: dict) -> tuple[dict, dict]:
-    """`(trainable, frozen)` by top-level key (`vision`, `language_model` are frozen)."""
-    frozen = {k: v for k, v in params.items() if k in FROZEN_KEYS}
-    trainable = {k: v for k, v in params.items() if k not in FROZEN_KEYS}
+def split_frozen(params: dict, frozen_keys: tuple[str, ...] = FROZEN_KEYS) -> tuple[dict, dict]:
+    """`(trainable, frozen)` by top-level key (`vision`, `language_model` are frozen; a task that trains
+    a tower, e.g. the demo's ViT pretraining, passes the keys it keeps frozen)."""
+    frozen = {k: v for k, v in params.items() if k in frozen_keys}
+    trainable = {k: v for k, v in params.items() if k not in frozen_keys}
     return trainable, frozen

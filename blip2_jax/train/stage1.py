@@ -55,8 +55,10 @@ def _dummy_inputs(cfg: Blip2Config, batch: int = 1, text_len: int = 8):
 
 
 # -- loss ---------------------------------------------------------------------------------------
-def stage1_losses(model: Blip2Stage1, params, batch, rng, *, train: bool, dec_token_id: int, loss_cfg):
-    """`(total, metrics)` of ITC + ITM + ITG on one (global) batch. See the reference for each part."""
+def stage1_losses(model: Blip2Stage1, params, batch, rng, *, train: bool, dec_token_id: int, loss_cfg,
+                  train_vision: bool = False):
+    """`(total, metrics)` of ITC + ITM + ITG on one (global) batch. See the reference for each part.
+    `train_vision`: the gradient also reaches the ViT (the demo's ViT pretraining, not BLIP-2)."""
     deterministic = not train
     rng_itm, rng_dropout = jax.random.split(rng)
     rngs = {"dropout": rng_dropout}
@@ -64,7 +66,8 @@ def stage1_losses(model: Blip2Stage1, params, batch, rng, *, train: bool, dec_to
     image_ids = batch["image_id"] if loss_cfg.itm_exclude_same_image else None
 
     vit = model.apply({"params": params}, batch["image"], method="vit_features")
-    vit = jax.lax.stop_gradient(vit)  # frozen: no gradient ever reaches (or is computed for) the ViT
+    if not train_vision:
+        vit = jax.lax.stop_gradient(vit)  # frozen: no gradient ever reaches (or is computed for) the ViT
 
     def forward(m: Blip2Stage1):
         image_embeds = m.image_embeds(vit)
@@ -100,15 +103,20 @@ def make_task(config, mesh) -> Task:
     dec_token_id = tok.bos_token_id
     loss_cfg = config.loss
 
-    init_trainable, init_frozen = init_fns(model, *_dummy_inputs(cfg))
+    train_vision = bool(config.model.train_vision)
+    if train_vision and config.init.vision_checkpoint:
+        raise ValueError("config.model.train_vision trains a fresh ViT; config.init.vision_checkpoint "
+                         f"({config.init.vision_checkpoint!r}) must be empty with it")
+    init_trainable, init_frozen = init_fns(model, *_dummy_inputs(cfg),
+                                           frozen_keys=() if train_vision else ("vision",))
 
     def loss_fn(trainable, frozen, batch, rng, train):
         return stage1_losses(model, {**trainable, **frozen}, batch, rng, train=train,
-                             dec_token_id=dec_token_id, loss_cfg=loss_cfg)
+                             dec_token_id=dec_token_id, loss_cfg=loss_cfg, train_vision=train_vision)
 
     return Task(
         init_trainable=init_trainable, loss_fn=loss_fn, init_frozen=init_frozen,
-        load_frozen=stage1_init.frozen_loader(config, cfg),
+        load_frozen=None if train_vision else stage1_init.frozen_loader(config, cfg),
         load_trainable=stage1_init.trainable_loader(config, cfg),
         evaluate=make_retrieval_eval(config, model, tok, mesh) if config.eval.source.path else None,
         flops_per_example=flops_per_example(cfg, config.data.max_text_len), name="stage1")
@@ -212,6 +220,10 @@ def model_section(**overrides) -> ml_collections.ConfigDict:
     m.temperature_init = 0.07
     m.frozen_dtype = "bfloat16"  # storage + compute dtype of the frozen ViT
     m.remat = False            # rematerialise Q-Former layers in the backward pass
+    # Train the ViT too (it joins the trainable tree and the optimizer). Not BLIP-2: the demo uses it
+    # to pretrain its tiny ViT (configs/stage1.py:demo_vit), the stand-in for EVA-CLIP, which the
+    # stage-1 and stage-2 demos then load frozen (`init.vision_checkpoint` = that workdir).
+    m.train_vision = False
     m.update(overrides)
     return m
 
@@ -234,7 +246,9 @@ def loss_section() -> ml_collections.ConfigDict:
 
 def init_section() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.vision_checkpoint = ""   # HF BLIP-2 dir (EVA ViT-g) or HF CLIPVisionModel dir; "" = random frozen ViT
+    # HF BLIP-2 dir (EVA ViT-g), HF CLIPVisionModel dir, or a workdir of this project whose checkpoint
+    # trained the ViT (model.train_vision: the demo's ViT pretraining); "" = random frozen ViT
+    c.vision_checkpoint = ""
     c.qformer_checkpoint = ""  # bert-base-uncased style dir for the Q-Former (LAVIS init)
     c.stage1_checkpoint = ""   # whole stage-1 model: HF Blip2ForImageTextRetrieval dir or converted LAVIS dir
     return c

@@ -45,7 +45,16 @@ def _read_config(path: str) -> dict:
 
 
 def load_vision(path: str, cfg: Blip2Config) -> dict:
-    """`{"vision": ...}` as numpy from a BLIP-2 or CLIP directory."""
+    """`{"vision": ...}` as numpy from a BLIP-2 or CLIP directory, or from a workdir of this project
+    whose newest checkpoint trained the ViT (`model.train_vision`)."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        from blip2_jax.train.stage2_init import latest_params
+        step, params = latest_params(path)
+        if "vision" not in params:
+            raise ValueError(f"{path}: its checkpoint (step {step}) holds no trained ViT (`vision`); "
+                             "init.vision_checkpoint takes a workdir of a run with model.train_vision=True")
+        log.info("ViT from %s, step %d", path, step)
+        return {"vision": params["vision"]}
     hf = _read_config(path)
     if hf.get("model_type") in ("clip_vision_model", "clip") or cfg.vision.style == "clip":
         from blip2_jax.convert import clip
