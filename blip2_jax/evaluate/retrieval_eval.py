@@ -1,0 +1,93 @@
+"""Retrieval scores of a stage-1 model (`Blip2Stage1`) over an eval split, as LAVIS `compute_sim_matrix`.
+
+ITC similarities of every image with every text (max over queries of the cosine, no temperature),
+then, with `k_test > 0`, LAVIS's ITM re-ranking of each row's top k_test candidates
+(`blip2_jax.evaluate.retrieval.rerank_with_itm`). Shared by `blip2_jax.evaluate.run` and usable by
+`blip2_jax.train.stage1.make_retrieval_eval` (same computation).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip2_jax.data import text as data_text
+from blip2_jax.evaluate import retrieval
+
+
+def caption_texts(captions: Sequence[Sequence[str]], max_words: int):
+    """Cleaned texts of every image's captions, with LAVIS's `txt2img` and `img2txt` index maps."""
+    texts, txt2img, img2txt = [], [], []
+    for img, caps in enumerate(captions):
+        img2txt.append(list(range(len(texts), len(texts) + len(caps))))
+        for c in caps:
+            texts.append(data_text.clean_caption(c, max_words))
+            txt2img.append(img)
+    return texts, np.asarray(txt2img, np.int64), img2txt
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`[CLS] text [SEP]` padded to `max_len` (LAVIS: padding="max_length", max_length=35)."""
+    enc = data_text.Stage1Text(tokenizer, max_len)
+    rows = [enc(t) for t in texts]
+    return (np.stack([r["input_ids"] for r in rows]), np.stack([r["attention_mask"] for r in rows]))
+
+
+class RetrievalScorer:
+    """Jitted feature, similarity and ITM functions of one stage-1 model."""
+
+    def __init__(self, model):
+        self.model = model
+
+        def image_fn(params, pixels):
+            def f(m):
+                embeds = m.image_embeds(m.vit_features(pixels))
+                return m.image_features(embeds)[0], embeds
+            return model.apply({"params": params}, method=f)
+
+        self.image_fn = jax.jit(image_fn)
+        self.text_fn = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask, method="text_features"))
+        self.itm_fn = jax.jit(lambda p, e, ids, mask: model.apply({"params": p}, e, ids, mask,
+                                                                  method="itm_logits")[:, 1])
+
+    def image_features(self, params, batches: Iterable[Mapping[str, np.ndarray]]):
+        """`(ITC features [N, Q, E], image embeds [N, P, D], image ids [N])` of the valid rows."""
+        feats, embeds, ids = [], [], []
+        for b in batches:
+            f, e = self.image_fn(params, jnp.asarray(b["image"]))
+            valid = np.asarray(b["valid"], bool)
+            feats.append(np.asarray(f)[valid])
+            embeds.append(np.asarray(e)[valid])
+            ids.append(np.asarray(b["image_id"])[valid])
+        return np.concatenate(feats), np.concatenate(embeds), np.concatenate(ids)
+
+    def text_features(self, params, ids: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
+        return np.concatenate([np.asarray(self.text_fn(params, ids[i:i + batch_size], mask[i:i + batch_size]))
+                               for i in range(0, len(ids), batch_size)])
+
+    def scores(self, params, image_feats, image_embeds, ids, mask, *, k_test: int, batch_size: int):
+        """`(score_i2t [N_img, N_txt], score_t2i [N_txt, N_img])`: ITC, ITM-re-ranked when k_test > 0."""
+        text_feats = self.text_features(params, ids, mask, batch_size)
+        sims = np.einsum("iqe,te->itq", image_feats, text_feats).max(-1)
+        if k_test <= 0:
+            return sims, sims.T
+
+        def itm_score(img_idx, txt_idx):
+            out = []
+            for s in range(0, len(img_idx), batch_size):  # fixed-size calls: one compilation
+                i, t = img_idx[s:s + batch_size], txt_idx[s:s + batch_size]
+                n = len(i)
+                pad = batch_size - n
+                i, t = np.pad(i, (0, pad)), np.pad(t, (0, pad))
+                out.append(np.asarray(self.itm_fn(params, image_embeds[i], ids[t], mask[t]))[:n])
+            return np.concatenate(out)
+
+        k = max(1, min(k_test, max(sims.shape)))  # candidates per row (clipped per direction inside)
+        return retrieval.rerank_with_itm(sims, itm_score, k_test, rows_per_call=max(1, batch_size // k))
+
+
+def select(captions: Sequence[Sequence[str]], image_ids: np.ndarray) -> list[list[str]]:
+    """The captions of the images kept (`image_ids`: record indices), in that order."""
+    return [list(captions[int(i)]) for i in image_ids]
