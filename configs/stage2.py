@@ -93,9 +93,9 @@ def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
     c.model.frozen_dtype = "float32"
     c.model.llm_remat = False
     c.model.llm_dropout = False  # the tiny LLM is fitted to the captions; its dropout only adds noise here
-    c.train.total_steps = 600
-    c.train.log_every = 50
-    c.train.checkpoint_every = 200
+    c.train.total_steps = 1600
+    c.train.log_every = 100
+    c.train.checkpoint_every = 400
     c.optimizer.peak_lr = 1e-3
     c.optimizer.min_lr = 1e-4
     c.optimizer.warmup_lr = 1e-5
@@ -105,6 +105,11 @@ def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
     c.data.max_text_len = 24
     c.data.min_scale = 0.9
     c.data.hflip = False  # captions say "left of" / "right of": a flip would contradict them
+    # The canonical caption ("left of" / "above"): the first object named is the left (top) one, so the
+    # relation says which axis the scene lies along. With both phrasings the relation also depends on
+    # which object the LLM chose to name first, which this tiny model does not learn in the budget
+    # (held-out caption_exact 0.23 after 600 steps, against 0.47 with the canonical caption).
+    c.data.caption_index = 0
     c.data.num_workers = 0
     c.data.read_threads = 2
     c.data.text_mode = "opt" if llm == "opt" else "t5_prompt"

@@ -51,6 +51,7 @@ def get_config(arg: str = "demo_opt") -> ml_collections.ConfigDict:
     c.data.prompt = PROMPTS[llm]
     c.data.max_text_len = 24  # room for the context: 7 words "\n" + </s> prompt caption "\n" (23 tokens)
     c.data.tokenizer_path = f"{DEMO_DATA}/tokenizer_{llm}"
+    c.data.caption_index = 0  # the canonical caption, as the stage-2 demo (configs/stage2.py)
 
     c.train.batch_size = 64
     c.train.total_steps = 400

@@ -157,10 +157,13 @@ def test_train_vision_trains_the_vit_and_a_later_run_loads_it_frozen_from_the_wo
     change = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(trained))]
     assert all(0 < c < 5e-3 for c in change), change
 
-    with pytest.raises(ValueError, match="vision_checkpoint"):
-        bad = tiny_config(shapes_dir)
-        bad.model.train_vision, bad.init.vision_checkpoint = True, str(tmp_path / "vit")
-        stage1.make_task(bad, mesh)
+    # Fine-tuning it further: the trainable ViT starts from that workdir's.
+    again = tiny_config(shapes_dir)
+    again.model.train_vision, again.init.vision_checkpoint = True, str(tmp_path / "vit")
+    with jax.set_mesh(mesh):
+        fresh = sharding.unbox(stage1.make_task(again, mesh).init_trainable(jax.random.PRNGKey(3)))
+        loaded = stage1.make_task(again, mesh).load_trainable(fresh)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded["vision"]), trained)
 
     frozen_cfg = tiny_config(shapes_dir, total_steps=1)
     frozen_cfg.init.vision_checkpoint = str(tmp_path / "vit")

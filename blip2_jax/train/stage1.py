@@ -104,9 +104,6 @@ def make_task(config, mesh) -> Task:
     loss_cfg = config.loss
 
     train_vision = bool(config.model.train_vision)
-    if train_vision and config.init.vision_checkpoint:
-        raise ValueError("config.model.train_vision trains a fresh ViT; config.init.vision_checkpoint "
-                         f"({config.init.vision_checkpoint!r}) must be empty with it")
     init_trainable, init_frozen = init_fns(model, *_dummy_inputs(cfg),
                                            frozen_keys=() if train_vision else ("vision",))
 
@@ -220,9 +217,9 @@ def model_section(**overrides) -> ml_collections.ConfigDict:
     m.temperature_init = 0.07
     m.frozen_dtype = "bfloat16"  # storage + compute dtype of the frozen ViT
     m.remat = False            # rematerialise Q-Former layers in the backward pass
-    # Train the ViT too (it joins the trainable tree and the optimizer). Not BLIP-2: the demo uses it
-    # to pretrain its tiny ViT (configs/stage1.py:demo_vit), the stand-in for EVA-CLIP, which the
-    # stage-1 and stage-2 demos then load frozen (`init.vision_checkpoint` = that workdir).
+    # Train the ViT too (LAVIS `freeze_vit: False`, as its retrieval fine-tuning does): it joins the
+    # trainable tree, the optimizer state and the checkpoint, starting from init.vision_checkpoint
+    # (or a random init). A later run reads such a workdir as its init.vision_checkpoint.
     m.train_vision = False
     m.update(overrides)
     return m

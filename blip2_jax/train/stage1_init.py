@@ -1,7 +1,8 @@
 """Pretrained initialisation for stage 1, from `config.init` paths.
 
-- `vision_checkpoint`: the frozen ViT from an HF BLIP-2 directory (EVA ViT-g) or an HF
-  `CLIPVisionModel` directory (CLIP ViT-L, `config.model.vision.style = "clip"`).
+- `vision_checkpoint`: the frozen ViT from an HF BLIP-2 directory (EVA ViT-g), an HF
+  `CLIPVisionModel` directory (CLIP ViT-L, `config.model.vision.style = "clip"`), or a workdir of this
+  project whose checkpoint trained the ViT; with `model.train_vision` it initialises the trained ViT.
 - `stage1_checkpoint`: a whole stage-1 model from an HF `Blip2ForImageTextRetrieval` directory or a
   converted LAVIS directory; `qformer_checkpoint`: the Q-Former from a `bert-base-uncased` directory.
 What a checkpoint lacks keeps its fresh initialisation, and the log lists it.
@@ -98,9 +99,11 @@ def _stage1_from_dir(path: str, cfg: Blip2Config) -> dict:
 
 def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
     """`fresh trainable tree -> tree with the checkpoints' leaves in` (BERT first, then a whole stage-1
-    model on top), or None when `config.init` names neither."""
+    model on top, then the ViT when it trains: `model.train_vision`), or None when `config.init`
+    names none of them."""
     stage1, bert = config.init.stage1_checkpoint, config.init.qformer_checkpoint
-    if not stage1 and not bert:
+    vision = config.init.vision_checkpoint if config.model.get("train_vision") else ""
+    if not stage1 and not bert and not vision:
         return None
 
     def load(fresh: dict) -> dict:
@@ -115,6 +118,9 @@ def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
         if stage1:
             loaded.update(flatten(_stage1_from_dir(stage1, cfg)))
             log.info("stage-1 model initialised from %s", stage1)
+        if vision:
+            loaded.update(flatten(load_vision(vision, cfg)))
+            log.info("trainable ViT initialised from %s", vision)
         fresh_flat = flatten(fresh)
         unknown = sorted(".".join(p) for p in loaded if p not in fresh_flat)
         if unknown:
