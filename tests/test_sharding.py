@@ -88,3 +88,30 @@ def test_make_global_batch_shards_rows_and_keeps_values():
     rows = sorted({tuple(s.index[0].indices(8)) for s in batch["image"].addressable_shards})
     assert rows == [(0, 2, 1), (2, 4, 1), (4, 6, 1), (6, 8, 1)]
     assert sharding.data_parallel_size(mesh) == 4
+
+
+def test_vit_block_activation_constraints_apply_in_the_loops_mesh_context():
+    """The loop traces under `jax.set_mesh` + `nn.logical_axis_rules`: there the ViT blocks' activation
+    constraints are in the program (and shard the batch over data x fsdp); outside they are no-ops."""
+    from blip2_jax.models.vit import VisionConfig, VisionTransformer
+
+    cfg = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=16,
+                       patch_size=8)
+    vit = VisionTransformer(cfg)
+    pixels = jnp.zeros((8, 16, 16, 3))
+    params = sharding.unbox(vit.init(jax.random.PRNGKey(0), pixels, True))
+
+    def apply(x):
+        return vit.apply(params, x, True)
+
+    def constraints():
+        eqns = jax.make_jaxpr(apply)(pixels).jaxpr.eqns
+        return [e for e in eqns if e.primitive.name == "sharding_constraint"]
+
+    assert constraints() == []
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.axis_rules(())):
+        found = constraints()
+        out = jax.jit(apply)(pixels)
+    assert len(found) == cfg.num_layers
+    assert out.sharding.spec[0] == ("data", "fsdp")  # the batch rows are split over data and fsdp
