@@ -328,3 +328,33 @@ def test_stage2_demo_config_from_stage1_workdir_and_text_lm(text_lm_run, tmp_pat
         batch = {k: v for k, v in batch.items() if v.dtype != object}
         loss, metrics = jax.jit(task.loss_fn, static_argnums=4)(loaded, frozen, batch, jax.random.PRNGKey(0), True)
     assert np.isfinite(float(loss)) and float(loss) > 0
+
+
+def test_train_vision_fine_tunes_the_vit_from_its_checkpoint(hf_setup, tmp_path):
+    """LAVIS caption fine-tuning (`freeze_vit: False`): the ViT is trainable (float32, in the optimizer
+    and the checkpoint), starts from init.vision_checkpoint, and gets gradients; the LLM stays frozen."""
+    from blip2_jax.train import stage1_init
+    kind, hf, blip2_dir, llm_dir = hf_setup
+    config = _config(kind, hf, blip2_dir, llm_dir, batch_size=8)
+    config.model.train_vision = True
+    config.train.update(total_steps=2, log_every=1, checkpoint_every=0, async_checkpointing=False)
+    config.optimizer.update(peak_lr=1e-3, warmup_steps=1, warmup_lr=1e-3, min_lr=1e-3)
+    mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+    task = stage2.make_task(config, mesh)
+    trainable, frozen, _ = _init_params(task, config, mesh)
+    assert sorted(frozen) == ["language_model"] and "vision" in trainable
+    want = flatten(stage1_init.load_vision(blip2_dir, stage2.model_config(config)))
+    got = flatten(jax.tree.map(np.asarray, trainable["vision"]))
+    assert set(got) == {p[1:] for p in want}
+    for p, value in want.items():
+        np.testing.assert_array_equal(got[p[1:]], value, err_msg=".".join(p))
+        assert got[p[1:]].dtype == np.float32
+    seen = {}
+    loop.train(config, dataclasses.replace(task, evaluate=lambda tr, fr, s: seen.update(tr=tr, fr=fr) or {}),
+               lambda: _Batches(kind, hf, 8), str(tmp_path), mesh=mesh)
+    after = flatten(jax.tree.map(np.asarray, seen["tr"]["vision"]))
+    assert all(not np.array_equal(after[p], v) for p, v in got.items())
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, seen["fr"]),  # the LLM did not move
+                 jax.tree.map(np.asarray, frozen))
+    _, params = stage2_init.latest_params(str(tmp_path))
+    assert "vision" in params

@@ -77,7 +77,8 @@ def model_config(config) -> Blip2Config:
     if m.llm not in LLMS:
         raise ValueError(f"config.model.llm must be one of {LLMS}, got {m.llm!r}")
     frozen = DTYPES[m.frozen_dtype]
-    vision = VisionConfig(**dict(m.vision.items()), dtype=frozen, param_dtype=frozen)
+    vision_dtype = jnp.float32 if m.train_vision else frozen  # a trained ViT keeps float32 weights
+    vision = VisionConfig(**dict(m.vision.items()), dtype=vision_dtype, param_dtype=vision_dtype)
     qformer = QFormerConfig(**dict(m.qformer.items()), num_query_tokens=m.num_query_tokens,
                             encoder_hidden_size=vision.hidden_size, use_text_input=False, remat=m.remat)
     return Blip2Config(vision=vision, qformer=qformer, text=text_config(config),
@@ -97,12 +98,15 @@ def _dummy_inputs(cfg: Blip2Config, batch: int = 1, text_len: int = 4):
 
 
 # -- loss ---------------------------------------------------------------------------------------
-def stage2_loss(model, params, batch, rng, *, train: bool, llm_dropout: bool = True):
-    """`(loss, metrics)` of the stage-2 LM loss on one (global) batch. `params` = trainable + frozen."""
+def stage2_loss(model, params, batch, rng, *, train: bool, llm_dropout: bool = True,
+                train_vision: bool = False):
+    """`(loss, metrics)` of the stage-2 LM loss on one (global) batch. `params` = trainable + frozen.
+    `train_vision`: the gradient also reaches the ViT (LAVIS fine-tuning with `freeze_vit: False`)."""
     qformer_det = not train
     llm_det = not (train and llm_dropout)
     vit = model.apply({"params": params}, batch["image"], method="vit_features")
-    vit = jax.lax.stop_gradient(vit)  # frozen: no gradient reaches (or is computed for) the ViT
+    if not train_vision:
+        vit = jax.lax.stop_gradient(vit)  # frozen: no gradient reaches (or is computed for) the ViT
     is_opt = isinstance(model, Blip2OPT)
 
     def forward(m):
@@ -138,7 +142,10 @@ def make_task(config, mesh) -> Task:
     llm_dropout = bool(config.model.llm_dropout)
     frozen_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)  # the loop's frozen key
 
-    init_trainable, init_frozen = init_fns(model, *_dummy_inputs(cfg))
+    train_vision = bool(config.model.train_vision)
+    init_trainable, init_frozen = init_fns(
+        model, *_dummy_inputs(cfg),
+        frozen_keys=("language_model",) if train_vision else ("vision", "language_model"))
 
     def random_frozen():
         """The loop's random frozen tree (for a tower that has no checkpoint), on its shardings."""
@@ -148,20 +155,22 @@ def make_task(config, mesh) -> Task:
         return jax.jit(lambda r: sharding_lib.unbox(init_frozen(r)), out_shardings=shardings)(frozen_key)
 
     def loss_fn(trainable, frozen, batch, rng, train):
-        return stage2_loss(model, {**trainable, **frozen}, batch, rng, train=train, llm_dropout=llm_dropout)
+        return stage2_loss(model, {**trainable, **frozen}, batch, rng, train=train, llm_dropout=llm_dropout,
+                           train_vision=train_vision)
 
     return Task(init_trainable=init_trainable, loss_fn=loss_fn, init_frozen=init_frozen,
                 load_frozen=stage2_init.frozen_loader(config, cfg, random_frozen),
                 load_trainable=stage2_init.trainable_loader(config, cfg),
                 evaluate=make_caption_eval(config, model) if _eval_source(config) else None,
-                flops_per_example=flops_per_example(cfg, config.data.max_text_len),
+                flops_per_example=flops_per_example(cfg, config.data.max_text_len, train_vision),
                 name=f"stage2_{config.model.llm}")
 
 
-def flops_per_example(cfg: Blip2Config, text_len: int) -> float:
-    """Approximate training FLOPs per example: ViT forward, Q-Former forward+backward (x3), LLM
-    forward and its backward to the inputs (x3: the activation gradients cost as much as the forward
-    twice over, minus the weight gradients, which are not computed: ~2x forward)."""
+def flops_per_example(cfg: Blip2Config, text_len: int, train_vision: bool = False) -> float:
+    """Approximate training FLOPs per example: ViT forward (x3 with its backward when it trains),
+    Q-Former forward+backward (x3), LLM forward and its backward to the inputs (x3: the activation
+    gradients cost as much as the forward twice over, minus the weight gradients, which are not
+    computed: ~2x forward)."""
     v, q = cfg.vision, cfg.qformer
     n_img = (v.image_size // v.patch_size) ** 2 + 1
     vit = 2 * n_img * v.num_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
@@ -178,7 +187,7 @@ def flops_per_example(cfg: Blip2Config, text_len: int) -> float:
         enc = t.num_layers * (4 * t.d_model * t.inner_dim + 3 * t.d_model * t.d_ff)
         dec = t.num_decoder_layers * (8 * t.d_model * t.inner_dim + 3 * t.d_model * t.d_ff)
         llm = 2 * (nq + text_len) * enc + 2 * text_len * (dec + t.vocab_size * t.d_model)
-    return float(vit + 3 * qformer + 3 * llm)
+    return float((3 if train_vision else 1) * vit + 3 * qformer + 3 * llm)
 
 
 # -- evaluation: greedy captions of a held-out split ---------------------------------------------
@@ -284,6 +293,9 @@ def model_section(llm: str = "opt", **overrides) -> ml_collections.ConfigDict:
     m.num_query_tokens = 32
     m.ln_vision_eps = 1e-5       # LAVIS ln_vision (torch default); HF checkpoints use 1e-6
     m.frozen_dtype = "bfloat16"  # storage + compute dtype of the frozen ViT and LLM
+    # Train the ViT too (LAVIS captioning/VQA fine-tuning, `freeze_vit: False`): it joins the trainable
+    # tree, the optimizer and the checkpoint in float32, from init.vision_checkpoint (or a random init).
+    m.train_vision = False
     m.remat = False              # rematerialise Q-Former layers in the backward pass
     m.llm_remat = False          # rematerialise LLM layers (saves activation memory at scale)
     m.llm_dropout = True         # the frozen LLM's own dropout in training (LAVIS: it stays in train mode)

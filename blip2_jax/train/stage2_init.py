@@ -91,7 +91,9 @@ def frozen_loader(config, cfg: Blip2Config, random_frozen: Callable[[], dict]) -
     def load(abstract: dict) -> dict:
         random = random_frozen() if not (vision_path and llm_path) else {}
         out = {}
-        if vision_path:
+        if "vision" not in abstract:  # the ViT trains (model.train_vision): trainable_loader loads it
+            pass
+        elif vision_path:
             out.update(load_vision(vision_path, cfg, abstract))
             log.info("frozen ViT loaded from %s", vision_path)
         else:
@@ -161,15 +163,23 @@ def read_stage1(path: str, cfg: Blip2Config) -> dict:
 
 
 def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
-    """`Task.load_trainable`: the query path from `init.stage1_checkpoint`; the projection fresh."""
+    """`Task.load_trainable`: the query path from `init.stage1_checkpoint`; the projection fresh; with
+    `model.train_vision`, the ViT from `init.vision_checkpoint`."""
     path = config.init.stage1_checkpoint
-    if not path:
+    vision_path = config.init.vision_checkpoint if config.model.get("train_vision") else ""
+    if not path and not vision_path:
         return None
 
     def load(fresh: dict) -> dict:
-        source = flatten(read_stage1(path, cfg))
+        from blip2_jax.train import stage1_init
+        source = flatten(read_stage1(path, cfg)) if path else {}
         fresh_flat = flatten(fresh)
-        wanted = {p for p in fresh_flat if p[0] in FROM_STAGE1}
+        wanted = {p for p in fresh_flat if p[0] in FROM_STAGE1} if path else set()
+        if vision_path:
+            vision = flatten(stage1_init.load_vision(vision_path, cfg))
+            source.update(vision)
+            wanted |= set(vision)
+            log.info("trainable ViT initialised from %s", vision_path)
         missing = sorted(".".join(p) for p in wanted if p not in source)
         if missing:
             raise ValueError(f"{path}: the stage-1 checkpoint lacks {missing} (different Q-Former sizes?)")
