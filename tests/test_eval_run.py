@@ -19,6 +19,7 @@ from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetriev
 
 import blip2_jax
 from blip2_jax.data import records
+from blip2_jax.data import text as data_text
 from blip2_jax.data.image_ops import CLIP_MEAN, CLIP_STD
 from blip2_jax.data.testing import make_tiny_opt_tokenizer
 from blip2_jax.evaluate import captioning, retrieval, run, vqa_data
@@ -195,7 +196,7 @@ def test_bad_inputs_fail_with_clear_messages(vqa_files, tmp_path):
     bad.write_text(json.dumps({"image": "gone.jpg", "question_id": 1, "question": "q", "answers": ["a"]}) + "\n")
     with pytest.raises(FileNotFoundError, match="gone.jpg"):
         vqa_data.read_questions(str(bad))
-    assert vqa_data.blip_question('What "is" THIS (thing)?!  ') == "what is this thing?"
+    assert data_text.blip_question('What "is" THIS (thing)?!  ') == "what is this thing?"
 
 
 # -- retrieval ---------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 - `clean_caption`: LAVIS `BlipCaptionProcessor.pre_caption` (lowercase, `([.!\\"()*#:;~])` -> space,
   collapse whitespace, strip, at most `max_words` words).
+- `blip_question`: LAVIS `BlipQuestionProcessor.pre_question` (lowercase, the same punctuation
+  deleted, "?" kept, trailing spaces stripped, at most `max_words` words).
 - `Stage1Text`: BERT uncased WordPiece + bos `[DEC]` (id 30522), padding="max_length", truncation,
   max 32, as `Blip2Base.init_tokenizer` + `Blip2Qformer.forward`.
 - `OPTText`: `</s>` (BOS) + prompt + caption + "\\n", right padding to 32, labels = ids with padding
@@ -36,6 +38,16 @@ def clean_caption(caption: str, max_words: int = 50) -> str:
     if len(words) > max_words:
         caption = " ".join(words[:max_words])
     return caption
+
+
+def blip_question(question: str, max_words: int = 50) -> str:
+    """LAVIS `BlipQuestionProcessor.pre_question`: lowercase, delete `.!"()*#:;~` (not "?"), strip
+    trailing spaces, keep at most `max_words` words."""
+    question = _PUNCT.sub("", question.lower()).rstrip(" ")
+    words = question.split(" ")
+    if len(words) > max_words:
+        question = " ".join(words[:max_words])
+    return question
 
 
 def load_tokenizer(path: str):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -83,7 +83,7 @@ def load_model(path: str, *, train_config=None, tokenizer: str = "", frozen_dtyp
 def _load_workdir(workdir: str, config, tokenizer: str) -> Loaded:
     from blip2_jax import sharding as sharding_lib
     from blip2_jax.data import text as data_text
-    from blip2_jax.train import stage2_init
+    from blip2_jax.train import loop, stage2_init
 
     task_name = config.get("task", "")
     if task_name not in ("stage1", "stage2"):
@@ -102,22 +102,6 @@ def _load_workdir(workdir: str, config, tokenizer: str) -> Loaded:
     # The loop's frozen key (loop.train: fold_in(root, 1)): a random frozen tower is the trained-with one.
     frozen_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        frozen = make_frozen(task, frozen_key, mesh, rules)
+        frozen = loop.make_frozen(task, frozen_key, mesh, rules)
     _, trainable = stage2_init.latest_params(workdir)
     return Loaded(model, {**trainable, **frozen}, tok, llm_kind(model))
-
-
-def make_frozen(task, rng, mesh, rules) -> dict:
-    """The frozen tree as `loop.train` builds it (a copy of the loop's private `_make_frozen`)."""
-    from blip2_jax import sharding as sharding_lib
-
-    if task.init_frozen is None:
-        return {}
-    boxed = jax.eval_shape(task.init_frozen, rng)
-    shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
-    frozen: Optional[dict] = None
-    if task.load_frozen is not None:
-        frozen = task.load_frozen(sharding_lib.abstract_with_shardings(boxed, shardings))
-    if frozen is None:
-        frozen = jax.jit(lambda r: sharding_lib.unbox(task.init_frozen(r)), out_shardings=shardings)(rng)
-    return frozen

@@ -159,7 +159,7 @@ def _read_image(path: str):
 
 def answer_questions(config, loaded, questions) -> tuple[dict, list]:
     """`({qid: answer}, skipped question ids)`: answers generated with the formatted prompt."""
-    from blip2_jax.evaluate import vqa_data
+    from blip2_jax.data import text as data_text
 
     processor = make_processor(loaded, config.image_size)
     batch_size = int(config.batch_size)
@@ -170,7 +170,7 @@ def answer_questions(config, loaded, questions) -> tuple[dict, list]:
         pad = batch_size - len(pending)  # fixed batch shape: one compilation
         rows = pending + [pending[0]] * pad
         pixels = processor.preprocess([cache[q.image] for q in rows])
-        prompts = [config.generation.prompt.format(vqa_data.blip_question(q.question)) for q in rows]
+        prompts = [config.generation.prompt.format(data_text.blip_question(q.question)) for q in rows]
         texts = generate_texts(loaded, processor, pixels, prompts, config)
         for q, t in zip(pending, texts):
             answers[q.question_id] = t

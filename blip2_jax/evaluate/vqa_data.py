@@ -1,4 +1,6 @@
-"""VQA questions for evaluation: the JSONL format, LAVIS's question preprocessing, OK-VQA lemmatisation.
+"""VQA questions for evaluation: the JSONL format and OK-VQA lemmatisation.
+
+LAVIS's question preprocessing is `blip2_jax.data.text.blip_question`.
 
 One JSON object per line:
 
@@ -14,10 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from typing import Sequence
-
-_QUESTION_PUNCT = re.compile(r"([.!\"()*#:;~])")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,16 +25,6 @@ class Question:
     question_id: object
     question: str       # raw, as in the file
     answers: tuple
-
-
-def blip_question(question: str, max_words: int = 50) -> str:
-    """LAVIS `BlipQuestionProcessor.pre_question`: lowercase, delete `.!"()*#:;~` (not "?"), strip
-    trailing spaces, keep at most `max_words` words."""
-    question = _QUESTION_PUNCT.sub("", question.lower()).rstrip(" ")
-    words = question.split(" ")
-    if len(words) > max_words:
-        question = " ".join(words[:max_words])
-    return question
 
 
 def read_questions(path: str) -> list[Question]:

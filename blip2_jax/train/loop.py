@@ -261,7 +261,7 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # ---- frozen params: loaded or random, never trained, never checkpointed ----
-        frozen = _make_frozen(task, frozen_key, mesh, rules)
+        frozen = make_frozen(task, frozen_key, mesh, rules)
 
         # ---- optimizer and the train state's shardings (no arrays allocated yet) ----
         tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total)
@@ -301,7 +301,14 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
             ckpt.close()
 
 
-def _make_frozen(task, rng, mesh, rules):
+def make_frozen(task, rng, mesh, rules) -> dict:
+    """The frozen tree of `task`, sharded by `rules` on `mesh` ({} if the task has none).
+
+    `task.load_frozen` (given the abstract, sharded tree) supplies it when it returns a tree;
+    otherwise it is drawn from `task.init_frozen(rng)`. `train` uses it on every (re)start, and
+    `blip2_jax.evaluate.load` to rebuild a workdir's frozen towers; call it inside
+    `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
+    """
     if task.init_frozen is None:
         return {}
     boxed = jax.eval_shape(task.init_frozen, rng)
@@ -313,6 +320,9 @@ def _make_frozen(task, rng, mesh, rules):
         frozen = jax.jit(lambda r: sharding_lib.unbox(task.init_frozen(r)),
                          out_shardings=shardings)(rng)
     return frozen
+
+
+_make_frozen = make_frozen  # the old private name; tests/test_loop.py still calls it
 
 
 def _fresh_state(task, tx, init_key, train_key, mesh, rules, state_shardings):

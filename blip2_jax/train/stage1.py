@@ -11,11 +11,10 @@ import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import text as data_text
-from blip2_jax.evaluate import retrieval
+from blip2_jax.evaluate import retrieval, retrieval_eval
 from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, init_fns
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.vit import VisionConfig
@@ -136,58 +135,33 @@ def flops_per_example(cfg: Blip2Config, text_len: int) -> float:
 
 # -- evaluation ---------------------------------------------------------------------------------
 def make_retrieval_eval(config, model: Blip2Stage1, tok, mesh):
-    """Zero-shot retrieval on the held-out source: ITC similarities (+ ITM re-ranking if k_test > 0)."""
+    """Zero-shot retrieval on the held-out source: ITC similarities (+ ITM re-ranking if k_test > 0).
+
+    The same computation as `blip2_jax.evaluate.run.evaluate_retrieval` (`RetrievalScorer`): an
+    undecodable image is dropped together with its captions, so recall is over the decodable images.
+    """
     eval_cfg = config.eval
-    encoder = data_text.Stage1Text(tok, config.data.max_text_len)
-
-    @jax.jit
-    def image_feats_fn(params, pixels):
-        def f(m):
-            embeds = m.image_embeds(m.vit_features(pixels))
-            return m.image_features(embeds)[0], embeds
-        return model.apply({"params": params}, method=f)
-
-    @jax.jit
-    def text_feats_fn(params, ids, mask):
-        return model.apply({"params": params}, ids, mask, method="text_features")
-
-    @jax.jit
-    def itm_fn(params, embeds, ids, mask):
-        return model.apply({"params": params}, embeds, ids, mask, method="itm_logits")[:, 1]
+    scorer = retrieval_eval.RetrievalScorer(model)
+    source = eval_cfg.source
 
     def evaluate(trainable, frozen, step):
         params = {**trainable, **frozen}
-        feats, embeds, ids_all = [], [], []
-        ds = data_pipeline.make_eval_dataset(config.data, eval_cfg.source, batch_size=eval_cfg.batch_size,
+        ds = data_pipeline.make_eval_dataset(config.data, source, batch_size=eval_cfg.batch_size,
                                              process_index=0, process_count=1)
-        for b in ds:
-            f, e = image_feats_fn(params, jnp.asarray(b["image"]))
-            valid = np.asarray(b["valid"])
-            feats.append(np.asarray(f)[valid])
-            embeds.append(np.asarray(e)[valid])
-            ids_all.append(np.asarray(b["image_id"])[valid])
-        image_feats, image_embeds = np.concatenate(feats), np.concatenate(embeds)
-        captions = data_pipeline.read_captions(eval_cfg.source)
-        texts, txt2img, img2txt = [], [], []
-        for img, caps in enumerate(captions):
-            img2txt.append(list(range(len(texts), len(texts) + len(caps))))
-            for c in caps:
-                texts.append(data_text.clean_caption(c, config.data.max_words))
-                txt2img.append(img)
-        enc = [encoder(t) for t in texts]
-        ids = np.stack([e["input_ids"] for e in enc])
-        mask = np.stack([e["attention_mask"] for e in enc])
-        text_feats = np.concatenate([np.asarray(text_feats_fn(params, ids[i:i + eval_cfg.batch_size],
-                                                              mask[i:i + eval_cfg.batch_size]))
-                                     for i in range(0, len(ids), eval_cfg.batch_size)])
-        sims = np.einsum("iqe,te->itq", image_feats, text_feats).max(-1)
-        score_i2t, score_t2i = sims, sims.T
-        if eval_cfg.k_test > 0:
-            def itm_score(img_idx, txt_idx):
-                return np.asarray(itm_fn(params, image_embeds[img_idx], ids[txt_idx], mask[txt_idx]))
-            score_i2t, score_t2i = retrieval.rerank_with_itm(sims, itm_score, eval_cfg.k_test,
-                                                             rows_per_call=max(1, eval_cfg.batch_size // eval_cfg.k_test))
-        out = retrieval.recall_at_k(score_i2t, score_t2i, np.asarray(txt2img), img2txt)
+        image_feats, image_embeds, image_ids = scorer.image_features(params, ds)
+        captions = data_pipeline.read_captions(source)
+        if not len(image_ids):
+            raise ValueError(f"config.eval.source: no image of {source.path or source.tfds_name} could be decoded")
+        if len(image_ids) < len(captions):
+            log.warning("retrieval eval at step %d: %d of %d held-out images could not be decoded; "
+                        "recall is over the other %d", step, len(captions) - len(image_ids), len(captions),
+                        len(image_ids))
+        texts, txt2img, img2txt = retrieval_eval.caption_texts(retrieval_eval.select(captions, image_ids),
+                                                               config.data.max_words)
+        ids, mask = retrieval_eval.encode_texts(tok, texts, int(config.data.max_text_len))
+        score_i2t, score_t2i = scorer.scores(params, image_feats, image_embeds, ids, mask,
+                                             k_test=int(eval_cfg.k_test), batch_size=int(eval_cfg.batch_size))
+        out = retrieval.recall_at_k(score_i2t, score_t2i, txt2img, img2txt)
         return {k: float(v) for k, v in out.items()}
 
     return evaluate

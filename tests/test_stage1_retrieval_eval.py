@@ -1,0 +1,102 @@
+"""Stage-1 retrieval eval (`stage1.make_retrieval_eval`) on a held-out split with an undecodable image.
+
+A tiny random HF `Blip2ForImageTextRetrieval` is loaded as our stage-1 model; the held-out shard has
+five records, the second one's image bytes corrupt. Reference: HF ITC similarities and ITM logits of
+the four decodable images against their own captions only, LAVIS's top-k re-ranking done here, and
+`recall_at_k` on those scores.
+"""
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Blip2ForImageTextRetrieval, BertTokenizerFast
+
+from blip2_jax.data import records
+from blip2_jax.data.image_ops import CLIP_MEAN, CLIP_STD
+from blip2_jax.evaluate import load, retrieval
+from blip2_jax.train import stage1
+from configs import stage1 as stage1_config
+from tests import hf_tiny
+
+SIZE = 28  # the tiny model's image size: images are written at it, so resizing is the identity
+K_TEST = 3
+BAD = 1    # the record whose image bytes are corrupt
+CAPTIONS = [("a red circle", "a small red circle"), ("a blue square", "blue square left of a circle"),
+            ("a green triangle", "a triangle"), ("two objects", "a large yellow diamond"),
+            ("a yellow square", "two circles left of a square")]
+WORDS = "a red blue green yellow small large circle circles square triangle diamond left of two objects".split()
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage1_retrieval")
+    model_dir = root / "model"
+    torch.manual_seed(0)
+    hf = hf_tiny.redraw_(Blip2ForImageTextRetrieval(hf_tiny.blip2_retrieval_config()), seed=7)
+    hf.save_pretrained(str(model_dir))
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    rng = np.random.default_rng(3)
+    arrs = [rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8) for _ in CAPTIONS]
+    blobs = [b"\x89PNG not really" if i == BAD else _png(a) for i, a in enumerate(arrs)]
+    recs = [records.ImageText(b, CAPTIONS[i], str(i), "heldout", "PNG") for i, b in enumerate(blobs)]
+    records.write_shard(str(root / records.shard_name("heldout", 0, 1)), recs)
+    return hf, str(model_dir), str(root), arrs
+
+
+def _reference_recall(hf, model_dir, arrs, captions, k):
+    """HF scores of `arrs` x their captions, LAVIS's ITM re-ranking of the top k, then recall@K."""
+    tok = BertTokenizerFast(vocab=os.path.join(model_dir, "vocab.txt"), do_lower_case=True)
+    texts = [t for caps in captions for t in caps]
+    enc = tok(texts, padding="max_length", max_length=35, return_tensors="pt")
+    x = np.stack(arrs).astype(np.float32) / 255.0
+    x = (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    px = torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        sims = hf(pixel_values=px, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                  use_image_text_matching_head=False).logits_per_image.numpy()
+        ni, nt = sims.shape
+        ii, tt = np.repeat(np.arange(ni), nt), np.tile(np.arange(nt), ni)
+        itm = hf(pixel_values=px[ii], input_ids=enc.input_ids[tt], attention_mask=enc.attention_mask[tt],
+                 use_image_text_matching_head=True).logits_per_image[:, 1].numpy().reshape(ni, nt)
+    i2t, t2i = np.full((ni, nt), -100.0), np.full((nt, ni), -100.0)
+    for i in range(ni):
+        top = np.argsort(-sims[i], kind="stable")[:k]
+        i2t[i, top] = itm[i, top] + sims[i, top]
+    for t in range(nt):
+        top = np.argsort(-sims[:, t], kind="stable")[:k]
+        t2i[t, top] = itm[top, t] + sims[top, t]
+    txt2img = [i for i, caps in enumerate(captions) for _ in caps]
+    img2txt, n = [], 0
+    for caps in captions:
+        img2txt.append(list(range(n, n + len(caps))))
+        n += len(caps)
+    return retrieval.recall_at_k(i2t, t2i, txt2img, img2txt)
+
+
+def test_stage1_eval_skips_an_undecodable_image_and_matches_hf(setup):
+    hf, model_dir, data, arrs = setup
+    good = [i for i in range(len(CAPTIONS)) if i != BAD]
+    want = _reference_recall(hf, model_dir, [arrs[i] for i in good], [CAPTIONS[i] for i in good], K_TEST)
+
+    c = stage1_config.get_config()
+    c.data.image_size = SIZE
+    c.data.max_text_len = 35
+    c.eval.source.update(path=data, prefix="heldout")
+    c.eval.batch_size = 2  # 3 batches: the corrupt row and the padding row are both invalid
+    c.eval.k_test = K_TEST
+    loaded = load.load_model(model_dir)
+    evaluate = stage1.make_retrieval_eval(c, loaded.model, loaded.tokenizer, mesh=None)
+    got = evaluate(loaded.params, {}, 0)
+    assert got == pytest.approx(want, abs=1e-12)
+    # Over 4 images: every recall is a multiple of 1/4 (images) or 1/8 (texts).
+    assert got["tr_r1"] * 4 == pytest.approx(round(got["tr_r1"] * 4))
+    assert got["ir_r1"] * 8 == pytest.approx(round(got["ir_r1"] * 8))
