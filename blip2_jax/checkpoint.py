@@ -22,6 +22,53 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+# -- the run's config, recorded in the workdir ----------------------------------------------------
+RUN_CONFIG = "run_config.json"
+# Config fields that name files read when a model is rebuilt from a workdir (relative paths are
+# resolved against the directory the run was started from, when they do not exist from here).
+_PATH_FIELDS = (("init", "vision_checkpoint"), ("init", "llm_checkpoint"), ("init", "stage1_checkpoint"),
+                ("init", "qformer_checkpoint"), ("data", "tokenizer_path"))
+
+
+def save_run_config(workdir: str, config) -> str:
+    """Write `<workdir>/run_config.json`: the run's config and the directory it was started from, so
+    that `blip2_jax.from_pretrained(workdir)` can rebuild the model and re-read its frozen towers."""
+    path = os.path.join(workdir, RUN_CONFIG)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        record = {"config": json.loads(config.to_json()), "cwd": os.getcwd()}
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def load_run_config(workdir: str):
+    """The `ml_collections.ConfigDict` a workdir's run recorded (`save_run_config`), with its relative
+    file paths resolved; raises FileNotFoundError naming the file when the workdir has none."""
+    import ml_collections
+
+    path = os.path.join(workdir, RUN_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: the workdir was written before runs recorded their "
+                                "config; rebuild the model with the config that trained it "
+                                "(blip2_jax.evaluate.load.load_model(workdir, train_config=...))")
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    config = ml_collections.ConfigDict(record["config"])
+    for section, field in _PATH_FIELDS:
+        if section in config and field in config[section]:
+            config[section][field] = _resolve(config[section][field], record.get("cwd", ""))
+    return config
+
+
+def _resolve(path: str, started_in: str) -> str:
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(started_in, path)
+    return candidate if os.path.exists(candidate) else path
+
+
 def encode_data_state(state: Any) -> dict:
     """A JSON-able wrapper for an iterator state (bytes are base64-encoded)."""
     if isinstance(state, (bytes, bytearray)):

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -311,7 +312,7 @@ def test_stage2_workdir_gives_the_hf_directory_captions(opt_dir, caption_shards,
     c = _config("coco_caption", image_size=SIZE, batch_size=2)
     c.data.source.update(path=data, prefix="test")
     c.generation.update(num_beams=1, max_new_tokens=4, min_new_tokens=0)
-    with pytest.raises(ValueError, match="does not store its config"):
+    with pytest.raises(FileNotFoundError, match="run_config.json does not exist"):
         run.evaluate(_config("coco_caption", model=str(tmp_path / "workdir")))
     from_workdir = run.evaluate(_with_model(c, str(tmp_path / "workdir")), train_config=tc,
                                 out=str(tmp_path / "a.json"))
@@ -319,6 +320,23 @@ def test_stage2_workdir_gives_the_hf_directory_captions(opt_dir, caption_shards,
     a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
     assert a == b and len(a) == 3 and any(r["caption"] for r in a)
     assert from_workdir["metrics"] == from_hf["metrics"]
+
+    # A run records its config (the train loop calls save_run_config): then neither the evaluation nor
+    # the public `from_pretrained` needs to be told, and relative paths resolve from where it ran.
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        tc.init.llm_checkpoint = "llm"  # relative to the directory the run started in
+        checkpoint_lib.save_run_config(str(tmp_path / "workdir"), tc)
+    finally:
+        os.chdir(here)
+    recorded = run.evaluate(_with_model(c, str(tmp_path / "workdir")), out=str(tmp_path / "c.json"))
+    assert recorded["metrics"] == from_hf["metrics"]
+    model, params = blip2_jax.from_pretrained(str(tmp_path / "workdir"))
+    _, hf_params = blip2_jax.from_pretrained(opt_dir)
+    assert type(model).__name__ == "Blip2OPT"
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params),
+                 jax.tree.map(np.asarray, hf_params))
 
 
 def _with_model(c, path):

@@ -107,7 +107,7 @@ def _step_fns(task, cfg, mesh, accums):
     fresh = lambda: loop._fresh_state(task, tx, root, root, mesh, rules, state_shardings)
     steps = {k: loop.make_train_step(task, tx, schedule, mesh, state_shardings,
                                      grad_accum_steps=k, skip_nonfinite=False) for k in accums}
-    frozen = loop._make_frozen(task, jax.random.PRNGKey(1), mesh, rules)
+    frozen = loop.make_frozen(task, jax.random.PRNGKey(1), mesh, rules)
     return fresh, steps, frozen
 
 

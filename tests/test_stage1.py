@@ -68,6 +68,14 @@ def test_main_runs_the_demo_config_and_ends_with_one_json_line(shapes_dir, tmp_p
         assert key in final, key
     assert 0.0 <= final["t2i_r1"] <= 1.0 and final["step"] == 2
     assert np.isfinite(final["loss"]) and final["loss"] > 0
+    # The run recorded its config: the public loader rebuilds the trained model from the workdir.
+    import blip2_jax
+    from blip2_jax.checkpoint import load_run_config
+    recorded = load_run_config(str(tmp_path))
+    assert recorded.task == "stage1" and recorded.train.total_steps == 2
+    model, params = blip2_jax.from_pretrained(str(tmp_path))
+    assert type(model).__name__ == "Blip2Stage1" and model.config.vision.image_size == 32
+    assert {"vision", "qformer", "query_tokens", "temp"} <= set(params)
 
 
 def test_same_losses_on_every_mesh(shapes_dir, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -40,11 +41,19 @@ def _cast_like(tree: dict, abstract: dict) -> dict:
 
 
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Optional[Any] = None):
-    """`(model, params)` for a Hugging Face BLIP-2 directory (see DESIGN.md, "Public API").
+    """`(model, params)` for a Hugging Face BLIP-2 directory or a workdir of this project (see DESIGN.md,
+    "Public API").
 
-    `dtype` is the parameter/compute dtype of the trainable part, `frozen_dtype` (default `dtype`) that
-    of the frozen ViT and LLM. Weights are read tensor by tensor from safetensors.
+    HF directory: `dtype` is the parameter/compute dtype of the trainable part, `frozen_dtype`
+    (default `dtype`) that of the frozen ViT and LLM. Weights are read tensor by tensor from
+    safetensors.
+    Workdir (`<path>/checkpoints/`, a stage-1 or stage-2 run): the model its recorded config
+    (`run_config.json`) describes, the newest checkpoint's trainable parameters, and the frozen towers
+    re-read from where the run read them (or re-drawn from its seed when it had none); the frozen
+    towers in `frozen_dtype` if given, else the run's `model.frozen_dtype`.
     """
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return _from_workdir(path, frozen_dtype)
     with CheckpointReader(path) as reader:
         config = hf_blip2.config_from_hf(reader.config, reader.keys(), dtype=dtype, frozen_dtype=frozen_dtype)
         model = build_model(config)
@@ -58,6 +67,20 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Option
     params = _cast_like(tree, abstract)
     _check_complete(params, abstract, path)
     return model, params
+
+
+def _from_workdir(path: str, frozen_dtype: Optional[Any]):
+    from blip2_jax.checkpoint import load_run_config
+    from blip2_jax.evaluate.load import load_workdir
+
+    config = load_run_config(path)
+    if frozen_dtype is not None:
+        name = np.dtype(frozen_dtype).name
+        if name not in ("float32", "bfloat16"):
+            raise ValueError(f"frozen_dtype={name}: a workdir's frozen towers load as float32 or bfloat16")
+        config.model.frozen_dtype = name
+    loaded = load_workdir(path, config)
+    return loaded.model, loaded.params
 
 
 def _check_complete(params: dict, abstract: dict, source: str) -> None:

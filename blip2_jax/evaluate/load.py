@@ -2,8 +2,9 @@
 
 - HF directory (`config.json` + safetensors): `blip2_jax.from_pretrained`; the tokenizer from the
   directory (or `tokenizer`).
-- Workdir (`<dir>/checkpoints/<step>/state`): a workdir stores no config, so the config that trained
-  it (`train_config`, e.g. `configs/stage2.py:demo_opt`) rebuilds the model; the trainable tree is
+- Workdir (`<dir>/checkpoints/<step>/state`): the config the run recorded (`run_config.json`), or
+  `train_config` (e.g. `configs/stage2.py:demo_opt`, for workdirs older than that record) rebuilds
+  the model; the trainable tree is
   the newest checkpoint's `params`, the frozen towers are loaded (or drawn, for a random frozen
   tower, from the same seed) exactly as the train loop does on a (re)start.
 """
@@ -63,10 +64,10 @@ def load_model(path: str, *, train_config=None, tokenizer: str = "", frozen_dtyp
     if frozen_dtype not in DTYPES:
         raise ValueError(f"config.frozen_dtype={frozen_dtype!r}: expected one of {tuple(DTYPES)}")
     if is_workdir(path):
-        if train_config is None:
-            raise ValueError(f"{path} is a workdir, which does not store its config: pass the config that "
-                             "trained it, e.g. --train_config=configs/stage2.py:demo_opt")
-        return _load_workdir(path, train_config, tokenizer)
+        if train_config is None:  # the config the run recorded (blip2_jax.checkpoint.save_run_config)
+            from blip2_jax.checkpoint import load_run_config
+            train_config = load_run_config(path)
+        return load_workdir(path, train_config, tokenizer)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json and no checkpoints/: neither a Hugging Face BLIP-2 "
                                 "directory nor a workdir of this project")
@@ -80,7 +81,9 @@ def load_model(path: str, *, train_config=None, tokenizer: str = "", frozen_dtyp
     return Loaded(model, params, tok, kind)
 
 
-def _load_workdir(workdir: str, config, tokenizer: str) -> Loaded:
+def load_workdir(workdir: str, config, tokenizer: str = "") -> Loaded:
+    """The stage-1 or stage-2 model `config` describes, with `workdir`'s newest trainable parameters
+    and the frozen towers loaded (or re-drawn from the seed) as the train loop does."""
     from blip2_jax import sharding as sharding_lib
     from blip2_jax.data import text as data_text
     from blip2_jax.train import loop, stage2_init

@@ -239,7 +239,7 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
       task: the stage's hooks (`blip2_jax.train.task.Task`).
       make_data: zero-argument factory of the per-process data iterator.
       workdir: checkpoints in `workdir/checkpoints`, metrics in `workdir/metrics.jsonl` and
-        `workdir/tensorboard`.
+        `workdir/tensorboard`, the config in `workdir/run_config.json`.
       mesh: a prebuilt mesh (main.py builds it first so the task can use it); default
         `sharding.make_mesh(config.mesh, devices)`.
       devices: the devices for the default mesh (default: all).
@@ -258,6 +258,8 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
     accum = int(tc.grad_accum_steps)
     root = jax.random.PRNGKey(int(config.seed))
     init_key, frozen_key, train_key = (jax.random.fold_in(root, i) for i in range(3))
+    # What the run is, for `blip2_jax.from_pretrained(workdir)` (rewritten on every (re)start).
+    checkpoint_lib.save_run_config(workdir, config)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # ---- frozen params: loaded or random, never trained, never checkpointed ----
@@ -322,7 +324,6 @@ def make_frozen(task, rng, mesh, rules) -> dict:
     return frozen
 
 
-_make_frozen = make_frozen  # the old private name; tests/test_loop.py still calls it
 
 
 def _fresh_state(task, tx, init_key, train_key, mesh, rules, state_shardings):

@@ -33,8 +33,8 @@ def tokenizer(config):
 def model_config(config, vocab_size: int | None = None) -> Blip2Config:
     """Our `Blip2Config` from `config.model` (`qformer.vocab_size = 0` means: the tokenizer's size)."""
     m = config.model
-    frozen = DTYPES[m.frozen_dtype]
-    vision = VisionConfig(**{k: v for k, v in m.vision.items()}, dtype=frozen, param_dtype=frozen)
+    vision_dtype = jnp.float32 if m.train_vision else DTYPES[m.frozen_dtype]  # a trained ViT: float32
+    vision = VisionConfig(**{k: v for k, v in m.vision.items()}, dtype=vision_dtype, param_dtype=vision_dtype)
     q = dict(m.qformer.items())
     if not q["vocab_size"]:
         if vocab_size is None:
