@@ -96,12 +96,15 @@ def _read_json(path: str) -> dict:
 
 def load_processor(path: str, *, tokenizer_path: Optional[str] = None,
                    image_size: Optional[int] = None) -> Blip2Processor:
-    """A `Blip2Processor` for a BLIP-2 directory (its config.json and tokenizer files).
+    """A `Blip2Processor` for a BLIP-2 directory (its config.json and tokenizer files), or for a stage-2
+    workdir of this project (the run's `data.tokenizer_path`, `data.image_size` and LLM EOS).
 
     `tokenizer_path` points elsewhere for the tokenizer; `image_size` overrides the config's.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_processor: {path!r} is not a directory")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return _workdir_processor(path, tokenizer_path, image_size)
     config = _read_json(os.path.join(path, "config.json"))
     pre = _read_json(os.path.join(path, "preprocessor_config.json"))
     pre = pre.get("image_processor", pre)  # a saved processor nests it
@@ -120,3 +123,19 @@ def load_processor(path: str, *, tokenizer_path: Optional[str] = None,
                           padding_side="right" if kind == "t5" else "left",
                           image_mean=pre.get("image_mean", image_ops.CLIP_MEAN),
                           image_std=pre.get("image_std", image_ops.CLIP_STD))
+
+
+def _workdir_processor(path: str, tokenizer_path: Optional[str], image_size: Optional[int]) -> Blip2Processor:
+    from blip2_jax.checkpoint import load_run_config
+    from blip2_jax.train import stage2
+
+    config = load_run_config(path)
+    if config.task != "stage2":
+        raise ValueError(f"load_processor: {path} is a {config.task!r} workdir; captions and answers need a "
+                         "stage-2 (LLM) model")
+    text = stage2.text_config(config)
+    return Blip2Processor(load_tokenizer(tokenizer_path or config.data.tokenizer_path),
+                          image_size or config.data.image_size, eos_token_id=text.eos_token_id,
+                          padding_side="left" if config.model.llm == "opt" else "right",
+                          image_mean=tuple(config.data.get("image_mean", image_ops.CLIP_MEAN)),
+                          image_std=tuple(config.data.get("image_std", image_ops.CLIP_STD)))

@@ -337,6 +337,10 @@ def test_stage2_workdir_gives_the_hf_directory_captions(opt_dir, caption_shards,
     assert type(model).__name__ == "Blip2OPT"
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params),
                  jax.tree.map(np.asarray, hf_params))
+    proc, hf_proc = blip2_jax.load_processor(str(tmp_path / "workdir")), blip2_jax.load_processor(opt_dir)
+    assert (proc.image_size, proc.eos_token_ids) == (SIZE, hf_proc.eos_token_ids)
+    for got, want in zip(proc.tokenize(["a photo of", "x"]), hf_proc.tokenize(["a photo of", "x"])):
+        np.testing.assert_array_equal(got, want)
 
 
 def _with_model(c, path):
