@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job: BLIP-2 end to end on 2 CPU cores with no downloads (about 15 minutes).
+# The README's main job: BLIP-2 end to end on 2 CPU cores with no downloads (about 7 minutes).
 #
 #   bash launch/demo.sh
 #
