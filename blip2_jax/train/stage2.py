@@ -66,6 +66,8 @@ def text_config(config):
         raise ValueError(f"config.model.llm is {m.llm!r} but the LLM config ({path or 'config.model.text'}) "
                          f"has model_type {kind!r}")
     overrides = dict(dtype=frozen, param_dtype=frozen, remat=m.llm_remat)
+    if not path and hf.get("tie_word_embeddings") is False:
+        overrides["tie_word_embeddings"] = False  # a checkpoint says so by holding lm_head.weight
     if kind == "t5" and m.t5_dense_act_fn:
         overrides["dense_act_fn"] = m.t5_dense_act_fn
     return hf_blip2.text_converter(hf).config_for_checkpoint(hf, keys, **overrides)
