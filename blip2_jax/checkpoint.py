@@ -36,7 +36,7 @@ def save_run_config(workdir: str, config) -> str:
     path = os.path.join(workdir, RUN_CONFIG)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        record = {"config": json.loads(config.to_json()), "cwd": os.getcwd()}
+        record = {"config": json.loads(config.to_json_best_effort()), "cwd": os.getcwd()}
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
         os.replace(path + ".tmp", path)
