@@ -12,6 +12,9 @@ steps; frozen towers in bfloat16):
              first token and the middle: prefix to the encoder after the visual prompt, suffix as the
              decoder target); exact-GELU FFN as LAVIS.
   flant5xxl  FlanT5-XXL, batch 1520.
+  opt2.7b_coco_ft  LAVIS caption_coco_ft: a pretrained BLIP-2 OPT-2.7B (`init.stage2_checkpoint`, HF
+             dir) fine-tuned on COCO Karpathy-train captions with the ViT unfrozen (`model.train_vision`),
+             364 px, prompt "a photo of ", LR 1e-5 -> 0 after 1k warmup, 5 epochs at global batch 128.
   demo_opt   tiny, 2 CPU cores: the stage-1 demo's ViT/Q-Former sizes (its checkpoint loads), the
              tiny OPT trained on the captions by `configs/text_lm.py:demo_opt`, the shapes data; with
              the fixed prompt "a photo of " (set `data.prompt=""` for none).
@@ -35,6 +38,7 @@ VARIANTS = {  # variant -> (llm, LLM checkpoint dir, global batch)
     "opt6.7b": ("opt", "checkpoints/opt-6.7b", 1920),
     "flant5xl": ("t5", "checkpoints/flan-t5-xl", 1520),
     "flant5xxl": ("t5", "checkpoints/flan-t5-xxl", 1520),
+    "opt2.7b_coco_ft": ("opt", "checkpoints/opt-2.7b", 128),
     "demo_opt": ("opt", DEMO_LLM["opt"], 48),
     "demo_t5": ("t5", DEMO_LLM["t5"], 48),
 }
@@ -78,8 +82,39 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     if arg.startswith("demo"):
         _demo(c, llm)
+    elif arg.endswith("_coco_ft"):
+        _caption_finetune(c)
     c.data.global_batch_size = c.train.batch_size
     return c
+
+
+def _caption_finetune(c: ml_collections.ConfigDict) -> None:
+    """LAVIS caption_coco_ft.yaml: a pretrained BLIP-2 fine-tuned on COCO captions with the ViT unfrozen
+    (float32, gradient checkpointing) and the LLM frozen, at 364 px, prompt "a photo of "."""
+    c.init.stage1_checkpoint = ""
+    c.init.stage2_checkpoint = "checkpoints/blip2-opt-2.7b"  # ln_vision, queries, Q-Former, projection
+    c.init.vision_checkpoint = "checkpoints/blip2-opt-2.7b"
+    c.model.train_vision = True
+    c.model.vision.remat = True
+    # The 224-px checkpoint's position embeddings are interpolated to the 26 x 26 grid of 364 px in the
+    # forward pass (HF interpolate_pos_encoding); LAVIS resizes the parameter once at load instead.
+    c.data.image_size = 364
+    c.data.text_mode = "opt"
+    c.data.prompt = "a photo of "
+    c.data.train_sources = ml_collections.ConfigDict()
+    c.data.train_sources.coco = data_pipeline.source_config("data/coco", prefix="coco_karpathy_train")
+    c.optimizer.peak_lr = 1e-5
+    c.optimizer.min_lr = 0.0
+    c.optimizer.warmup_lr = 1e-8
+    c.optimizer.warmup_steps = 1000
+    c.optimizer.weight_decay = 0.05
+    # LAVIS: 5 epochs of batch 16 per GPU (its GPU count is not in the config; 8 here: global 128) over
+    # the 566,747 Karpathy-train caption pairs.
+    c.train.total_steps = 5 * 566_747 // 128
+    c.train.checkpoint_every = 2000
+    c.eval.source = data_pipeline.source_config("data/coco", prefix="coco_karpathy_val")
+    c.eval.num_beams = 5
+    c.eval.max_new_tokens = 30
 
 
 def _demo(c: ml_collections.ConfigDict, llm: str) -> None:

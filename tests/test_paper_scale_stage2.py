@@ -4,6 +4,7 @@ No LLM checkpoint can be read here, so the LLM is described by its Hugging Face 
 (`model.text`, as `init.llm_checkpoint`'s config.json would give them).
 """
 import jax
+import numpy as np
 import pytest
 
 from blip2_jax import sharding
@@ -70,3 +71,16 @@ def test_stage2_architecture_compiles_sharded_at_reduced_depth(variant, text):
     compiled, counts = aot.compile_train_step(config, stage2.make_task(config, mesh), mesh)
     assert aot.memory_summary(compiled)["argument_size_in_bytes"] > 0
     assert counts["frozen"] > 130e6  # the LLM's embeddings alone
+
+
+def test_caption_finetune_config_trains_the_vit_in_float32():
+    """opt2.7b_coco_ft (LAVIS caption_coco_ft): ViT unfrozen, ~1.1B trainable (paper: 1.1-1.2B)."""
+    config = paper_config("opt2.7b_coco_ft", OPT_2_7B)
+    config.init.stage2_checkpoint = config.eval.source.path = ""  # no checkpoints or COCO here
+    task = stage2.make_task(config, sharding.make_mesh(config.mesh))
+    trainable = jax.eval_shape(task.init_trainable, jax.random.PRNGKey(0))
+    frozen = jax.eval_shape(task.init_frozen, jax.random.PRNGKey(0))
+    assert sorted(frozen) == ["language_model"] and aot.count(frozen) == 2_651_596_800
+    assert aot.count(trainable["vision"]) == VIT_G
+    assert 1.05e9 < aot.count(trainable) < 1.2e9
+    assert {leaf.dtype for leaf in jax.tree.leaves(sharding.unbox(trainable["vision"]))} == {np.dtype("float32")}

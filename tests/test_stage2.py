@@ -358,3 +358,22 @@ def test_train_vision_fine_tunes_the_vit_from_its_checkpoint(hf_setup, tmp_path)
                  jax.tree.map(np.asarray, frozen))
     _, params = stage2_init.latest_params(str(tmp_path))
     assert "vision" in params
+
+
+def test_stage2_checkpoint_fine_tunes_a_stage2_model_projection_included(hf_setup):
+    """`init.stage2_checkpoint` (LAVIS caption fine-tuning from a pretrained BLIP-2): the query path and
+    `language_projection` come from the HF Blip2ForConditionalGeneration directory."""
+    kind, hf, blip2_dir, llm_dir = hf_setup
+    config = _config(kind, hf, blip2_dir, llm_dir)
+    config.init.stage1_checkpoint, config.init.stage2_checkpoint = "", blip2_dir
+    mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+    trainable, _, fresh = _init_params(stage2.make_task(config, mesh), config, mesh)
+    want = _hf_projection(hf)
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(np.asarray(trainable["language_projection"][name]), want[name])
+        assert not np.array_equal(np.asarray(fresh["language_projection"][name]), want[name])
+    np.testing.assert_array_equal(np.asarray(trainable["query_tokens"]),
+                                  hf.query_tokens.detach().numpy())
+    config.init.stage1_checkpoint = blip2_dir  # both: ambiguous
+    with pytest.raises(ValueError, match="set one"):
+        stage2.make_task(config, mesh)

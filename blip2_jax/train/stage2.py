@@ -314,8 +314,11 @@ def init_section() -> ml_collections.ConfigDict:
     c.vision_checkpoint = ""   # HF BLIP-2 dir (EVA ViT-g) or HF CLIPVisionModel dir; "" = random ViT (seed's)
     c.llm_checkpoint = ""      # HF OPTForCausalLM / T5ForConditionalGeneration dir; "" = random (model.text)
     # This project's stage-1 workdir (newest checkpoint) or an HF BLIP-2 dir: ln_vision, queries and
-    # the Q-Former's query path; "" = fresh. language_projection always starts fresh.
+    # the Q-Former's query path; "" = fresh. language_projection starts fresh (unless stage2_checkpoint).
     c.stage1_checkpoint = ""
+    # Fine-tuning a stage-2 model (e.g. LAVIS caption_coco_ft): an HF Blip2ForConditionalGeneration dir
+    # or a stage-2 workdir gives the query path AND language_projection; exclusive with stage1_checkpoint.
+    c.stage2_checkpoint = ""
     return c
 
 

@@ -12,7 +12,9 @@ Trainable tree: `ln_vision`, `query_tokens` and the Q-Former's query path come f
 `stage1_checkpoint`, which is either this project's stage-1 workdir (the newest Orbax checkpoint's
 `params`) or an HF BLIP-2 directory (retrieval or conditional generation). The stage-1 text-only
 parts (word/position embeddings, text FFNs, ITC/ITM/ITG heads, temperature) are dropped;
-`language_projection` stays fresh. Everything loaded and everything left fresh is logged.
+`language_projection` stays fresh. Fine-tuning a stage-2 model instead (`stage2_checkpoint`: an HF
+`Blip2ForConditionalGeneration` directory or a stage-2 workdir) also loads `language_projection`.
+Everything loaded and everything left fresh is logged.
 
 Tensors are read one at a time, cast to the target leaf's dtype and put on its sharding.
 """
@@ -28,7 +30,7 @@ import numpy as np
 
 from blip2_jax.convert import blip2 as hf_blip2
 from blip2_jax.convert.hf_io import CheckpointReader
-from blip2_jax.convert.rules import Rule, check_keys, flatten, prefixed, set_path
+from blip2_jax.convert.rules import Rule, check_keys, flatten, linear, prefixed, set_path
 from blip2_jax.models.blip2 import Blip2Config
 
 log = logging.getLogger(__name__)
@@ -139,13 +141,19 @@ def latest_params(workdir: str) -> tuple[int, dict]:
     return steps[-1], state["params"]
 
 
-def stage1_tree_from_hf(path: str, cfg: Blip2Config) -> dict:
-    """`ln_vision`, `query_tokens` and the query-path Q-Former from an HF BLIP-2 directory (numpy)."""
+def stage1_tree_from_hf(path: str, cfg: Blip2Config, with_projection: bool = False) -> dict:
+    """`ln_vision`, `query_tokens` and the query-path Q-Former from an HF BLIP-2 directory (numpy), and
+    `language_projection` when `with_projection` (a `Blip2ForConditionalGeneration` directory)."""
     hf = read_hf_config(path)
-    hf_blip2.architecture(hf)  # fails with a clear message for other models
+    kind = hf_blip2.architecture(hf)  # fails with a clear message for other models
+    if with_projection and kind == "retrieval":
+        raise ValueError(f"{path}: init.stage2_checkpoint must be a Blip2ForConditionalGeneration directory "
+                         "(a retrieval model has no language_projection); use init.stage1_checkpoint")
     rules = [r for r in hf_blip2.vision_rules(cfg.vision) if r.path[0] == "ln_vision"]
     rules.append(Rule("query_tokens", ("query_tokens",)))
     rules += hf_blip2.qformer_rules(cfg.qformer)  # cfg.qformer.use_text_input is False: query path only
+    if with_projection:
+        rules += linear("language_projection", ("language_projection",))
     tree: dict = {}
     with CheckpointReader(path) as reader:
         for rule in rules:
@@ -153,28 +161,34 @@ def stage1_tree_from_hf(path: str, cfg: Blip2Config) -> dict:
     return tree
 
 
-def read_stage1(path: str, cfg: Blip2Config) -> dict:
-    """The stage-1 tree (numpy) of a stage-1 workdir or an HF BLIP-2 directory."""
+def read_stage1(path: str, cfg: Blip2Config, with_projection: bool = False) -> dict:
+    """The stage-1 tree (numpy) of a workdir or an HF BLIP-2 directory (`with_projection`: also its
+    `language_projection`, for fine-tuning a stage-2 model)."""
     if os.path.isdir(os.path.join(path, "checkpoints")):
         step, params = latest_params(path)
-        log.info("stage-1 checkpoint: %s, step %d", path, step)
+        log.info("checkpoint: %s, step %d", path, step)
         return params
-    return stage1_tree_from_hf(path, cfg)
+    return stage1_tree_from_hf(path, cfg, with_projection)
 
 
 def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
     """`Task.load_trainable`: the query path from `init.stage1_checkpoint`; the projection fresh; with
     `model.train_vision`, the ViT from `init.vision_checkpoint`."""
-    path = config.init.stage1_checkpoint
+    stage1_path, stage2_path = config.init.stage1_checkpoint, config.init.get("stage2_checkpoint", "")
+    if stage1_path and stage2_path:
+        raise ValueError(f"config.init: stage1_checkpoint ({stage1_path!r}) and stage2_checkpoint "
+                         f"({stage2_path!r}) both name the Q-Former's source; set one")
+    path = stage1_path or stage2_path
+    parts = FROM_STAGE1 + (("language_projection",) if stage2_path else ())
     vision_path = config.init.vision_checkpoint if config.model.get("train_vision") else ""
     if not path and not vision_path:
         return None
 
     def load(fresh: dict) -> dict:
         from blip2_jax.train import stage1_init
-        source = flatten(read_stage1(path, cfg)) if path else {}
+        source = flatten(read_stage1(path, cfg, with_projection=bool(stage2_path))) if path else {}
         fresh_flat = flatten(fresh)
-        wanted = {p for p in fresh_flat if p[0] in FROM_STAGE1} if path else set()
+        wanted = {p for p in fresh_flat if p[0] in parts} if path else set()
         if vision_path:
             vision = flatten(stage1_init.load_vision(vision_path, cfg))
             source.update(vision)
@@ -182,10 +196,10 @@ def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
             log.info("trainable ViT initialised from %s", vision_path)
         missing = sorted(".".join(p) for p in wanted if p not in source)
         if missing:
-            raise ValueError(f"{path}: the stage-1 checkpoint lacks {missing} (different Q-Former sizes?)")
+            raise ValueError(f"{path}: the checkpoint lacks {missing} (different Q-Former sizes?)")
         dropped = sorted({".".join(p[:3]) for p in source if p not in wanted})
         log.info("from %s: loaded %d tensors (%s); not used by stage 2: %s", path, len(wanted),
-                 ", ".join(FROM_STAGE1), ", ".join(dropped) or "nothing")
+                 ", ".join(parts), ", ".join(dropped) or "nothing")
         kept = sorted(".".join(p) for p in fresh_flat if p not in wanted)
         log.info("freshly initialised: %s", ", ".join(kept))
         out: dict = {}
