@@ -172,8 +172,9 @@ def read_stage1(path: str, cfg: Blip2Config, with_projection: bool = False) -> d
 
 
 def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
-    """`Task.load_trainable`: the query path from `init.stage1_checkpoint`; the projection fresh; with
-    `model.train_vision`, the ViT from `init.vision_checkpoint`."""
+    """`Task.load_trainable`: the query path from `init.stage1_checkpoint` (projection fresh) or from
+    `init.stage2_checkpoint` (projection included); with `model.train_vision`, the ViT from
+    `init.vision_checkpoint`. None when none of them applies."""
     stage1_path, stage2_path = config.init.stage1_checkpoint, config.init.get("stage2_checkpoint", "")
     if stage1_path and stage2_path:
         raise ValueError(f"config.init: stage1_checkpoint ({stage1_path!r}) and stage2_checkpoint "
