@@ -7,6 +7,8 @@ Variants:
          queries and cross-attention every 2 layers, batch 1680, 250k steps, 224 px, AdamW
          (0.9, 0.98), wd 0.05, peak LR 1e-4 -> 1e-5 cosine after 2k warmup steps.
   vit_l  the same with CLIP ViT-L/14 (23 of 24 blocks, quick-GELU, ln_pre), batch 2320.
+  vit_g_coco_ft  LAVIS retrieval_coco_ft: the pretrained model fine-tuned on COCO with the ViT unfrozen,
+         364 px, ITC soft targets over same-image pairs, LR 1e-5 -> 0 (no layer-wise LR decay).
   demo   a tiny model on the bundled shapes data that trains on 2 CPU cores in minutes; its frozen
          ViT is randomly initialised (random frozen patch features carry colour and position).
 Every field is documented where it is defined (blip2_jax/train/loop.py `base_config`,
@@ -22,8 +24,8 @@ DEMO_DATA = "demo_data/shapes"  # written by `python -m blip2_jax.data.shapes --
 
 def get_config(arg: str = "vit_g") -> ml_collections.ConfigDict:
     arg = arg or "vit_g"
-    if arg not in ("vit_g", "vit_l", "demo"):
-        raise ValueError(f"configs/stage1.py: unknown variant {arg!r} (vit_g, vit_l, demo)")
+    if arg not in ("vit_g", "vit_l", "vit_g_coco_ft", "demo"):
+        raise ValueError(f"configs/stage1.py: unknown variant {arg!r} (vit_g, vit_l, vit_g_coco_ft, demo)")
     c = loop.base_config()
     c.task = "stage1"
     c.seed = 42
@@ -53,6 +55,8 @@ def get_config(arg: str = "vit_g") -> ml_collections.ConfigDict:
         c.train.batch_size = 1680
         c.init.vision_checkpoint = "checkpoints/blip2-itm-vit-g"
         c.mesh.fsdp = 1
+    elif arg == "vit_g_coco_ft":
+        _retrieval_finetune(c)
     elif arg == "vit_l":
         c.train.batch_size = 2320
         c.model.vision.update(style="clip", hidden_size=1024, intermediate_size=4096, num_layers=23,
@@ -62,6 +66,35 @@ def get_config(arg: str = "vit_g") -> ml_collections.ConfigDict:
         _demo(c)
     c.data.global_batch_size = c.train.batch_size
     return c
+
+
+def _retrieval_finetune(c: ml_collections.ConfigDict) -> None:
+    """LAVIS retrieval_coco_ft.yaml: the pretrained stage-1 model fine-tuned on COCO with the ViT
+    unfrozen (float32, gradient checkpointing), same-image pairs as ITC soft targets and excluded from
+    ITM negatives, 364 px, LR 1e-5 -> 0 after 1k warmup, 5 epochs. LAVIS's layer-wise LR decay (0.95)
+    is not implemented: every trainable tensor gets the same LR."""
+    c.init.stage1_checkpoint = "checkpoints/blip2-itm-vit-g"  # HF Blip2ForImageTextRetrieval dir
+    c.init.vision_checkpoint = "checkpoints/blip2-itm-vit-g"
+    c.init.qformer_checkpoint = ""
+    c.model.train_vision = True
+    c.model.vision.remat = True
+    c.data.image_size = 364  # the 224-px position embeddings are interpolated in the forward pass
+    c.data.train_sources = ml_collections.ConfigDict()
+    c.data.train_sources.coco = data_pipeline.source_config("data/coco", prefix="coco_karpathy_train")
+    c.loss.itc_image_id_targets = True
+    c.loss.itm_exclude_same_image = True
+    c.optimizer.peak_lr = 1e-5
+    c.optimizer.min_lr = 0.0
+    c.optimizer.warmup_lr = 1e-8
+    c.optimizer.warmup_steps = 1000
+    # LAVIS: batch 14 per GPU (GPU count not in the config; 8 here: global 112), 5 epochs over the
+    # 566,747 Karpathy-train caption pairs.
+    c.train.batch_size = 112
+    c.train.total_steps = 5 * 566_747 // 112
+    c.train.checkpoint_every = 2000
+    c.eval.source = data_pipeline.source_config("data/coco", prefix="coco_karpathy_val")
+    c.eval.k_test = 128
+    c.mesh.fsdp = 1
 
 
 def _demo(c: ml_collections.ConfigDict) -> None:

@@ -53,3 +53,20 @@ def test_vit_g_architecture_compiles_sharded_at_reduced_depth():
     compiled, counts = aot.compile_train_step(config, stage1.make_task(config, mesh), mesh)
     assert aot.memory_summary(compiled)["argument_size_in_bytes"] > 0
     assert counts["trainable"] > 50e6  # BERT-base embeddings, heads and 2 layers
+
+
+def test_retrieval_finetune_config_trains_the_vit_in_float32():
+    """vit_g_coco_ft (LAVIS retrieval_coco_ft): the ViT joins the trainable tree, ~1.17B trainable
+    (paper: 1.2B for ViT-g retrieval fine-tuning), nothing frozen; the config validates."""
+    from blip2_jax import config_validation
+    import numpy as np
+    config = stage1_config.get_config("vit_g_coco_ft")
+    config_validation.validate(config)
+    assert config.loss.itc_image_id_targets and config.model.train_vision and config.data.image_size == 364
+    config.data.tokenizer_path = testing.bert_vocab_dir()
+    config.init.vision_checkpoint = config.init.stage1_checkpoint = config.eval.source.path = ""
+    task = stage1.make_task(config, sharding.make_mesh(config.mesh))
+    trainable = jax.eval_shape(task.init_trainable, jax.random.PRNGKey(0))
+    assert jax.eval_shape(task.init_frozen, jax.random.PRNGKey(0)) == {}
+    assert 1.15e9 < aot.count(trainable) < 1.2e9, aot.count(trainable)
+    assert {leaf.dtype for leaf in jax.tree.leaves(sharding.unbox(trainable["vision"]))} == {np.dtype("float32")}
