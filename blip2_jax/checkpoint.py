@@ -22,12 +22,44 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-# -- the run's config, recorded in the workdir ----------------------------------------------------
+# -- a workdir: `checkpoints/<step>/{state,data}` and the run's config -----------------------------
+CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "run_config.json"
 # Config fields that name files read when a model is rebuilt from a workdir (relative paths are
 # resolved against the directory the run was started from, when they do not exist from here).
 _PATH_FIELDS = (("init", "vision_checkpoint"), ("init", "llm_checkpoint"), ("init", "stage1_checkpoint"),
-                ("init", "qformer_checkpoint"), ("data", "tokenizer_path"))
+                ("init", "stage2_checkpoint"), ("init", "qformer_checkpoint"), ("data", "tokenizer_path"))
+
+
+def is_workdir(path: str) -> bool:
+    """Whether `path` is a training workdir of this project (it has `checkpoints/`)."""
+    return os.path.isdir(os.path.join(path, CHECKPOINTS))
+
+
+def latest_params(workdir: str) -> tuple[int, dict]:
+    """`(step, params)` of the newest checkpoint in a workdir of this project, as numpy arrays."""
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} does not exist (init.stage1_checkpoint must be a stage-1 workdir "
+                                "or a Hugging Face BLIP-2 directory)")
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()
+                   and os.path.isdir(os.path.join(directory, d, "state")))
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+    path = os.path.join(directory, str(steps[-1]), "state")
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        tree = ckptr.metadata(path).item_metadata
+        if "params" not in tree:
+            raise ValueError(f"{path} holds no 'params' (not a train state of this project)")
+        # Only the params subtree is read (partial restore), onto the host CPU.
+        item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
+                                       tree["params"])}
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=host), item)
+        state = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                 partial_restore=True))
+    state = jax.tree.map(np.asarray, state)
+    return steps[-1], state["params"]
 
 
 def save_run_config(workdir: str, config) -> str:

@@ -103,7 +103,9 @@ def load_processor(path: str, *, tokenizer_path: Optional[str] = None,
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_processor: {path!r} is not a directory")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    from blip2_jax.checkpoint import is_workdir
+
+    if is_workdir(path):
         return _workdir_processor(path, tokenizer_path, image_size)
     config = _read_json(os.path.join(path, "config.json"))
     pre = _read_json(os.path.join(path, "preprocessor_config.json"))

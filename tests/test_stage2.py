@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import Blip2ForConditionalGeneration
 
+from blip2_jax import checkpoint as checkpoint_lib
 from blip2_jax import sharding as sharding_lib
 from blip2_jax.convert.rules import flatten
 from blip2_jax.data import pipeline as data_pipeline
@@ -202,7 +203,7 @@ def test_training_keeps_frozen_towers_and_optimizer_state_trainable_only(hf_setu
                  if p[:len(prefix)] == prefix]
         assert moved and all(moved), prefix
     # The checkpoint's optimizer state mirrors the trainable tree only.
-    _, params = stage2_init.latest_params(str(tmp_path))
+    _, params = checkpoint_lib.latest_params(str(tmp_path))
     state = _checkpoint_state(tmp_path)
     opt_paths = [p for p in _key_paths(state["opt_state"])]
     assert opt_paths and not any(k in ("vision", "language_model") for p in opt_paths for k in p)
@@ -283,7 +284,6 @@ def test_stage2_demo_config_from_stage1_workdir_and_text_lm(text_lm_run, tmp_pat
     """configs/stage2.py:demo_opt with the text-LM export and a stage-1 workdir checkpoint: the
     query path comes from the workdir (text parts dropped), the projection is fresh, the pipeline's
     batches run through the loss."""
-    from blip2_jax import checkpoint as checkpoint_lib
     from blip2_jax.convert.rules import set_path
     root, _, _, workdir = text_lm_run
     c = _load_config("stage2", "demo_opt")
@@ -356,7 +356,7 @@ def test_train_vision_fine_tunes_the_vit_from_its_checkpoint(hf_setup, tmp_path)
     assert all(not np.array_equal(after[p], v) for p, v in got.items())
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, seen["fr"]),  # the LLM did not move
                  jax.tree.map(np.asarray, frozen))
-    _, params = stage2_init.latest_params(str(tmp_path))
+    _, params = checkpoint_lib.latest_params(str(tmp_path))
     assert "vision" in params
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -52,7 +51,9 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Option
     re-read from where the run read them (or re-drawn from its seed when it had none); the frozen
     towers in `frozen_dtype` if given, else the run's `model.frozen_dtype`.
     """
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    from blip2_jax.checkpoint import is_workdir
+
+    if is_workdir(path):
         return _from_workdir(path, frozen_dtype)
     with CheckpointReader(path) as reader:
         config = hf_blip2.config_from_hf(reader.config, reader.keys(), dtype=dtype, frozen_dtype=frozen_dtype)

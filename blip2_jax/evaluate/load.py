@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from blip2_jax import checkpoint as checkpoint_lib
 from blip2_jax.models.blip2 import Blip2OPT, Blip2Stage1
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -45,10 +46,6 @@ def load_config_file(spec: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
-def is_workdir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "checkpoints"))
-
-
 def llm_kind(model: nn.Module) -> str:
     if isinstance(model, Blip2Stage1):
         return ""
@@ -63,10 +60,9 @@ def load_model(path: str, *, train_config=None, tokenizer: str = "", frozen_dtyp
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     if frozen_dtype not in DTYPES:
         raise ValueError(f"config.frozen_dtype={frozen_dtype!r}: expected one of {tuple(DTYPES)}")
-    if is_workdir(path):
-        if train_config is None:  # the config the run recorded (blip2_jax.checkpoint.save_run_config)
-            from blip2_jax.checkpoint import load_run_config
-            train_config = load_run_config(path)
+    if checkpoint_lib.is_workdir(path):
+        if train_config is None:  # the config the run recorded (checkpoint_lib.save_run_config)
+            train_config = checkpoint_lib.load_run_config(path)
         return load_workdir(path, train_config, tokenizer)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json and no checkpoints/: neither a Hugging Face BLIP-2 "
@@ -86,7 +82,7 @@ def load_workdir(workdir: str, config, tokenizer: str = "") -> Loaded:
     and the frozen towers loaded (or re-drawn from the seed) as the train loop does."""
     from blip2_jax import sharding as sharding_lib
     from blip2_jax.data import text as data_text
-    from blip2_jax.train import loop, stage2_init
+    from blip2_jax.train import loop
 
     task_name = config.get("task", "")
     if task_name not in ("stage1", "stage2"):
@@ -106,5 +102,5 @@ def load_workdir(workdir: str, config, tokenizer: str = "") -> Loaded:
     frozen_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         frozen = loop.make_frozen(task, frozen_key, mesh, rules)
-    _, trainable = stage2_init.latest_params(workdir)
+    _, trainable = checkpoint_lib.latest_params(workdir)
     return Loaded(model, {**trainable, **frozen}, tok, llm_kind(model))

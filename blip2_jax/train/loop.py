@@ -277,7 +277,7 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
             state_shardings)
 
         # ---- fresh start or resume ----
-        ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+        ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, checkpoint_lib.CHECKPOINTS),
                                            keep=int(tc.keep_checkpoints),
                                            async_save=bool(tc.async_checkpointing))
         data = make_data()

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax import checkpoint as checkpoint_lib
 from blip2_jax.convert import blip2 as hf_blip2
 from blip2_jax.convert.hf_io import CheckpointReader
 from blip2_jax.convert.rules import flatten, load_rules, set_path
@@ -48,9 +49,8 @@ def _read_config(path: str) -> dict:
 def load_vision(path: str, cfg: Blip2Config) -> dict:
     """`{"vision": ...}` as numpy from a BLIP-2 or CLIP directory, or from a workdir of this project
     whose newest checkpoint trained the ViT (`model.train_vision`)."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        from blip2_jax.train.stage2_init import latest_params
-        step, params = latest_params(path)
+    if checkpoint_lib.is_workdir(path):
+        step, params = checkpoint_lib.latest_params(path)
         if "vision" not in params:
             raise ValueError(f"{path}: its checkpoint (step {step}) holds no trained ViT (`vision`); "
                              "init.vision_checkpoint takes a workdir of a run with model.train_vision=True")

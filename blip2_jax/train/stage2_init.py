@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from blip2_jax import checkpoint as checkpoint_lib
 from blip2_jax.convert import blip2 as hf_blip2
 from blip2_jax.convert.hf_io import CheckpointReader
 from blip2_jax.convert.rules import Rule, check_keys, flatten, linear, prefixed, set_path
@@ -113,34 +114,6 @@ def frozen_loader(config, cfg: Blip2Config, random_frozen: Callable[[], dict]) -
 
 
 # -- trainable ----------------------------------------------------------------------------------
-def latest_params(workdir: str) -> tuple[int, dict]:
-    """`(step, params)` of the newest checkpoint in a workdir of this project, as numpy arrays."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory} does not exist (init.stage1_checkpoint must be a stage-1 workdir "
-                                "or a Hugging Face BLIP-2 directory)")
-    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()
-                   and os.path.isdir(os.path.join(directory, d, "state")))
-    if not steps:
-        raise FileNotFoundError(f"{directory} holds no finished checkpoint")
-    path = os.path.join(directory, str(steps[-1]), "state")
-    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-        tree = ckptr.metadata(path).item_metadata
-        if "params" not in tree:
-            raise ValueError(f"{path} holds no 'params' (not a train state of this project)")
-        # Only the params subtree is read (partial restore), onto the host CPU.
-        item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
-                                       tree["params"])}
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=host), item)
-        state = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                 partial_restore=True))
-    state = jax.tree.map(np.asarray, state)
-    return steps[-1], state["params"]
-
-
 def stage1_tree_from_hf(path: str, cfg: Blip2Config, with_projection: bool = False) -> dict:
     """`ln_vision`, `query_tokens` and the query-path Q-Former from an HF BLIP-2 directory (numpy), and
     `language_projection` when `with_projection` (a `Blip2ForConditionalGeneration` directory)."""
@@ -164,8 +137,8 @@ def stage1_tree_from_hf(path: str, cfg: Blip2Config, with_projection: bool = Fal
 def read_stage1(path: str, cfg: Blip2Config, with_projection: bool = False) -> dict:
     """The stage-1 tree (numpy) of a workdir or an HF BLIP-2 directory (`with_projection`: also its
     `language_projection`, for fine-tuning a stage-2 model)."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        step, params = latest_params(path)
+    if checkpoint_lib.is_workdir(path):
+        step, params = checkpoint_lib.latest_params(path)
         log.info("checkpoint: %s, step %d", path, step)
         return params
     return stage1_tree_from_hf(path, cfg, with_projection)
