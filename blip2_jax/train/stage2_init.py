@@ -92,14 +92,14 @@ def frozen_loader(config, cfg: Blip2Config, random_frozen: Callable[[], dict]) -
         return None
 
     def load(abstract: dict) -> dict:
-        random = random_frozen() if not (vision_path and llm_path) else {}
+        frozen_vit = "vision" in abstract  # not when the ViT trains (model.train_vision: trainable_loader)
+        # The random tree is drawn only when some frozen tower has no checkpoint (at scale it is GBs).
+        random = random_frozen() if (frozen_vit and not vision_path) or not llm_path else {}
         out = {}
-        if "vision" not in abstract:  # the ViT trains (model.train_vision): trainable_loader loads it
-            pass
-        elif vision_path:
+        if frozen_vit and vision_path:
             out.update(load_vision(vision_path, cfg, abstract))
             log.info("frozen ViT loaded from %s", vision_path)
-        else:
+        elif frozen_vit:
             out["vision"] = random["vision"]
             log.warning("init.vision_checkpoint is empty: the frozen ViT is random (seed %d)", config.seed)
         if llm_path:
