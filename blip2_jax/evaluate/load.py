@@ -98,9 +98,8 @@ def load_workdir(workdir: str, config, tokenizer: str = "") -> Loaded:
         tok = data_text.load_bert_tokenizer(tokenizer or config.data.tokenizer_path)
         model = Blip2Stage1(stage.model_config(config, vocab_size=len(tok)))
     task = stage.make_task(config, mesh)
-    # The loop's frozen key (loop.train: fold_in(root, 1)): a random frozen tower is the trained-with one.
-    frozen_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)
+    # The loop's frozen key: a random frozen tower is the one the run trained against.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        frozen = loop.make_frozen(task, frozen_key, mesh, rules)
+        frozen = loop.make_frozen(task, loop.run_keys(config.seed)[1], mesh, rules)
     _, trainable = checkpoint_lib.latest_params(workdir)
     return Loaded(model, {**trainable, **frozen}, tok, llm_kind(model))

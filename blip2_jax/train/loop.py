@@ -256,8 +256,7 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
     mesh = mesh or sharding_lib.make_mesh(config.mesh, devices)
     rules = sharding_lib.axis_rules(tuple(config.mesh.axis_rules))
     accum = int(tc.grad_accum_steps)
-    root = jax.random.PRNGKey(int(config.seed))
-    init_key, frozen_key, train_key = (jax.random.fold_in(root, i) for i in range(3))
+    init_key, frozen_key, train_key = run_keys(config.seed)
     # What the run is, for `blip2_jax.from_pretrained(workdir)` (rewritten on every (re)start).
     checkpoint_lib.save_run_config(workdir, config)
 
@@ -303,6 +302,14 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
             ckpt.close()
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(init_key, frozen_key, train_key)` of a run with this seed: the fresh trainable init, the random
+    frozen towers (a task or loader that re-draws them must use this key) and the step RNG."""
+    root = jax.random.PRNGKey(int(seed))
+    init_key, frozen_key, train_key = (jax.random.fold_in(root, i) for i in range(3))
+    return init_key, frozen_key, train_key
+
+
 def make_frozen(task, rng, mesh, rules) -> dict:
     """The frozen tree of `task`, sharded by `rules` on `mesh` ({} if the task has none).
 
@@ -322,8 +329,6 @@ def make_frozen(task, rng, mesh, rules) -> dict:
         frozen = jax.jit(lambda r: sharding_lib.unbox(task.init_frozen(r)),
                          out_shardings=shardings)(rng)
     return frozen
-
-
 
 
 def _fresh_state(task, tx, init_key, train_key, mesh, rules, state_shardings):

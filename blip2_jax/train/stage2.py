@@ -37,7 +37,7 @@ from blip2_jax.evaluate import captioning
 from blip2_jax.models.blip2 import Blip2Config, Blip2OPT, Blip2T5, init_fns
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.vit import VisionConfig
-from blip2_jax.train import losses, stage1, stage2_init
+from blip2_jax.train import loop, losses, stage1, stage2_init
 from blip2_jax.train.task import Task
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def make_task(config, mesh) -> Task:
         raise ValueError(f"config.data.text_mode {mode!r} does not fit config.model.llm {config.model.llm!r} "
                          f"(expected one of {TEXT_MODES[config.model.llm]})")
     llm_dropout = bool(config.model.llm_dropout)
-    frozen_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)  # the loop's frozen key
+    frozen_key = loop.run_keys(config.seed)[1]  # the random frozen towers are the loop's
 
     train_vision = bool(config.model.train_vision)
     init_trainable, init_frozen = init_fns(
