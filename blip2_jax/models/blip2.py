@@ -253,7 +253,7 @@ def init_fns(model: nn.Module, *inputs, frozen_keys: tuple[str, ...] = FROZEN_KE
 
 def split_frozen(params: dict, frozen_keys: tuple[str, ...] = FROZEN_KEYS) -> tuple[dict, dict]:
     """`(trainable, frozen)` by top-level key (`vision`, `language_model` are frozen; a task that trains
-    a tower, e.g. the demo's ViT pretraining, passes the keys it keeps frozen)."""
+    a tower, e.g. with `model.train_vision`, passes the keys it keeps frozen)."""
     frozen = {k: v for k, v in params.items() if k in frozen_keys}
     trainable = {k: v for k, v in params.items() if k not in frozen_keys}
     return trainable, frozen

@@ -57,7 +57,7 @@ def _dummy_inputs(cfg: Blip2Config, batch: int = 1, text_len: int = 8):
 def stage1_losses(model: Blip2Stage1, params, batch, rng, *, train: bool, dec_token_id: int, loss_cfg,
                   train_vision: bool = False):
     """`(total, metrics)` of ITC + ITM + ITG on one (global) batch. See the reference for each part.
-    `train_vision`: the gradient also reaches the ViT (the demo's ViT pretraining, not BLIP-2)."""
+    `train_vision`: the gradient also reaches the ViT (LAVIS fine-tuning with `freeze_vit: False`)."""
     deterministic = not train
     rng_itm, rng_dropout = jax.random.split(rng)
     rngs = {"dropout": rng_dropout}
@@ -218,7 +218,7 @@ def loss_section() -> ml_collections.ConfigDict:
 def init_section() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # HF BLIP-2 dir (EVA ViT-g), HF CLIPVisionModel dir, or a workdir of this project whose checkpoint
-    # trained the ViT (model.train_vision: the demo's ViT pretraining); "" = random frozen ViT
+    # trained the ViT (model.train_vision); "" = random frozen ViT
     c.vision_checkpoint = ""
     c.qformer_checkpoint = ""  # bert-base-uncased style dir for the Q-Former (LAVIS init)
     c.stage1_checkpoint = ""   # whole stage-1 model: HF Blip2ForImageTextRetrieval dir or converted LAVIS dir
