@@ -68,3 +68,37 @@ def blip2_t5_config(*, vocab=120, d_model=32, layers=2, heads=4, num_queries=4, 
                       text_config=text.to_dict(), num_query_tokens=num_queries, image_token_index=vocab - 1)
     cfg.architectures = ["Blip2ForConditionalGeneration"]
     return cfg
+
+
+def hf_retrieval_scores(hf, vocab_dir: str, images, texts, k: int, max_len: int = 35):
+    """The reference retrieval scores of an HF `Blip2ForImageTextRetrieval`, in torch: ITC similarities
+    `[N_img, N_txt]` of CLIP-normalised uint8 HWC `images` (no resize) and `texts` (BERT `vocab.txt`
+    in `vocab_dir`, padded to `max_len`), and LAVIS's re-ranking of each row's top `k` by ITM + ITC
+    (`-100` elsewhere). Returns `(sims, score_i2t, score_t2i)` as numpy."""
+    import os
+
+    import numpy as np
+    from transformers import BertTokenizerFast
+
+    from blip2_jax.data.image_ops import CLIP_MEAN, CLIP_STD
+
+    tok = BertTokenizerFast(vocab=os.path.join(vocab_dir, "vocab.txt"), do_lower_case=True)
+    enc = tok(list(texts), padding="max_length", max_length=max_len, return_tensors="pt")
+    x = np.stack(images).astype(np.float32) / 255.0
+    x = (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    px = torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        sims = hf(pixel_values=px, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                  use_image_text_matching_head=False).logits_per_image.numpy()
+        ni, nt = sims.shape
+        ii, tt = np.repeat(np.arange(ni), nt), np.tile(np.arange(nt), ni)
+        itm = hf(pixel_values=px[ii], input_ids=enc.input_ids[tt], attention_mask=enc.attention_mask[tt],
+                 use_image_text_matching_head=True).logits_per_image[:, 1].numpy().reshape(ni, nt)
+    i2t, t2i = np.full((ni, nt), -100.0), np.full((nt, ni), -100.0)
+    for i in range(ni):  # LAVIS: each image's top-k texts by ITC get itm + sim
+        top = np.argsort(-sims[i], kind="stable")[:k]
+        i2t[i, top] = itm[i, top] + sims[i, top]
+    for t in range(nt):
+        top = np.argsort(-sims[:, t], kind="stable")[:k]
+        t2i[t, top] = itm[top, t] + sims[top, t]
+    return sims, i2t, t2i

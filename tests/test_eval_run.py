@@ -220,27 +220,7 @@ def retrieval_setup(tmp_path_factory):
 
 
 def _hf_scores(hf, model_dir, arrs, k):
-    from transformers import BertTokenizerFast
-    tok = BertTokenizerFast(vocab=os.path.join(model_dir, "vocab.txt"), do_lower_case=True)
-    texts = [t for caps in CAPTIONS for t in caps]
-    enc = tok(texts, padding="max_length", max_length=35, return_tensors="pt")
-    px = torch.from_numpy(_pixels(arrs)).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        sims = hf(pixel_values=px, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                  use_image_text_matching_head=False).logits_per_image.numpy()
-        ni, nt = sims.shape
-        ii, tt = np.repeat(np.arange(ni), nt), np.tile(np.arange(nt), ni)
-        itm = hf(pixel_values=px[ii], input_ids=enc.input_ids[tt], attention_mask=enc.attention_mask[tt],
-                 use_image_text_matching_head=True).logits_per_image[:, 1].numpy().reshape(ni, nt)
-    i2t = np.full((ni, nt), -100.0)
-    t2i = np.full((nt, ni), -100.0)
-    for i in range(ni):  # LAVIS: each image's top-k texts by ITC get itm + sim
-        top = np.argsort(-sims[i], kind="stable")[:k]
-        i2t[i, top] = itm[i, top] + sims[i, top]
-    for t in range(nt):
-        top = np.argsort(-sims[:, t], kind="stable")[:k]
-        t2i[t, top] = itm[top, t] + sims[top, t]
-    return sims, i2t, t2i
+    return hf_tiny.hf_retrieval_scores(hf, model_dir, arrs, [t for caps in CAPTIONS for t in caps], k)
 
 
 def test_retrieval_matches_hf_itc_itm_rerank(retrieval_setup):

@@ -6,16 +6,14 @@ the four decodable images against their own captions only, LAVIS's top-k re-rank
 `recall_at_k` on those scores.
 """
 import io
-import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Blip2ForImageTextRetrieval, BertTokenizerFast
+from transformers import Blip2ForImageTextRetrieval
 
 from blip2_jax.data import records
-from blip2_jax.data.image_ops import CLIP_MEAN, CLIP_STD
 from blip2_jax.evaluate import load, retrieval
 from blip2_jax.train import stage1
 from configs import stage1 as stage1_config
@@ -54,26 +52,7 @@ def setup(tmp_path_factory):
 
 def _reference_recall(hf, model_dir, arrs, captions, k):
     """HF scores of `arrs` x their captions, LAVIS's ITM re-ranking of the top k, then recall@K."""
-    tok = BertTokenizerFast(vocab=os.path.join(model_dir, "vocab.txt"), do_lower_case=True)
-    texts = [t for caps in captions for t in caps]
-    enc = tok(texts, padding="max_length", max_length=35, return_tensors="pt")
-    x = np.stack(arrs).astype(np.float32) / 255.0
-    x = (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
-    px = torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        sims = hf(pixel_values=px, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                  use_image_text_matching_head=False).logits_per_image.numpy()
-        ni, nt = sims.shape
-        ii, tt = np.repeat(np.arange(ni), nt), np.tile(np.arange(nt), ni)
-        itm = hf(pixel_values=px[ii], input_ids=enc.input_ids[tt], attention_mask=enc.attention_mask[tt],
-                 use_image_text_matching_head=True).logits_per_image[:, 1].numpy().reshape(ni, nt)
-    i2t, t2i = np.full((ni, nt), -100.0), np.full((nt, ni), -100.0)
-    for i in range(ni):
-        top = np.argsort(-sims[i], kind="stable")[:k]
-        i2t[i, top] = itm[i, top] + sims[i, top]
-    for t in range(nt):
-        top = np.argsort(-sims[:, t], kind="stable")[:k]
-        t2i[t, top] = itm[top, t] + sims[top, t]
+    _, i2t, t2i = hf_tiny.hf_retrieval_scores(hf, model_dir, arrs, [t for caps in captions for t in caps], k)
     txt2img = [i for i, caps in enumerate(captions) for _ in caps]
     img2txt, n = [], 0
     for caps in captions:
