@@ -7,7 +7,7 @@ import torch
 
 import blip2_jax
 from blip2_jax import sharding
-from blip2_jax.convert.rules import flatten
+from flax.traverse_util import flatten_dict as flatten
 from blip2_jax.data import shapes
 from blip2_jax.train import stage1
 from configs import stage1 as stage1_config

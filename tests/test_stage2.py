@@ -12,9 +12,10 @@ from transformers import Blip2ForConditionalGeneration
 
 from blip2_jax import checkpoint as checkpoint_lib
 from blip2_jax import sharding as sharding_lib
-from blip2_jax.convert.rules import flatten
+from flax.traverse_util import flatten_dict as flatten
+from flax.traverse_util import unflatten_dict
 from blip2_jax.data import pipeline as data_pipeline
-from blip2_jax.train import loop, stage2, stage2_init
+from blip2_jax.train import loop, stage2
 from tests import hf_tiny
 from tests.test_blip2_retrieval import torch_pixels
 
@@ -284,7 +285,6 @@ def test_stage2_demo_config_from_stage1_workdir_and_text_lm(text_lm_run, tmp_pat
     """configs/stage2.py:demo_opt with the text-LM export and a stage-1 workdir checkpoint: the
     query path comes from the workdir (text parts dropped), the projection is fresh, the pipeline's
     batches run through the loss."""
-    from blip2_jax.convert.rules import set_path
     root, _, _, workdir = text_lm_run
     c = _load_config("stage2", "demo_opt")
     c.init.llm_checkpoint = c.data.tokenizer_path = os.path.join(workdir, "hf")
@@ -297,15 +297,16 @@ def test_stage2_demo_config_from_stage1_workdir_and_text_lm(text_lm_run, tmp_pat
     rules = sharding_lib.axis_rules(())
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         fresh, _ = sharding_lib.create_sharded(task.init_trainable, jax.random.PRNGKey(5), mesh, rules)
-    stage1_params = {}
+    flat_stage1 = {}
     rng = np.random.default_rng(0)
     for path, leaf in flatten(fresh).items():
         if path[0] != "language_projection":
-            set_path(stage1_params, path, rng.normal(size=leaf.shape).astype(np.float32))
+            flat_stage1[path] = rng.normal(size=leaf.shape).astype(np.float32)
     extras = {("qformer", "word_embeddings", "embedding"): (30, 128), ("temp",): (),
               ("qformer", "layer_0", "text_ffn", "intermediate", "kernel"): (128, 256)}
     for path, shape in extras.items():
-        set_path(stage1_params, path, rng.normal(size=shape).astype(np.float32))
+        flat_stage1[path] = rng.normal(size=shape).astype(np.float32)
+    stage1_params = unflatten_dict(flat_stage1)
     state = {"step": np.int32(7), "params": stage1_params, "rng": np.zeros(2, np.uint32),
              "opt_state": {"mu": stage1_params}}
     ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "stage1" / "checkpoints"), async_save=False)

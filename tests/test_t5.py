@@ -14,7 +14,7 @@ from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 from blip2_jax.convert import t5 as t5_convert
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader, write_safetensors
-from blip2_jax.convert.rules import flatten
+from flax.traverse_util import flatten_dict as flatten
 from blip2_jax.models import t5 as t5_model
 
 CONFIGS = {

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,14 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader
-from blip2_jax.convert.rules import Rule, Transform, check_keys, flatten, layer_norm, linear, load_rules, prefixed
+from blip2_jax.convert.merge import merge_params
+from blip2_jax.convert.rules import Rule, Transform, check_keys, layer_norm, linear, load_rules, prefixed
 from blip2_jax.models.blip2 import Blip2Config
 from blip2_jax.models.qformer import QFormerConfig
 
 log = logging.getLogger(__name__)
 
 DEC_INIT_STD = 0.02  # BERT's initializer_range: how `resize_token_embeddings` draws new rows
-_LEAVES = ("kernel", "bias", "scale", "embedding")
 
 
 def qformer_config_from_bert(d: dict, *, encoder_hidden_size: int, num_query_tokens: int = 32,
@@ -116,15 +115,6 @@ def _check_config(bert: dict, config: QFormerConfig, source: str) -> None:
         raise CheckpointError(f"{source}: BERT config does not match the Q-Former config: " + "; ".join(diff))
 
 
-def _summary(paths) -> str:
-    """Module paths, with the vision tower and leaf names folded: 'qformer/layer_0/crossattention, temp, ...'."""
-    mods = set()
-    for p in paths:
-        p = p[:-1] if len(p) > 1 and p[-1] in _LEAVES else p
-        mods.add("vision" if p[0] == "vision" else "/".join(p[:3]))
-    return ", ".join(sorted(mods))
-
-
 def init_stage1_from_bert(path: str, params: dict, config: Blip2Config, rng: jax.Array) -> dict:
     """A full stage-1 tree: `params` (a fresh init of `Blip2Stage1(config)`) with BERT's weights in.
 
@@ -143,33 +133,14 @@ def init_stage1_from_bert(path: str, params: dict, config: Blip2Config, rng: jax
         rs = rules(qcfg, dec_row=dec_row, hf_prefix=prefix, lm_head=has_head and config.with_lm_head)
         ignore = ignore_patterns(prefix) + ((r"cls\..*",) if not config.with_lm_head else ())
         check_keys(rs, reader.keys(), ignore=ignore, source=path)
-        loaded = flatten(load_rules(reader.get, rs, source=path))
+        loaded = load_rules(reader.get, rs, source=path)
         if has_head and "cls.predictions.decoder.weight" in reader:
             decoder = reader.get("cls.predictions.decoder.weight")
             if not np.array_equal(decoder, reader.get(prefix + "embeddings.word_embeddings.weight")):
                 raise CheckpointError(f"{path}: cls.predictions.decoder.weight differs from the word embeddings; "
                                       "the Q-Former's LM head is tied to them")
-    return _merge(params, loaded, path)
-
-
-def _merge(params: dict, loaded: dict[tuple[str, ...], Any], source: str) -> dict:
-    init = flatten(params)
-    stray = sorted("/".join(p) for p in loaded.keys() - init.keys())
-    if stray:
-        raise CheckpointError(f"{source}: BERT weights for paths the model does not have: {stray}")
-    bad = [f"{'/'.join(p)}: BERT {v.shape} != model {np.shape(init[p])}" for p, v in loaded.items()
-           if v.shape != np.shape(init[p])]
-    if bad:
-        raise CheckpointError(f"{source}: shapes do not match: {bad}")
-    out: dict = {}
-    for p, ref in init.items():
-        value = jnp.asarray(loaded[p], ref.dtype) if p in loaded else ref
-        node = out
-        for k in p[:-1]:
-            node = node.setdefault(k, {})
-        node[p[-1]] = value
-    log.info("%s: from the fresh init (not in BERT): %s", source, _summary(init.keys() - loaded.keys()))
-    return out
+    # What BERT lacks (the query embeddings, cross-attention, query FFNs, ITC/ITM heads) stays fresh.
+    return merge_params(params, loaded, source=path, missing="keep")
 
 
 __all__ = ["qformer_config_from_bert", "rules", "ignore_patterns", "detect_prefix", "init_stage1_from_bert"]

@@ -7,13 +7,19 @@ The LLM key maps come from `convert/opt.py` and `convert/t5.py`, under the `lang
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from blip2_jax.convert.rules import (CONV, IDENTITY, Rule, embedding, layer_norm, linear, prefixed, reshape)
-from blip2_jax.models.blip2 import Blip2Config
+from blip2_jax.convert import opt, t5
+from blip2_jax.convert.hf_io import CheckpointReader, write_hf_dir
+from blip2_jax.convert.merge import merge_params
+from blip2_jax.convert.rules import (CONV, IDENTITY, Rule, check_keys, embedding, layer_norm, linear, load_rules,
+                                     prefixed, reshape, save_rules)
+from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, abstract_params, build_model
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.vit import VisionConfig
 
@@ -72,10 +78,8 @@ def text_converter(text_config_dict_or_config):
     else:
         kind = {"OPTConfig": "opt", "T5Config": "t5"}.get(type(text_config_dict_or_config).__name__)
     if kind == "opt":
-        from blip2_jax.convert import opt
         return opt
     if kind == "t5":
-        from blip2_jax.convert import t5
         return t5
     raise ValueError(f"text_config.model_type {kind!r} is not supported (opt or t5)")
 
@@ -216,10 +220,33 @@ def config_to_hf(config: Blip2Config) -> dict:
     return d
 
 
-def with_dtypes(config: Blip2Config, *, dtype, frozen_dtype) -> Blip2Config:
-    """The same architecture with other storage/compute dtypes."""
-    vision = dataclasses.replace(config.vision, dtype=frozen_dtype, param_dtype=frozen_dtype)
-    qformer = dataclasses.replace(config.qformer, dtype=dtype, param_dtype=dtype)
-    text = None if config.text is None else dataclasses.replace(config.text, dtype=frozen_dtype,
-                                                                 param_dtype=frozen_dtype)
-    return dataclasses.replace(config, vision=vision, qformer=qformer, text=text)
+# -- whole directories ----------------------------------------------------------------------------
+def load(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Any = None) -> tuple[nn.Module, dict]:
+    """`(model, params)` of a Hugging Face BLIP-2 directory, read tensor by tensor from safetensors.
+
+    `dtype`: parameters/compute of the trainable part; `frozen_dtype` (default `dtype`): the frozen
+    ViT and LLM. A retrieval checkpoint carries no ITC temperature: it starts at its init value.
+    """
+    with CheckpointReader(path) as reader:
+        config = config_from_hf(reader.config, reader.keys(), dtype=dtype, frozen_dtype=frozen_dtype)
+        model = build_model(config)
+        rs = rules(config)
+        check_keys(rs, reader.keys(), ignore=IGNORED_HF_KEYS, source=path)
+        tree = load_rules(reader.get, rs, source=path)
+    if isinstance(model, Blip2Stage1):
+        tree["temp"] = np.float32(config.temperature_init)
+    return model, merge_params(abstract_params(model), tree, source=path)
+
+
+def save(model: nn.Module, params: dict, path: str, *, dtype: Any = np.float32) -> None:
+    """Write `path/config.json` + `path/model.safetensors` that transformers 5.x loads into the
+    matching Blip2 class and runs with the same outputs."""
+    config: Blip2Config = model.config
+    if config.text is None and not config.qformer.use_text_input:
+        raise ValueError("a retrieval checkpoint needs the Q-Former's text path (use_text_input=True)")
+    params = {k: v for k, v in params.items() if k not in STAGE1_ONLY}
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), dtype=np.float32), params)
+    tensors = save_rules(host, rules(config), dtype=dtype)
+    hf_config = config_to_hf(config)
+    hf_config["torch_dtype"] = np.dtype(dtype).name
+    write_hf_dir(path, hf_config, tensors)

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader
-from blip2_jax.convert.rules import (CONV, Rule, check_keys, flatten, layer_norm, linear, load_rules, prefixed, reshape,
-                                     set_path)
+from blip2_jax.convert.merge import merge_params
+from blip2_jax.convert.rules import CONV, Rule, check_keys, layer_norm, linear, load_rules, prefixed, reshape
 from blip2_jax.models.vit import VisionConfig, VisionTransformer
 
 _CLIP_MODEL_EXTRAS = (r"text_model\..*", r"text_projection\..*", r"visual_projection\..*", r"logit_scale")
@@ -121,17 +121,7 @@ def check_matches(config: VisionConfig, expected: VisionConfig) -> None:
 
 def with_vision(params: dict, vision_params: dict) -> dict:
     """A copy of a BLIP-2 tree with `vision` replaced (paths and shapes checked, dtypes kept)."""
-    old, new = flatten(params["vision"]), flatten(vision_params)
-    problems = sorted(f"{'/'.join(p)}: missing" for p in old.keys() - new.keys())
-    problems += sorted(f"{'/'.join(p)}: unexpected" for p in new.keys() - old.keys())
-    problems += sorted(f"{'/'.join(p)}: {np.shape(new[p])} != {np.shape(old[p])}" for p in old.keys() & new.keys()
-                       if np.shape(new[p]) != np.shape(old[p]))
-    if problems:
-        raise CheckpointError(f"vision params do not fit the model's vision tower: {problems}")
-    tree: dict = {}
-    for p, ref in old.items():
-        set_path(tree, p, jnp.asarray(new[p], ref.dtype))
-    return {**params, "vision": tree}
+    return {**params, "vision": merge_params(params["vision"], vision_params, source="CLIP vision tower")}
 
 
 __all__ = ["vision_config_from_hf", "rules", "ignore_patterns", "detect_prefix", "load", "check_matches",

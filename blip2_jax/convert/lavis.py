@@ -55,12 +55,14 @@ from typing import Callable, Mapping, Optional
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
 from blip2_jax.convert import blip2 as hf_blip2
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader, SafetensorsFile, write_safetensors
-from blip2_jax.convert.rules import (CONV, IDENTITY, LINEAR, Rule, check_keys, flatten, layer_norm, linear,
-                                     load_rules, prefixed, reshape, save_rules, set_path)
-from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1
+from blip2_jax.convert.merge import merge_params
+from blip2_jax.convert.rules import (CONV, IDENTITY, LINEAR, Rule, check_keys, layer_norm, linear, load_rules,
+                                     prefixed, reshape, save_rules)
+from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, abstract_params
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.vit import VisionConfig
 
@@ -300,7 +302,7 @@ def convert_state_dict(state: Mapping, *, kind: Optional[str] = None, vision_dir
                 lr = llm_rules(text, "")
                 check_keys(lr, llm_reader.keys(), ignore=hf_blip2.text_converter(text).ignore_patterns(""),
                            source=language_model_dir)
-                _merge_into(params, load_rules(llm_reader.get, lr, dtype=dtype, source=language_model_dir))
+                params = _union(params, load_rules(llm_reader.get, lr, dtype=dtype, source=language_model_dir))
     return Converted(config, params, kind)
 
 
@@ -331,9 +333,8 @@ def _check_tied(get, key: str, tied_to: str, keys: set, source: str) -> None:
         raise CheckpointError(f"{source}: {key} differs from {tied_to}, to which the ITG head is tied")
 
 
-def _merge_into(tree: dict, more: dict) -> None:
-    for path, value in flatten(more).items():
-        set_path(tree, path, value)
+def _union(tree: dict, more: dict) -> dict:
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(tree), **traverse_util.flatten_dict(more)})
 
 
 # -- writing and loading --------------------------------------------------------------------------
@@ -373,8 +374,6 @@ def load_stage1(path: str, *, dtype=jnp.float32, frozen_dtype=None, ln_vision_ep
     layout plus `lavis_extra.safetensors` (temperature, ITG head). Without that file (a plain HF
     retrieval directory) the temperature starts at its init and the model has no ITG head.
     `ln_vision_eps` defaults to LAVIS's 1e-5."""
-    from blip2_jax.convert.pretrained import abstract_params
-
     extra_file = os.path.join(path, EXTRA_FILE)
     extra = SafetensorsFile(extra_file) if os.path.exists(extra_file) else None
     try:
@@ -390,22 +389,14 @@ def load_stage1(path: str, *, dtype=jnp.float32, frozen_dtype=None, ln_vision_ep
         if extra is not None:
             ers = extra_rules(with_head)
             check_keys(ers, extra.keys(), source=extra_file)
-            _merge_into(tree, load_rules(extra.get, ers, source=extra_file))
+            tree = _union(tree, load_rules(extra.get, ers, source=extra_file))
         else:
             tree["temp"] = np.float32(config.temperature_init)
     finally:
         if extra is not None:
             extra.close()
     model = Blip2Stage1(config)
-    abstract = abstract_params(model)
-    flat, want = flatten(tree), flatten(abstract)
-    missing = sorted("/".join(p) for p in want.keys() - flat.keys())
-    if missing:
-        raise CheckpointError(f"{path}: the model has parameters the checkpoint did not provide: {missing}")
-    params: dict = {}
-    for p, leaf in want.items():
-        set_path(params, p, jnp.asarray(flat[p], leaf.dtype))
-    return model, params
+    return model, merge_params(abstract_params(model), tree, source=path)
 
 
 # -- command line ---------------------------------------------------------------------------------

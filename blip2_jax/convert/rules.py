@@ -7,9 +7,10 @@ by construction and every key is accounted for in both directions.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from blip2_jax.convert.hf_io import CheckpointError, strict_merge
 
@@ -70,47 +71,26 @@ def embedding(hf_key: str, path: tuple[str, ...]) -> list[Rule]:
     return [Rule(hf_key, path + ("embedding",))]
 
 
-def get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def set_path(tree: Tree, path: tuple[str, ...], value: Any) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
-def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
 def load_rules(get: Callable[[str], np.ndarray], rules: Iterable[Rule], *, dtype=np.float32,
                source: str = "checkpoint") -> Tree:
     """Build our tree from HF tensors, one tensor at a time, cast to `dtype`."""
-    tree: Tree = {}
+    flat = {}
     for rule in rules:
         try:
             value = rule.read(get)
         except KeyError:
             raise CheckpointError(f"{source}: missing tensor {rule.hf_key!r}") from None
-        set_path(tree, rule.path, np.asarray(value).astype(dtype))
-    return tree
+        flat[rule.path] = np.asarray(value).astype(dtype)
+    return traverse_util.unflatten_dict(flat)
 
 
 def save_rules(params: Mapping, rules: Iterable[Rule], *, dtype=np.float32) -> dict[str, np.ndarray]:
     """HF tensors from our tree; fails if a parameter of ours is not covered by a rule."""
     rules = list(rules)
+    flat = traverse_util.flatten_dict(dict(params))
     out, chunks = {}, {}
     for rule in rules:
-        value = np.ascontiguousarray(rule.transform.to_hf(np.asarray(get_path(params, rule.path))).astype(dtype))
+        value = np.ascontiguousarray(rule.transform.to_hf(np.asarray(flat[rule.path])).astype(dtype))
         if rule.chunk is None:
             out[rule.hf_key] = value
         else:
@@ -119,7 +99,7 @@ def save_rules(params: Mapping, rules: Iterable[Rule], *, dtype=np.float32) -> d
         like = next(p for p in parts if p is not None)
         out[key] = np.concatenate([np.zeros_like(like) if p is None else p for p in parts], axis=0)
     covered = {r.path for r in rules}
-    leftover = [".".join(p) for p in flatten(params) if p not in covered]
+    leftover = [".".join(p) for p in flat if p not in covered]
     if leftover:
         raise CheckpointError(f"parameters with no Hugging Face key: {leftover}")
     return out

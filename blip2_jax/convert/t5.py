@@ -20,9 +20,10 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from blip2_jax.convert.hf_io import CheckpointReader, write_hf_dir
-from blip2_jax.convert.rules import Rule, check_keys, embedding, flatten, linear, load_rules, save_rules, set_path
+from blip2_jax.convert.rules import Rule, check_keys, embedding, linear, load_rules, save_rules
 from blip2_jax.models.t5 import T5Config, T5ForConditionalGeneration
 
 _IGNORE = (
@@ -82,10 +83,7 @@ def config_for_checkpoint(hf_config: dict, keys, hf_prefix: str = "", **override
 
 def keep_wo_float32(params: dict) -> dict:
     """Cast every FFN `wo` kernel to float32, the rest untouched (HF `_keep_in_fp32_modules = ["wo"]`)."""
-    out: dict = {}
-    for path, value in flatten(params).items():
-        set_path(out, path, value.astype(np.float32) if "wo" in path else value)
-    return out
+    return traverse_util.path_aware_map(lambda path, x: x.astype(np.float32) if "wo" in path else x, params)
 
 
 def load(path: str, dtype=jnp.float32, *, remat: bool = False) -> tuple[T5ForConditionalGeneration, dict]:

@@ -13,7 +13,7 @@ stage 2) are frozen, everything else trains (`ln_vision` included, as in LAVIS).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -226,9 +226,6 @@ class Blip2T5(_Stage2):
         return logits
 
 
-Blip2Model = Union[Blip2Stage1, Blip2OPT, Blip2T5]
-
-
 def build_model(config: Blip2Config) -> nn.Module:
     """The composition a config describes (stage 2 when it has a text config)."""
     if config.text is None:
@@ -239,6 +236,24 @@ def build_model(config: Blip2Config) -> nn.Module:
     if kind == "T5Config":
         return Blip2T5(config)
     raise ValueError(f"Blip2Config.text must be an OPTConfig or T5Config, got {kind}")
+
+
+def dummy_inputs(model: nn.Module, batch: int = 1, text_len: int = 4, *, abstract: bool = False) -> tuple:
+    """Inputs of the right kinds for `model.init` (pixels, ids, mask[, decoder ids, decoder mask])."""
+    size = model.config.vision.image_size
+    if abstract:
+        pixels = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+        ids = mask = jax.ShapeDtypeStruct((batch, text_len), jnp.int32)
+    else:
+        pixels = jnp.zeros((batch, size, size, 3), jnp.float32)
+        ids, mask = jnp.zeros((batch, text_len), jnp.int32), jnp.ones((batch, text_len), jnp.int32)
+    return (pixels, ids, mask, ids, mask) if isinstance(model, Blip2T5) else (pixels, ids, mask)
+
+
+def abstract_params(model: nn.Module) -> dict:
+    """Shapes and dtypes of the model's parameters (nothing is allocated), unboxed."""
+    variables = jax.eval_shape(lambda *a: model.init(jax.random.PRNGKey(0), *a), *dummy_inputs(model, abstract=True))
+    return nn.unbox(variables["params"])
 
 
 def init_fns(model: nn.Module, *inputs, frozen_keys: tuple[str, ...] = FROZEN_KEYS):

@@ -19,26 +19,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from blip2_jax import checkpoint as checkpoint_lib
 from blip2_jax.convert import blip2 as hf_blip2
 from blip2_jax.convert.hf_io import CheckpointReader
-from blip2_jax.convert.rules import flatten, load_rules, set_path
+from blip2_jax.convert.merge import merge_params
+from blip2_jax.convert.rules import load_rules
 from blip2_jax.models.blip2 import Blip2Config
 
 log = logging.getLogger(__name__)
-
-
-def _place_like(tree: dict, target: dict) -> dict:
-    """Put loaded numpy leaves on the shardings (and dtypes) of the matching `target` leaves."""
-    flat_target = flatten(target)
-    out: dict = {}
-    for path, value in flatten(tree).items():
-        leaf = flat_target[path]
-        if tuple(value.shape) != tuple(leaf.shape):
-            raise ValueError(f"{'.'.join(path)}: checkpoint shape {value.shape} != model shape {leaf.shape}")
-        set_path(out, path, jax.device_put(np.asarray(value, dtype=leaf.dtype), leaf.sharding))
-    return out
 
 
 def _read_config(path: str) -> dict:
@@ -76,7 +66,7 @@ def frozen_loader(config, cfg: Blip2Config) -> Optional[Callable]:
     def load(abstract):
         tree = load_vision(path, cfg)
         log.info("frozen ViT loaded from %s", path)
-        return _place_like(tree, abstract)
+        return merge_params(abstract, tree, source=path)
 
     return load
 
@@ -113,33 +103,14 @@ def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
             dec_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)  # the [DEC] embedding row
             # A full trainable tree; what BERT lacks is the fresh init (and the converter logs which).
             from_bert = bert_conv.init_stage1_from_bert(bert, jax.tree.map(np.asarray, fresh), cfg, dec_rng)
-            loaded.update(flatten(from_bert))
+            loaded.update(traverse_util.flatten_dict(from_bert))
             log.info("Q-Former initialised from BERT at %s", bert)
         if stage1:
-            loaded.update(flatten(_stage1_from_dir(stage1, cfg)))
+            loaded.update(traverse_util.flatten_dict(_stage1_from_dir(stage1, cfg)))
             log.info("stage-1 model initialised from %s", stage1)
         if vision:
-            loaded.update(flatten(load_vision(vision, cfg)))
+            loaded.update(traverse_util.flatten_dict(load_vision(vision, cfg)))
             log.info("trainable ViT initialised from %s", vision)
-        fresh_flat = flatten(fresh)
-        unknown = sorted(".".join(p) for p in loaded if p not in fresh_flat)
-        if unknown:
-            raise ValueError(f"checkpoint parameters the stage-1 model does not have: {unknown}")
-        kept = sorted(".".join(p) for p in fresh_flat if p not in loaded)
-        if kept:
-            log.warning("not in the checkpoint(s), freshly initialised: %s", ", ".join(kept))
-        tree: dict = {}
-        for path, leaf in fresh_flat.items():
-            set_path(tree, path, loaded.get(path, leaf))
-        merged = {}
-        for path, value in flatten(tree).items():
-            leaf = fresh_flat[path]
-            if path in loaded:
-                if tuple(np.shape(value)) != tuple(leaf.shape):
-                    raise ValueError(f"{'.'.join(path)}: checkpoint shape {np.shape(value)} != model shape "
-                                     f"{leaf.shape}")
-                value = jax.device_put(np.asarray(value, dtype=leaf.dtype), leaf.sharding)
-            set_path(merged, path, value)
-        return merged
+        return merge_params(fresh, traverse_util.unflatten_dict(loaded), source="config.init", missing="keep")
 
     return load

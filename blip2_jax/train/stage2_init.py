@@ -25,13 +25,13 @@ import logging
 import os
 from typing import Any, Callable, Optional
 
-import jax
-import numpy as np
+from flax import traverse_util
 
 from blip2_jax import checkpoint as checkpoint_lib
 from blip2_jax.convert import blip2 as hf_blip2
 from blip2_jax.convert.hf_io import CheckpointReader
-from blip2_jax.convert.rules import Rule, check_keys, flatten, linear, prefixed, set_path
+from blip2_jax.convert.merge import merge_params
+from blip2_jax.convert.rules import Rule, check_keys, linear, load_rules, prefixed
 from blip2_jax.models.blip2 import Blip2Config
 
 log = logging.getLogger(__name__)
@@ -48,21 +48,6 @@ def read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
-def _put(value: np.ndarray, leaf, name: str):
-    if tuple(value.shape) != tuple(leaf.shape):
-        raise ValueError(f"{name}: checkpoint shape {value.shape} != model shape {leaf.shape}")
-    return jax.device_put(np.asarray(value).astype(leaf.dtype), leaf.sharding)
-
-
-def load_rules_placed(reader: CheckpointReader, rules: list[Rule], target: dict, source: str) -> dict:
-    """Read every rule's tensor, cast and place it like the matching `target` leaf (abstract or real)."""
-    flat = flatten(target)
-    out: dict = {}
-    for rule in rules:
-        set_path(out, rule.path, _put(rule.read(reader.get), flat[rule.path], f"{source}: {rule.hf_key}"))
-    return out
-
-
 # -- frozen -------------------------------------------------------------------------------------
 def llm_rules(text_config: Any) -> list[Rule]:
     """The LLM's HF keys (a standalone OPT / T5 directory) under our `language_model` subtree."""
@@ -77,12 +62,14 @@ def load_llm(path: str, cfg: Blip2Config, abstract: dict) -> dict:
     ignore = conv.ignore_patterns() if hasattr(conv, "ignore_patterns") else conv.IGNORE
     with CheckpointReader(path) as reader:
         check_keys(rules, reader.keys(), ignore=ignore, source=path)
-        return load_rules_placed(reader, rules, abstract, path)
+        tree = load_rules(reader.get, rules, source=path)
+    return {"language_model": merge_params(abstract["language_model"], tree["language_model"], source=path)}
 
 
 def load_vision(path: str, cfg: Blip2Config, abstract: dict) -> dict:
     from blip2_jax.train import stage1_init
-    return stage1_init._place_like(stage1_init.load_vision(path, cfg), abstract)
+    tree = stage1_init.load_vision(path, cfg)
+    return {"vision": merge_params(abstract["vision"], tree["vision"], source=path)}
 
 
 def frozen_loader(config, cfg: Blip2Config, random_frozen: Callable[[], dict]) -> Optional[Callable]:
@@ -127,11 +114,8 @@ def stage1_tree_from_hf(path: str, cfg: Blip2Config, with_projection: bool = Fal
     rules += hf_blip2.qformer_rules(cfg.qformer)  # cfg.qformer.use_text_input is False: query path only
     if with_projection:
         rules += linear("language_projection", ("language_projection",))
-    tree: dict = {}
     with CheckpointReader(path) as reader:
-        for rule in rules:
-            set_path(tree, rule.path, np.asarray(rule.read(reader.get)))
-    return tree
+        return load_rules(reader.get, rules, source=path)
 
 
 def read_stage1(path: str, cfg: Blip2Config, with_projection: bool = False) -> dict:
@@ -160,25 +144,23 @@ def trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
 
     def load(fresh: dict) -> dict:
         from blip2_jax.train import stage1_init
-        source = flatten(read_stage1(path, cfg, with_projection=bool(stage2_path))) if path else {}
-        fresh_flat = flatten(fresh)
+        source = traverse_util.flatten_dict(read_stage1(path, cfg, with_projection=bool(stage2_path))) if path else {}
+        fresh_flat = traverse_util.flatten_dict(fresh)
         wanted = {p for p in fresh_flat if p[0] in parts} if path else set()
         if vision_path:
-            vision = flatten(stage1_init.load_vision(vision_path, cfg))
+            vision = traverse_util.flatten_dict(stage1_init.load_vision(vision_path, cfg))
             source.update(vision)
             wanted |= set(vision)
             log.info("trainable ViT initialised from %s", vision_path)
-        missing = sorted(".".join(p) for p in wanted if p not in source)
-        if missing:
-            raise ValueError(f"{path}: the checkpoint lacks {missing} (different Q-Former sizes?)")
+        # Stage-1-only parts (text embeddings and FFNs, ITC/ITM/ITG heads, temperature) are dropped;
+        # a query-path part the source lacks is an error (different Q-Former sizes?).
+        lacking = sorted(".".join(p) for p in wanted if p not in source)
+        if lacking:
+            raise ValueError(f"{path}: the checkpoint lacks {lacking} (different Q-Former sizes?)")
+        used = {p: v for p, v in source.items() if p in wanted}
         dropped = sorted({".".join(p[:3]) for p in source if p not in wanted})
-        log.info("from %s: loaded %d tensors (%s); not used by stage 2: %s", path, len(wanted),
+        log.info("from %s: loaded %d tensors (%s); not used by stage 2: %s", path, len(used),
                  ", ".join(parts), ", ".join(dropped) or "nothing")
-        kept = sorted(".".join(p) for p in fresh_flat if p not in wanted)
-        log.info("freshly initialised: %s", ", ".join(kept))
-        out: dict = {}
-        for p, leaf in fresh_flat.items():
-            set_path(out, p, _put(np.asarray(source[p]), leaf, ".".join(p)) if p in wanted else leaf)
-        return out
+        return merge_params(fresh, traverse_util.unflatten_dict(used), source=path or vision_path, missing="keep")
 
     return load

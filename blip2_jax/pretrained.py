@@ -1,0 +1,43 @@
+"""`from_pretrained` / `save_pretrained`: the public entry points (DESIGN.md, "Public API").
+
+`from_pretrained(path)` reads a Hugging Face BLIP-2 directory (`blip2_jax.convert.blip2.load`) or a
+workdir this project's train loop wrote (`blip2_jax.workdir.load`); `save_pretrained` writes a
+Hugging Face directory that transformers 5.x loads.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from blip2_jax import checkpoint
+from blip2_jax.convert import blip2 as hf_blip2
+
+
+def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Optional[Any] = None):
+    """`(model, params)` for a Hugging Face BLIP-2 directory or a workdir of this project.
+
+    HF directory: `dtype` is the parameter/compute dtype of the trainable part, `frozen_dtype`
+    (default `dtype`) that of the frozen ViT and LLM. Weights are read tensor by tensor from
+    safetensors.
+    Workdir (`<path>/checkpoints/`, a stage-1 or stage-2 run): the model its recorded config
+    (`run_config.json`) describes, the newest checkpoint's trainable parameters, and the frozen towers
+    re-read from where the run read them (or re-drawn from its seed when it had none); the frozen
+    towers in `frozen_dtype` if given, else the run's `model.frozen_dtype`.
+    """
+    if checkpoint.is_workdir(path):
+        from blip2_jax.evaluate.load import load_workdir  # TEMPORARY: replaced by blip2_jax.workdir
+        config = checkpoint.load_run_config(path)
+        if frozen_dtype is not None:
+            config.model.frozen_dtype = np.dtype(frozen_dtype).name
+        loaded = load_workdir(path, config)
+        return loaded.model, loaded.params
+    return hf_blip2.load(path, dtype=dtype, frozen_dtype=frozen_dtype)
+
+
+def save_pretrained(model: nn.Module, params: dict, path: str, *, dtype: Any = np.float32) -> None:
+    """Write a Hugging Face directory (`config.json` + `model.safetensors`) that transformers 5.x loads
+    into the matching Blip2 class and runs with the same outputs."""
+    hf_blip2.save(model, params, path, dtype=dtype)
