@@ -26,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from blip2_jax import config_sections  # noqa: E402
 from blip2_jax.data import image_ops, pipeline, records, shapes, testing, text  # noqa: E402
 
 
@@ -98,8 +99,8 @@ def main() -> None:
         records.write_shard(os.path.join(d, records.shard_name("train", 0, 1)),
                             [records.ImageText(j, ("a picture",), str(i), "bench")
                              for i, j in enumerate(jpegs)])
-        cfg = pipeline.default_config()
-        cfg.train_sources.bench = pipeline.source_config(d)
+        cfg = config_sections.data_config()
+        cfg.train_sources.bench = config_sections.source_config(d)
         cfg.tokenizer_path = testing.bert_vocab_dir()
         cfg.image_size, cfg.global_batch_size, cfg.read_threads = a.size, a.batch_size, cores
         rate, _ = pipeline_rate(cfg, a.seconds)
@@ -107,7 +108,7 @@ def main() -> None:
         result["pipeline_images_per_s_per_core"] = round(rate / cores, 1)
         print(f"grain pipeline, {cores} threads: {rate:.1f} images/s ({rate / cores:.1f} per core)")
         shapes.generate(os.path.join(d, "shapes"), num_train=512, num_heldout=100)
-        cfg.train_sources = {"shapes": pipeline.source_config(os.path.join(d, "shapes"),
+        cfg.train_sources = {"shapes": config_sections.source_config(os.path.join(d, "shapes"),
                                                               prefix="train")}
         cfg.image_size, cfg.global_batch_size = 64, 64
         rate, ms = pipeline_rate(cfg, a.seconds)

@@ -3,8 +3,8 @@
 A checkpoint at step `s` (directory `<workdir>/checkpoints/<s>/`) holds two items:
 - `state`: the train state `{"step", "params", "opt_state", "rng"}` (trainable params only; frozen
   towers are re-read from their source on every start), saved with `StandardSave`;
-- `data`: every process's data-iterator state (`get_state()`), as JSON: `{"<process index>":
-  {"json": value}}` or `{"bytes_b64": ...}` for bytes states such as grain's.
+- `data`: the data iterator's position, written by grain's Orbax handler: one JSON file per process,
+  `data/process_<i>-of-<n>.json`, holding that process's `get_state()` (JSON-serialisable).
 
 Restoring with `StandardRestore(abstract state whose leaves carry NamedShardings)` gives back the
 optax state types and places every array directly on the *current* mesh, which may differ from the
@@ -12,11 +12,11 @@ one that saved it (resharding happens on read).
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 from typing import Any, Optional
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -101,33 +101,28 @@ def _resolve(path: str, started_in: str) -> str:
     return candidate if os.path.exists(candidate) else path
 
 
-def encode_data_state(state: Any) -> dict:
-    """A JSON-able wrapper for an iterator state (bytes are base64-encoded)."""
-    if isinstance(state, (bytes, bytearray)):
-        return {"bytes_b64": base64.b64encode(bytes(state)).decode("ascii")}
-    json.dumps(state)  # fail here, with the type in the message, rather than inside Orbax
-    return {"json": state}
+class _IteratorState:
+    """A data iterator's state in the form grain's Orbax handler (`grain.checkpoint.CheckpointSave`)
+    saves and restores: JSON bytes from `get_state()`, one file per process
+    (`data/process_<i>-of-<n>.json`). Saving takes a snapshot (the loop's iterator moves on while an
+    asynchronous save is still being written); restoring fills `restored`."""
 
+    def __init__(self, state: Any = None):
+        if state is not None:
+            try:
+                self._bytes = json.dumps(state).encode("utf-8")
+            except TypeError as e:
+                raise TypeError(f"the data iterator's get_state() must be JSON-serialisable: {e}") from None
+        self.restored = None
 
-def decode_data_state(wrapped: dict) -> Any:
-    """Inverse of `encode_data_state`."""
-    if "bytes_b64" in wrapped:
-        return base64.b64decode(wrapped["bytes_b64"])
-    return wrapped["json"]
+    def get_state(self) -> bytes:
+        return self._bytes
 
+    def set_state(self, state: bytes) -> None:
+        self.restored = json.loads(state)
 
-def _gather_process_strings(text: str) -> list[str]:
-    """Every process's `text`, in process order (an all-gather of padded uint8 arrays)."""
-    if jax.process_count() == 1:
-        return [text]
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(text.encode("utf-8"), np.uint8)
-    lengths = multihost_utils.process_allgather(np.array([raw.size], np.int64))
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:raw.size] = raw
-    rows = multihost_utils.process_allgather(padded)
-    return [bytes(rows[i, :int(lengths[i][0])]).decode("utf-8") for i in range(rows.shape[0])]
+    def start_prefetch(self) -> None:  # part of grain's iterator protocol; nothing to start here
+        pass
 
 
 class Checkpointer:
@@ -150,23 +145,40 @@ class Checkpointer:
         Device arrays are copied to host memory before this returns, so `state` may be donated to
         the next train step right away.
         """
-        per_process = _gather_process_strings(json.dumps(encode_data_state(data_state)))
-        data = {str(i): json.loads(s) for i, s in enumerate(per_process)}
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(data_state))),
+            force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
         """`(state, data_state)` at `step`; arrays land on `abstract_state`'s shardings."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        data = restored["data"]
-        key = str(jax.process_index())
-        if len(data) != jax.process_count() or key not in data:
+        data_dir = os.path.join(self.directory, str(step), "data")
+        saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_")) if os.path.isdir(data_dir) else []
+        mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not saved and os.path.exists(os.path.join(data_dir, "metadata")):
+            return self._restore_legacy(step, abstract_state, os.path.join(data_dir, "metadata"))
+        if mine not in saved:
             raise ValueError(
-                f"checkpoint {self.directory}/{step} holds data-iterator states for {len(data)} "
-                f"processes, but this run has {jax.process_count()}; the data position cannot be "
-                "restored (start a new workdir, or restore with the same process count)")
-        return restored["state"], decode_data_state(data[key])
+                f"checkpoint {self.directory}/{step} holds the data-iterator states {saved}, but this run is "
+                f"process {jax.process_index()} of {jax.process_count()}; the data position cannot be restored "
+                "(start a new workdir, or restore with the same process count)")
+        data = _IteratorState()
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data)))
+        return restored["state"], data.restored
+
+    def _restore_legacy(self, step: int, abstract_state: Any, data_file: str) -> tuple[Any, Any]:
+        """A checkpoint written before the data states moved to grain's handler: one JSON item
+        `{"<process index>": {"json": state}}` (written by every process's all-gather)."""
+        with open(data_file, encoding="utf-8") as f:
+            data = json.load(f)
+        key = str(jax.process_index())
+        if len(data) != jax.process_count() or key not in data or "json" not in data[key]:
+            raise ValueError(f"checkpoint {self.directory}/{step} holds data-iterator states for {len(data)} "
+                             f"processes, but this run has {jax.process_count()}; the data position cannot be "
+                             "restored (start a new workdir, or restore with the same process count)")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"], data[key]["json"]
 
     def wait(self) -> None:
         """Blocks until every started save is on disk."""

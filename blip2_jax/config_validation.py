@@ -2,7 +2,7 @@
 
 Two kinds of checks:
 - Schema: in the sections the train loop owns (`task`, `seed`, `mesh`, `train`, `optimizer`; see
-  `blip2_jax.train.loop.base_config`), every field must exist in the defaults and have the default's
+  `blip2_jax.config_sections.loop_config`), every field must exist in the defaults and have the default's
   type (an int is accepted for a float field; bool and int are not interchangeable; a None default
   accepts anything). Overrides given with `--config.x=y` are already checked by ml_collections'
   locked ConfigDict; this catches misspelt or ill-typed fields written inside config files.
@@ -17,8 +17,7 @@ from typing import Any, Iterable, Optional
 
 import ml_collections
 
-from blip2_jax import sharding
-from blip2_jax.train import loop
+from blip2_jax import config_sections, sharding
 from blip2_jax.train.optimizer import SCHEDULES
 
 LOOP_SECTIONS = ("task", "seed", "mesh", "train", "optimizer")
@@ -62,7 +61,7 @@ def schema_errors(config: Any, defaults: Any, prefix: str = "",
             errors.extend(schema_errors(value, default, prefix=f"{name}."))
     for key in (sections or ()):
         if key not in config:
-            errors.append(f"{prefix}{key}: missing (start stage configs from loop.base_config())")
+            errors.append(f"{prefix}{key}: missing (start stage configs from config_sections.experiment_config())")
     return errors
 
 
@@ -112,10 +111,6 @@ def semantic_errors(config: Any, num_devices: Optional[int]) -> list[str]:
             errors.append(f"optimizer.{name}={oc[name]}: must be in [0, 1)")
     if oc.eps <= 0:
         errors.append(f"optimizer.eps={oc.eps}: must be > 0")
-    data = config.get("data")
-    if data is not None and "global_batch_size" in data and data.global_batch_size != tc.batch_size:
-        errors.append(f"data.global_batch_size={data.global_batch_size} must equal "
-                      f"train.batch_size={tc.batch_size} (the pipeline feeds one step's global batch)")
     try:
         sharding.axis_rules(tuple(mc.axis_rules))
     except (ValueError, TypeError) as e:
@@ -131,12 +126,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
       config: the full experiment config (other sections are left to their owners).
       num_devices: the device count the mesh must use (default: `jax.device_count()`); pass 0 to
         skip the mesh checks (e.g. when only validating a config file).
-      defaults: the schema (default: `loop.base_config()`).
+      defaults: the schema (default: `config_sections.loop_config()`).
     """
     if num_devices is None:
         import jax
         num_devices = jax.device_count()
-    defaults = loop.base_config() if defaults is None else defaults
+    defaults = config_sections.loop_config() if defaults is None else defaults
     errors = schema_errors(config, defaults, sections=LOOP_SECTIONS)
     if not errors:
         errors = semantic_errors(config, num_devices or None)

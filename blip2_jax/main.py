@@ -13,8 +13,12 @@ from __future__ import annotations
 import json
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from blip2_jax import config_validation, sharding
+from blip2_jax.train import loop, stage1, stage2, text_lm
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (get_config(arg)); override fields with --config.x=y.",
@@ -25,34 +29,25 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
                                  "(multi-process runs: TPU pods, GPU clusters).")
 
 
+STAGES = {"stage1": stage1, "stage2": stage2, "text_lm": text_lm}
+
+
 def stage_module(task_name: str):
-    """The stage module for `config.task` (imported lazily: only the chosen stage is loaded)."""
-    if task_name == "stage1":
-        from blip2_jax.train import stage1 as stage
-    elif task_name == "stage2":
-        from blip2_jax.train import stage2 as stage
-    elif task_name == "text_lm":
-        from blip2_jax.train import text_lm as stage
-    else:
-        raise ValueError(f"config.task={task_name!r}: expected 'stage1', 'stage2' or 'text_lm'")
-    return stage
+    """The stage module for `config.task`."""
+    if task_name not in STAGES:
+        raise ValueError(f"config.task={task_name!r}: expected one of {', '.join(STAGES)}")
+    return STAGES[task_name]
 
 
 def run(config, workdir: str) -> dict:
     """Validates `config`, then trains the stage it names in `workdir`; returns the final metrics."""
-    from blip2_jax import config_validation, sharding
-    from blip2_jax.train import loop
-
     try:
         config_validation.validate(config)
     except config_validation.ConfigError as e:
         raise app.UsageError(str(e)) from None
     stage = stage_module(config.task)
     mesh = sharding.make_mesh(config.mesh)
-    # text_lm exports the trained LLM as a Hugging Face directory under the workdir.
-    task = (stage.make_task(config, mesh, workdir=workdir) if config.task == "text_lm"
-            else stage.make_task(config, mesh))
-    return loop.train(config, task, stage.make_data(config), workdir, mesh=mesh)
+    return loop.train(config, stage.make_task(config, mesh), stage.make_data(config), workdir, mesh=mesh)
 
 
 def main(argv):
@@ -61,7 +56,6 @@ def main(argv):
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
     if _DISTRIBUTED.value:
-        import jax
         jax.distributed.initialize()
     metrics = run(_CONFIG.value, _WORKDIR.value)
     sys.stderr.flush()

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax import checkpoint
+from blip2_jax import checkpoint, workdir
 from blip2_jax.convert import blip2 as hf_blip2
 
 
@@ -28,11 +28,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Option
     towers in `frozen_dtype` if given, else the run's `model.frozen_dtype`.
     """
     if checkpoint.is_workdir(path):
-        from blip2_jax.evaluate.load import load_workdir  # TEMPORARY: replaced by blip2_jax.workdir
-        config = checkpoint.load_run_config(path)
-        if frozen_dtype is not None:
-            config.model.frozen_dtype = np.dtype(frozen_dtype).name
-        loaded = load_workdir(path, config)
+        loaded = workdir.load(path, frozen_dtype=frozen_dtype)
         return loaded.model, loaded.params
     return hf_blip2.load(path, dtype=dtype, frozen_dtype=frozen_dtype)
 

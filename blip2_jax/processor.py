@@ -20,8 +20,11 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from blip2_jax import checkpoint, workdir
 from blip2_jax.data import image_ops
 from blip2_jax.data.text import load_tokenizer
+from blip2_jax.models.blip2 import Blip2OPT
+from blip2_jax.spec import model as spec
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
 
@@ -103,9 +106,7 @@ def load_processor(path: str, *, tokenizer_path: Optional[str] = None,
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_processor: {path!r} is not a directory")
-    from blip2_jax.checkpoint import is_workdir
-
-    if is_workdir(path):
+    if checkpoint.is_workdir(path):
         return _workdir_processor(path, tokenizer_path, image_size)
     config = _read_json(os.path.join(path, "config.json"))
     pre = _read_json(os.path.join(path, "preprocessor_config.json"))
@@ -128,16 +129,20 @@ def load_processor(path: str, *, tokenizer_path: Optional[str] = None,
 
 
 def _workdir_processor(path: str, tokenizer_path: Optional[str], image_size: Optional[int]) -> Blip2Processor:
-    from blip2_jax.checkpoint import load_run_config
-    from blip2_jax.train import stage2
-
-    config = load_run_config(path)
+    config = workdir.run_config(path)
     if config.task != "stage2":
         raise ValueError(f"load_processor: {path} is a {config.task!r} workdir; captions and answers need a "
                          "stage-2 (LLM) model")
-    text = stage2.text_config(config)
+    text = spec.text_config(config)
     return Blip2Processor(load_tokenizer(tokenizer_path or config.data.tokenizer_path),
                           image_size or config.data.image_size, eos_token_id=text.eos_token_id,
                           padding_side="left" if config.model.llm == "opt" else "right",
                           image_mean=tuple(config.data.get("image_mean", image_ops.CLIP_MEAN)),
                           image_std=tuple(config.data.get("image_std", image_ops.CLIP_STD)))
+
+
+def for_model(model, tokenizer, image_size: int) -> Blip2Processor:
+    """The processor of a stage-2 `model` with `tokenizer`: its LLM's EOS, prompts padded on the left
+    for OPT (a decoder-only model continues from the last position) and on the right for T5."""
+    return Blip2Processor(tokenizer, image_size, eos_token_id=model.config.text.eos_token_id,
+                          padding_side="left" if isinstance(model, Blip2OPT) else "right")

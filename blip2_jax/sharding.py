@@ -174,6 +174,20 @@ def create_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array,
     return init(rng), shardings
 
 
+def create_or_load(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: jax.sharding.Mesh,
+                   rules: Optional[Rules] = None,
+                   load: Optional[Callable[[Any], Optional[Any]]] = None) -> Any:
+    """A tree with `init_fn`'s structure and shardings: `load(abstract tree carrying the shardings)`
+    when it gives one (pretrained weights placed shard by shard), else `init_fn(rng)` created on its
+    shards. Unboxed."""
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = logical_shardings(abstract, mesh, rules)
+    tree = load(abstract_with_shardings(abstract, shardings)) if load is not None else None
+    if tree is None:
+        tree = jax.jit(lambda r: unbox(init_fn(r)), out_shardings=shardings)(rng)
+    return tree
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Dimension 0 split over `("data", "fsdp")`, every other dimension replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))

@@ -40,7 +40,7 @@ Fields:
 """
 import ml_collections
 
-from blip2_jax.data import pipeline as data_pipeline
+from blip2_jax import config_sections as sections
 
 VARIANTS = ("coco_caption", "nocaps", "coco_retrieval", "flickr_retrieval", "vqav2", "okvqa", "gqa",
             "demo_caption")
@@ -76,7 +76,7 @@ def get_config(arg: str = "coco_caption") -> ml_collections.ConfigDict:
     c.jpeg_draft = False
     c.max_examples = 0
     c.data = ml_collections.ConfigDict()
-    c.data.source = data_pipeline.source_config()
+    c.data.source = sections.source_config()
     c.data.max_words = 50
     c.data.max_text_len = 35
     c.vqa = ml_collections.ConfigDict(dict(questions="", metric="vqa", apply_lemmatizer=False))
@@ -90,7 +90,7 @@ def get_config(arg: str = "coco_caption") -> ml_collections.ConfigDict:
         c.image_size = 364
         c.batch_size = 8
         prefix = "coco_karpathy_test" if arg == "coco_caption" else "nocaps_val"
-        c.data.source = data_pipeline.source_config(DATA, prefix=prefix)
+        c.data.source = sections.source_config(DATA, prefix=prefix)
     elif arg in ("coco_retrieval", "flickr_retrieval"):
         # ret_coco_eval.yaml / ret_flickr_eval.yaml: model_type coco, 364 px, k_test 128.
         c.task = "retrieval"
@@ -98,7 +98,7 @@ def get_config(arg: str = "coco_caption") -> ml_collections.ConfigDict:
         c.image_size = 364
         c.batch_size = 32
         prefix = "coco_karpathy_test" if arg == "coco_retrieval" else "flickr30k_test"
-        c.data.source = data_pipeline.source_config(DATA, prefix=prefix)
+        c.data.source = sections.source_config(DATA, prefix=prefix)
     elif arg in ("vqav2", "okvqa", "gqa"):
         # {vqav2,okvqa,gqa}_zeroshot_*_eval.yaml: 224 px, beam 5, max_len 10, min_len 1.
         c.task = "vqa"
@@ -115,7 +115,7 @@ def get_config(arg: str = "coco_caption") -> ml_collections.ConfigDict:
         c.train_config = "configs/stage2.py:demo_opt"
         c.image_size = 64
         c.batch_size = 50
-        c.data.source = data_pipeline.source_config("demo_data/shapes", prefix="heldout")
+        c.data.source = sections.source_config("demo_data/shapes", prefix="heldout")
         # The demo LLM was trained on "a photo of " + caption + "\n"; a caption is ~13 tokens.
         c.generation = _generation("a photo of", 1, 20, 0, 1.0, 1.0)
     return c

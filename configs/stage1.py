@@ -11,13 +11,11 @@ Variants:
          364 px, ITC soft targets over same-image pairs, LR 1e-5 -> 0 (no layer-wise LR decay).
   demo   a tiny model on the bundled shapes data that trains on 2 CPU cores in minutes; its frozen
          ViT is randomly initialised (random frozen patch features carry colour and position).
-Every field is documented where it is defined (blip2_jax/train/loop.py `base_config`,
-blip2_jax/train/stage1.py sections, blip2_jax/data/pipeline.py `default_config`).
+Every field is documented where it is defined: blip2_jax/config_sections.py.
 """
 import ml_collections
 
-from blip2_jax.data import pipeline as data_pipeline
-from blip2_jax.train import loop, stage1
+from blip2_jax import config_sections as sections
 
 DEMO_DATA = "demo_data/shapes"  # written by `python -m blip2_jax.data.shapes --out demo_data/shapes`
 
@@ -26,14 +24,12 @@ def get_config(arg: str = "vit_g") -> ml_collections.ConfigDict:
     arg = arg or "vit_g"
     if arg not in ("vit_g", "vit_l", "vit_g_coco_ft", "demo"):
         raise ValueError(f"configs/stage1.py: unknown variant {arg!r} (vit_g, vit_l, vit_g_coco_ft, demo)")
-    c = loop.base_config()
-    c.task = "stage1"
+    c = sections.experiment_config("stage1")
     c.seed = 42
-    c.model = stage1.model_section()
-    c.loss = stage1.loss_section()
-    c.init = stage1.init_section()
-    c.eval = stage1.eval_section()
-    c.data = data_pipeline.default_config()
+    c.model = sections.stage1_model()
+    c.loss = sections.stage1_loss()
+    c.init = sections.stage1_init()
+    c.eval = sections.stage1_eval()
     c.data.text_mode = "stage1"
     c.data.max_text_len = 32
 
@@ -64,7 +60,6 @@ def get_config(arg: str = "vit_g") -> ml_collections.ConfigDict:
         c.init.vision_checkpoint = "checkpoints/clip-vit-large-patch14"
     else:
         _demo(c)
-    c.data.global_batch_size = c.train.batch_size
     return c
 
 
@@ -80,7 +75,7 @@ def _retrieval_finetune(c: ml_collections.ConfigDict) -> None:
     c.model.vision.remat = True
     c.data.image_size = 364  # the 224-px position embeddings are interpolated in the forward pass
     c.data.train_sources = ml_collections.ConfigDict()
-    c.data.train_sources.coco = data_pipeline.source_config("data/coco", prefix="coco_karpathy_train")
+    c.data.train_sources.coco = sections.source_config("data/coco", prefix="coco_karpathy_train")
     c.loss.itc_image_id_targets = True
     c.loss.itm_exclude_same_image = True
     c.optimizer.peak_lr = 1e-5
@@ -92,7 +87,7 @@ def _retrieval_finetune(c: ml_collections.ConfigDict) -> None:
     c.train.batch_size = 112
     c.train.total_steps = 5 * 566_747 // 112
     c.train.checkpoint_every = 2000
-    c.eval.source = data_pipeline.source_config("data/coco", prefix="coco_karpathy_val")
+    c.eval.source = sections.source_config("data/coco", prefix="coco_karpathy_val")
     c.eval.k_test = 128
     c.mesh.fsdp = 1
 
@@ -117,7 +112,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.optimizer.min_lr = 1e-4
     c.optimizer.warmup_lr = 1e-5
     c.optimizer.warmup_steps = 50
-    c.data.train_sources.shapes = data_pipeline.source_config(DEMO_DATA, prefix="train")
+    c.data.train_sources.shapes = sections.source_config(DEMO_DATA, prefix="train")
     c.data.image_size = 64
     c.data.max_text_len = 16
     c.data.min_scale = 0.9
@@ -125,7 +120,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.data.tokenizer_path = DEMO_DATA + "/tokenizer"
     c.data.num_workers = 0
     c.data.read_threads = 2
-    c.eval.source = data_pipeline.source_config(DEMO_DATA, prefix="heldout")
+    c.eval.source = sections.source_config(DEMO_DATA, prefix="heldout")
     c.eval.k_test = 0
     c.eval.batch_size = 50
     c.init.vision_checkpoint = ""

@@ -22,13 +22,11 @@ steps; frozen towers in bfloat16):
 Initialisation: `init.stage1_checkpoint` (a stage-1 workdir of this project, or an HF BLIP-2 dir)
 gives ln_vision, the queries and the Q-Former; `init.llm_checkpoint` the LLM (and its config);
 `init.vision_checkpoint` the ViT; language_projection starts fresh.
-Every field is documented where it is defined (blip2_jax/train/loop.py `base_config`,
-blip2_jax/train/stage2.py sections, blip2_jax/data/pipeline.py `default_config`).
+Every field is documented where it is defined: blip2_jax/config_sections.py.
 """
 import ml_collections
 
-from blip2_jax.data import pipeline as data_pipeline
-from blip2_jax.train import loop, stage2
+from blip2_jax import config_sections as sections
 
 DEMO_DATA = "demo_data/shapes"  # written by `python -m blip2_jax.data.shapes --out demo_data/shapes`
 DEMO_STAGE1 = "workdirs/demo_stage1"  # workdir of `configs/stage1.py:demo`
@@ -49,13 +47,11 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"configs/stage2.py: unknown variant {arg!r} ({', '.join(VARIANTS)})")
     llm, llm_dir, batch = VARIANTS[arg]
-    c = loop.base_config()
-    c.task = "stage2"
+    c = sections.experiment_config("stage2")
     c.seed = 42
-    c.model = stage2.model_section(llm)
-    c.init = stage2.init_section()
-    c.eval = stage2.eval_section()  # captioning of a held-out split; source "" = none
-    c.data = data_pipeline.default_config()
+    c.model = sections.stage2_model(llm)
+    c.init = sections.stage2_init()
+    c.eval = sections.stage2_eval()  # captioning of a held-out split; source "" = none
     c.data.text_mode = "opt" if llm == "opt" else "t5_prefix"
     c.data.max_text_len = 32
     c.data.image_size = 224
@@ -84,7 +80,6 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
         _demo(c, llm)
     elif arg.endswith("_coco_ft"):
         _caption_finetune(c)
-    c.data.global_batch_size = c.train.batch_size
     return c
 
 
@@ -102,7 +97,7 @@ def _caption_finetune(c: ml_collections.ConfigDict) -> None:
     c.data.text_mode = "opt"
     c.data.prompt = "a photo of "
     c.data.train_sources = ml_collections.ConfigDict()
-    c.data.train_sources.coco = data_pipeline.source_config("data/coco", prefix="coco_karpathy_train")
+    c.data.train_sources.coco = sections.source_config("data/coco", prefix="coco_karpathy_train")
     c.optimizer.peak_lr = 1e-5
     c.optimizer.min_lr = 0.0
     c.optimizer.warmup_lr = 1e-8
@@ -112,7 +107,7 @@ def _caption_finetune(c: ml_collections.ConfigDict) -> None:
     # the 566,747 Karpathy-train caption pairs.
     c.train.total_steps = 5 * 566_747 // 128
     c.train.checkpoint_every = 2000
-    c.eval.source = data_pipeline.source_config("data/coco", prefix="coco_karpathy_val")
+    c.eval.source = sections.source_config("data/coco", prefix="coco_karpathy_val")
     c.eval.num_beams = 5
     c.eval.max_new_tokens = 30
 
@@ -135,7 +130,7 @@ def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
     c.optimizer.min_lr = 1e-4
     c.optimizer.warmup_lr = 1e-5
     c.optimizer.warmup_steps = 50
-    c.data.train_sources.shapes = data_pipeline.source_config(DEMO_DATA, prefix="train")
+    c.data.train_sources.shapes = sections.source_config(DEMO_DATA, prefix="train")
     c.data.image_size = 64
     c.data.max_text_len = 24
     c.data.min_scale = 0.9
@@ -154,6 +149,6 @@ def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
     c.init.vision_checkpoint = ""
     c.init.stage1_checkpoint = DEMO_STAGE1
     # Greedy captions of the 100 held-out scenes after training (caption_exact, BLEU-4, CIDEr).
-    c.eval.source = data_pipeline.source_config(DEMO_DATA, prefix="heldout")
+    c.eval.source = sections.source_config(DEMO_DATA, prefix="heldout")
     c.eval.batch_size = 50
     c.eval.max_new_tokens = 20  # a shapes caption is 13 tokens + "\n" (EOS)

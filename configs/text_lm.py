@@ -11,13 +11,11 @@ Variants:
 At the end the LM and its tokenizer are written to `<workdir>/hf` (a Hugging Face directory), which
 `configs/stage2.py:demo_opt` / `demo_t5` load as `init.llm_checkpoint` and `data.tokenizer_path`.
 The tokenizer (byte-level BPE trained on the training captions) is built on first use at
-`data.tokenizer_path`. Fields: blip2_jax/train/loop.py `base_config`, blip2_jax/train/text_lm.py
-`model_section`, blip2_jax/data/pipeline.py `default_config`, and below.
+`data.tokenizer_path`. Fields: blip2_jax/config_sections.py.
 """
 import ml_collections
 
-from blip2_jax.data import pipeline as data_pipeline
-from blip2_jax.train import loop, text_lm
+from blip2_jax import config_sections as sections
 
 DEMO_DATA = "demo_data/shapes"  # written by `python -m blip2_jax.data.shapes --out demo_data/shapes`
 WORKDIRS = {"opt": "workdirs/demo_text_lm_opt", "t5": "workdirs/demo_text_lm_t5"}
@@ -30,14 +28,13 @@ def get_config(arg: str = "demo_opt") -> ml_collections.ConfigDict:
     if arg not in ("demo_opt", "demo_t5"):
         raise ValueError(f"configs/text_lm.py: unknown variant {arg!r} (demo_opt, demo_t5)")
     llm = arg.split("_")[1]
-    c = loop.base_config()
-    c.task = "text_lm"
+    c = sections.experiment_config("text_lm")
     c.seed = 7
-    c.model = text_lm.model_section(llm)
+    c.model = sections.text_lm_model(llm)
     c.build_tokenizer = True      # train a byte-level BPE on the training captions if data.tokenizer_path is missing
     c.tokenizer_vocab_size = 384  # its vocabulary size (256 bytes + specials + merges)
     c.export_dir = ""             # where the final HF directory goes; "" = <workdir>/hf
-    c.eval_source = data_pipeline.source_config(DEMO_DATA, prefix="heldout")  # held-out LM loss ("" path: none)
+    c.eval_source = sections.source_config(DEMO_DATA, prefix="heldout")  # held-out LM loss ("" path: none)
     c.eval_max_captions = 256     # held-out captions in that one evaluation batch
     # Fraction of training sequences that carry the caption's content words as context in front (where
     # stage 2 puts the visual prompt), so the frozen LM learns to follow what precedes its text
@@ -45,8 +42,7 @@ def get_config(arg: str = "demo_opt") -> ml_collections.ConfigDict:
     c.context_prob = 0.5
     c.context_drop_words = "a an the of"  # words left out of that context (space-separated)
 
-    c.data = data_pipeline.default_config()
-    c.data.train_sources.shapes = data_pipeline.source_config(DEMO_DATA, prefix="train")
+    c.data.train_sources.shapes = sections.source_config(DEMO_DATA, prefix="train")
     c.data.text_mode = "opt" if llm == "opt" else "t5_prompt"
     c.data.prompt = PROMPTS[llm]
     c.data.max_text_len = 24  # room for the context: 7 words "\n" + </s> prompt caption "\n" (23 tokens)
@@ -65,5 +61,4 @@ def get_config(arg: str = "demo_opt") -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 40
     c.optimizer.weight_decay = 0.01
     c.mesh.data = -1
-    c.data.global_batch_size = c.train.batch_size
     return c

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after SIGTERM or a crash, resume onto another mesh, and what a
 checkpoint holds (trainable params + Adam state for them only, the data position; no frozen params)."""
+import json
 import os
 import signal
 
@@ -95,12 +96,38 @@ def test_checkpoint_holds_only_trainable_state_and_data_position(reference):
     shapes = {(np.asarray(x).shape, np.asarray(x).dtype) for x in jax.tree.leaves(state)}
     assert ((toy.VOCAB, toy.EMBED), np.dtype("bfloat16")) not in shapes
     assert not any(s == (toy.VOCAB, toy.EMBED) for s, _ in shapes)
-    data = ocp.JsonCheckpointHandler().restore(path / "data")
-    assert data == {"0": {"json": {"index": 6}}}
+    # the data position: grain's Orbax handler, one JSON file per process
+    assert json.loads((path / "data" / "process_0-of-1.json").read_text()) == {"index": 6}
 
 
-def test_data_state_encoding_roundtrips_bytes_and_json():
-    for state in [b"\x00grain\xffstate", {"index": 3, "epoch": [1, 2]}]:
-        assert checkpoint.decode_data_state(checkpoint.encode_data_state(state)) == state
-    with pytest.raises(TypeError):
-        checkpoint.encode_data_state({"not": object()})
+def _tiny_state():
+    return {"step": np.int32(3), "params": {"w": np.arange(3, dtype=np.float32)}, "rng": np.zeros(2, np.uint32)}
+
+
+def _abstract(state):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=device), state)
+
+
+def test_data_state_must_be_json_and_roundtrips(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        ckpt.save(1, _tiny_state(), {"not": object()})
+    ckpt.save(2, _tiny_state(), {"index": 3, "epoch": [1, 2]})
+    state, data = ckpt.restore(2, _abstract(_tiny_state()))
+    assert data == {"index": 3, "epoch": [1, 2]}
+    np.testing.assert_array_equal(state["params"]["w"], np.arange(3))
+    ckpt.close()
+
+
+def test_checkpoint_of_the_earlier_data_format_still_resumes(tmp_path):
+    """Checkpoints written before grain's handler kept every process's data state in one JSON item."""
+    manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"), item_names=("state", "data"),
+                                    options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+    manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(_tiny_state()),
+                                            data=ocp.args.JsonSave({"0": {"json": {"index": 7}}})))
+    manager.close()
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    state, data = ckpt.restore(4, _abstract(_tiny_state()))
+    assert data == {"index": 7} and int(state["step"]) == 3
+    ckpt.close()

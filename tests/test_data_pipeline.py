@@ -8,6 +8,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
+from blip2_jax import config_sections
 from blip2_jax.data import image_ops, pipeline, records, testing, text, tfds_builder
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
@@ -46,9 +47,9 @@ def bert():
 
 
 def _config(data, sources, **kw):
-    c = pipeline.default_config()
+    c = config_sections.data_config()
     for name, weight in sources.items():
-        c.train_sources[name] = pipeline.source_config(str(data / name), weight=weight)
+        c.train_sources[name] = config_sections.source_config(str(data / name), weight=weight)
     c.tokenizer_path = testing.bert_vocab_dir()
     c.image_size = 16
     c.global_batch_size = 4
@@ -173,7 +174,7 @@ def test_tfds_source_eval_dataset_and_global_batch(data, tmp_path):
 
     tfds_builder.prepare_tfds({"train": str(data / "a")}, str(tmp_path), name="tiny_a")
     cfg = _config(data, {})
-    cfg.train_sources.t = pipeline.source_config(tfds_name="tiny_a", tfds_data_dir=str(tmp_path))
+    cfg.train_sources.t = config_sections.source_config(tfds_name="tiny_a", tfds_data_dir=str(tmp_path))
     cfg.global_batch_size = 8
     batch = next(pipeline.make_train_iterator(cfg, seed=0, process_index=0, process_count=1))
     bert = text.load_bert_tokenizer(testing.bert_vocab_dir())
@@ -186,7 +187,7 @@ def test_tfds_source_eval_dataset_and_global_batch(data, tmp_path):
     assert glob["image"].shape == (8, 16, 16, 3)
     np.testing.assert_array_equal(np.asarray(glob["input_ids"]), batch["input_ids"])
     # Eval: record order, split over processes, padded to whole batches.
-    src = pipeline.source_config(str(data / "a"))
+    src = config_sections.source_config(str(data / "a"))
     caps = _captions(data, "a")
     assert pipeline.read_captions(src) == [list(c) for c in caps]
     raw = [r.image for f in records.find_shards(str(data / "a")) for r in records.read_shard(f)]

@@ -257,16 +257,14 @@ def test_stage2_workdir_gives_the_hf_directory_captions(opt_dir, caption_shards,
     """A workdir (newest checkpoint's trainable params + its train config) captions exactly as the HF
     directory holding the same weights (the frozen towers come from the config's checkpoints)."""
     from blip2_jax import checkpoint as checkpoint_lib
-    from blip2_jax.data import pipeline as data_pipeline
+    from blip2_jax import config_sections
     from blip2_jax.models.blip2 import split_frozen
-    from blip2_jax.train import loop, stage2
 
     hf = Blip2ForConditionalGeneration.from_pretrained(opt_dir)
     hf.language_model.save_pretrained(str(tmp_path / "llm"))
     v, q = hf.config.vision_config, hf.config.qformer_config
-    tc = loop.base_config()
-    tc.task = "stage2"
-    tc.model = stage2.model_section("opt")
+    tc = config_sections.experiment_config("stage2")
+    tc.model = config_sections.stage2_model("opt")
     tc.model.vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                            num_layers=v.num_hidden_layers, num_heads=v.num_attention_heads,
                            image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps)
@@ -276,9 +274,8 @@ def test_stage2_workdir_gives_the_hf_directory_captions(opt_dir, caption_shards,
     tc.model.num_query_tokens = hf.config.num_query_tokens
     tc.model.ln_vision_eps = v.layer_norm_eps
     tc.model.frozen_dtype = "float32"
-    tc.init = stage2.init_section()
+    tc.init = config_sections.stage2_init()
     tc.init.update(vision_checkpoint=opt_dir, llm_checkpoint=str(tmp_path / "llm"))
-    tc.data = data_pipeline.default_config()
     tc.data.update(text_mode="opt", tokenizer_path=opt_dir, image_size=SIZE)
 
     _, params = blip2_jax.from_pretrained(opt_dir)

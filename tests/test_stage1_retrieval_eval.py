@@ -1,4 +1,4 @@
-"""Stage-1 retrieval eval (`stage1.make_retrieval_eval`) on a held-out split with an undecodable image.
+"""Stage-1 retrieval eval (`retrieval_eval.evaluator`, what stage-1 training runs) on a held-out split with an undecodable image.
 
 A tiny random HF `Blip2ForImageTextRetrieval` is loaded as our stage-1 model; the held-out shard has
 five records, the second one's image bytes corrupt. Reference: HF ITC similarities and ITM logits of
@@ -14,8 +14,7 @@ from PIL import Image
 from transformers import Blip2ForImageTextRetrieval
 
 from blip2_jax.data import records
-from blip2_jax.evaluate import load, retrieval
-from blip2_jax.train import stage1
+from blip2_jax.evaluate import load, retrieval, retrieval_eval
 from configs import stage1 as stage1_config
 from tests import hf_tiny
 
@@ -73,8 +72,8 @@ def test_stage1_eval_skips_an_undecodable_image_and_matches_hf(setup):
     c.eval.batch_size = 2  # 3 batches: the corrupt row and the padding row are both invalid
     c.eval.k_test = K_TEST
     loaded = load.load_model(model_dir)
-    evaluate = stage1.make_retrieval_eval(c, loaded.model, loaded.tokenizer, mesh=None)
-    got = evaluate(loaded.params, {}, 0)
+    evaluate = retrieval_eval.evaluator(c, loaded.model, loaded.tokenizer)
+    got = evaluate(loaded.params, 0)
     assert got == pytest.approx(want, abs=1e-12)
     # Over 4 images: every recall is a multiple of 1/4 (images) or 1/8 (texts).
     assert got["tr_r1"] * 4 == pytest.approx(round(got["tr_r1"] * 4))

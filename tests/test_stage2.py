@@ -10,11 +10,14 @@ import pytest
 import torch
 from transformers import Blip2ForConditionalGeneration
 
-from blip2_jax import checkpoint as checkpoint_lib
-from blip2_jax import sharding as sharding_lib
 from flax.traverse_util import flatten_dict as flatten
 from flax.traverse_util import unflatten_dict
-from blip2_jax.data import pipeline as data_pipeline
+
+from blip2_jax import checkpoint as checkpoint_lib
+from blip2_jax import config_sections
+from blip2_jax import sharding as sharding_lib
+from blip2_jax.spec import model as spec
+from blip2_jax.spec import weights
 from blip2_jax.train import loop, stage2
 from tests import hf_tiny
 from tests.test_blip2_retrieval import torch_pixels
@@ -40,10 +43,9 @@ def hf_setup(request, tmp_path_factory):
 def _config(kind, hf, blip2_dir, llm_dir, batch_size=B):
     """A stage-2 config describing the tiny HF model, initialised from its directories."""
     hc = hf.config
-    c = loop.base_config()
-    c.task = "stage2"
-    c.model = stage2.model_section(kind)
-    c.init = stage2.init_section()
+    c = config_sections.experiment_config("stage2")
+    c.model = config_sections.stage2_model(kind)
+    c.init = config_sections.stage2_init()
     v, q = hc.vision_config, hc.qformer_config
     c.model.vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                           num_layers=v.num_hidden_layers, num_heads=v.num_attention_heads,
@@ -57,7 +59,6 @@ def _config(kind, hf, blip2_dir, llm_dir, batch_size=B):
     c.init.vision_checkpoint = blip2_dir
     c.init.stage1_checkpoint = blip2_dir
     c.init.llm_checkpoint = llm_dir
-    c.data = data_pipeline.default_config()
     c.data.text_mode = "opt" if kind == "opt" else "t5_prefix"
     c.data.max_text_len = T
     c.data.image_size = v.image_size
@@ -334,7 +335,6 @@ def test_stage2_demo_config_from_stage1_workdir_and_text_lm(text_lm_run, tmp_pat
 def test_train_vision_fine_tunes_the_vit_from_its_checkpoint(hf_setup, tmp_path):
     """LAVIS caption fine-tuning (`freeze_vit: False`): the ViT is trainable (float32, in the optimizer
     and the checkpoint), starts from init.vision_checkpoint, and gets gradients; the LLM stays frozen."""
-    from blip2_jax.train import stage1_init
     kind, hf, blip2_dir, llm_dir = hf_setup
     config = _config(kind, hf, blip2_dir, llm_dir, batch_size=8)
     config.model.train_vision = True
@@ -344,7 +344,7 @@ def test_train_vision_fine_tunes_the_vit_from_its_checkpoint(hf_setup, tmp_path)
     task = stage2.make_task(config, mesh)
     trainable, frozen, _ = _init_params(task, config, mesh)
     assert sorted(frozen) == ["language_model"] and "vision" in trainable
-    want = flatten(stage1_init.load_vision(blip2_dir, stage2.model_config(config)))
+    want = flatten(weights.load_vision(blip2_dir, spec.stage2_config(config)))
     got = flatten(jax.tree.map(np.asarray, trainable["vision"]))
     assert set(got) == {p[1:] for p in want}
     for p, value in want.items():

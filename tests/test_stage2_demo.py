@@ -1,7 +1,7 @@
 """The stage-2 demo chain (text_lm -> stage2 through `blip2_jax.main.run`) and its captioning eval.
 
 - `caption_scores` and the eval hook on cases whose answer is known: the hook is fed known generated
-  ids (a stand-in for `blip2_jax.generate.generate` that records what it was called with), so the
+  ids (a stand-in for `blip2_jax.generate` that records what it was called with), so the
   prompt, the EOS cut, the LAVIS cleaning and the scores can be checked by hand.
 - A shortened demo: a few text-LM steps of a tiny OPT on a tiny shapes dataset, then a few stage-2
   steps from its export, both through `main.run`; the final metrics carry the captioning scores, and a
@@ -17,7 +17,7 @@ import pytest
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import shapes
 from blip2_jax.data.text import clean_caption, load_tokenizer
-from blip2_jax.evaluate import captioning
+from blip2_jax.evaluate import caption_eval, captioning
 from blip2_jax.train import stage2
 
 NUM_HELDOUT = 12
@@ -35,7 +35,7 @@ def test_caption_scores_by_hand():
     refs = [["a red circle", "a circle"], ["a blue square", "a square"], ["a green diamond", "x"],
             ["a small triangle", "y"]]
     hyps = {0: "a circle", 1: "a blue square", 2: "a red circle", 3: "a red circle"}
-    out = stage2.caption_scores(refs, hyps)
+    out = caption_eval.caption_scores(refs, hyps)
     # 0 and 1 match a reference exactly (either one), 2 and 3 do not; "a red circle" is said twice.
     assert out["caption_exact"] == 0.5
     assert out["top_caption_share"] == 0.5
@@ -43,17 +43,17 @@ def test_caption_scores_by_hand():
     ref = captioning.caption_metrics({i: refs[i] for i in hyps}, hyps)
     assert out["bleu_4"] == ref["bleu_4"] and out["cider"] == ref["cider"]
     with pytest.raises(ValueError, match="no generated captions"):
-        stage2.caption_scores(refs, {})
+        caption_eval.caption_scores(refs, {})
 
 
 def test_generation_prompt_follows_training():
     c = _load_config("stage2", "demo_opt")
     assert c.data.prompt == "a photo of "
-    assert stage2.generation_prompt(c) == "a photo of"  # the trailing space belongs to the caption's "Ġa"
+    assert caption_eval.generation_prompt(c) == "a photo of"  # the trailing space belongs to the caption's "Ġa"
     c = _load_config("stage2", "demo_t5")
-    assert stage2.generation_prompt(c) == "a photo of"
+    assert caption_eval.generation_prompt(c) == "a photo of"
     c.data.text_mode = "t5_prefix"
-    assert stage2.generation_prompt(c) == ""
+    assert caption_eval.generation_prompt(c) == ""
 
 
 # -- the shortened demo ---------------------------------------------------------------------------
@@ -118,8 +118,6 @@ def test_eval_hook_on_known_generated_ids(demo, monkeypatch):
     """Feed the hook known ids: the right caption for images 0, 3, 4 (one of them capitalised, with a
     period, which LAVIS cleaning removes, one the second reference), a wrong caption for the rest; junk
     after the EOS must be cut. Expected: caption_exact = 3/12; the wrong caption is given to 9 images."""
-    import sys
-    generate_lib = sys.modules["blip2_jax.generate"]  # the module (`blip2_jax.generate` is the function)
     root, c, _, _, _ = demo
     tok = load_tokenizer(c.data.tokenizer_path)
     eos = tok.encode("\n", add_special_tokens=False)[0]
@@ -137,7 +135,7 @@ def test_eval_hook_on_known_generated_ids(demo, monkeypatch):
             rows.append((ids + [tok.pad_token_id] * max_new_tokens)[:max_new_tokens])
         return np.asarray(rows, np.int32)
 
-    monkeypatch.setattr(generate_lib, "generate", fake_generate)
+    monkeypatch.setattr(caption_eval, "generate", fake_generate)
     c = c.copy_and_resolve_references()
     c.eval.max_new_tokens = 40
     mesh = None
@@ -159,14 +157,14 @@ def test_eval_hook_on_known_generated_ids(demo, monkeypatch):
 def test_text_lm_context_encoder(tmp_path):
     """`WithContext`: the context (content words of the caption or its sibling) goes in front, out of
     the OPT loss; the rest of the sequence is the plain encoding, shifted; T5 keeps its decoder side."""
-    from blip2_jax.train import text_lm
+    from blip2_jax.data import caption_lm
     cap, other = "a small red circle left of a large blue square", "a large blue square right of a small red circle"
-    tok = text_lm.build_tokenizer([cap, other], str(tmp_path / "opt"), "opt", vocab_size=300)
+    tok = caption_lm.build_tokenizer([cap, other], str(tmp_path / "opt"), "opt", vocab_size=300)
     lm = _load_config("text_lm", "demo_opt")
     lm.data.tokenizer_path = str(tmp_path / "opt")
     lm.data.max_text_len = 64
     base = data_pipeline.make_text_encoder(lm.data)
-    enc = text_lm.WithContext(base, tok, 1.0, 64, is_opt=True, drop_words=("a", "of"),
+    enc = caption_lm.WithContext(base, tok, 1.0, 64, is_opt=True, drop_words=("a", "of"),
                               siblings={cap: (cap, other)})
     seen = set()
     for seed in range(8):
@@ -179,5 +177,5 @@ def test_text_lm_context_encoder(tmp_path):
         np.testing.assert_array_equal(out["labels"][k:n], plain["labels"][:n - k])
     assert seen == {"small red circle left large blue square\n", "large blue square right small red circle\n"}
     # Probability 0: the plain encoding.
-    enc0 = text_lm.WithContext(base, tok, 0.0, 64, is_opt=True)
+    enc0 = caption_lm.WithContext(base, tok, 0.0, 64, is_opt=True)
     np.testing.assert_array_equal(enc0(cap, np.random.default_rng(0))["input_ids"], base(cap)["input_ids"])

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from blip2_jax.models.layers import Dense, LayerNorm
-from blip2_jax.train import loop
+from blip2_jax import config_sections
 from blip2_jax.train.task import Task
 
 @pytest.fixture(scope="module", autouse=False)
@@ -132,7 +132,7 @@ class ToyData:
 
 
 def config(**train) -> ml_collections.ConfigDict:
-    c = loop.base_config()
+    c = config_sections.loop_config()
     c.task = "toy"
     c.train.update(dict(total_steps=6, batch_size=16, log_every=1, checkpoint_every=2,
                         keep_checkpoints=10, peak_flops_per_device=1e9))

@@ -20,8 +20,8 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from blip2_jax.config_sections import CLIP_MEAN, CLIP_STD
+
 RANDAUG_OPS = ("Identity", "AutoContrast", "Brightness", "Sharpness", "Equalize", "ShearX",
                "ShearY", "TranslateX", "TranslateY", "Rotate")
 _FILL = (128, 128, 128)

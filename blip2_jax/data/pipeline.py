@@ -46,7 +46,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -54,56 +53,6 @@ from blip2_jax.data import image_ops, records, text
 
 TEXT_MODES = ("stage1", "opt", "t5_prefix", "t5_prompt")
 _MAX_LOGGED_IDS = 32
-
-
-def source_config(path: str = "", *, weight: float = 1.0, prefix: str = "",
-                  tfds_name: str = "", tfds_data_dir: str = "", split: str = "train",
-                  image_key: str = "image",
-                  captions_key: str = "captions") -> ml_collections.ConfigDict:
-    """One data source: our ArrayRecord shards (`path`) or an array_record TFDS dataset."""
-    return ml_collections.ConfigDict({
-        "path": path,                    # shard dir, glob or file (ArrayRecord built by data.build)
-        "prefix": prefix,                # shard prefix inside `path` ("" = any), e.g. "train"
-        "weight": weight,                # mixing weight (normalised over all train sources)
-        "tfds_name": tfds_name,          # if set: read tfds.data_source(tfds_name) instead of path
-        "tfds_data_dir": tfds_data_dir,  # TFDS data_dir ("" = TFDS default)
-        "split": split,                  # TFDS split
-        "image_key": image_key,          # TFDS feature with the image (encoded bytes or uint8 HWC)
-        "captions_key": captions_key,    # TFDS feature with the caption(s); "a/b" for nested keys
-    })
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Every data field with its meaning. Override per experiment in configs/."""
-    c = ml_collections.ConfigDict()
-    # name -> source_config(...). Sources are taken in sorted name order (fixes dense image ids).
-    c.train_sources = ml_collections.ConfigDict()
-    c.global_batch_size = 32        # split evenly over JAX processes
-    c.shuffle = True                # global shuffle of each source (reshuffled every epoch)
-    # Images.
-    c.image_size = 224              # output H = W (224 pretrain, 364 caption fine-tuning, ...)
-    c.min_scale = 0.5               # RandomResizedCrop area scale range (LAVIS: 0.5 - 1.0)
-    c.max_scale = 1.0
-    c.hflip = True                  # random horizontal flip with p = 0.5
-    c.randaugment = False           # True = LAVIS blip_image_train, False = blip2_image_train
-    c.randaug_num_ops = 2           # RandomAugment(N, M): ops per image
-    c.randaug_magnitude = 5         # level M of 10
-    c.jpeg_draft = True             # let libjpeg downscale big JPEGs by 2^k while decoding
-    c.image_mean = image_ops.CLIP_MEAN
-    c.image_std = image_ops.CLIP_STD
-    # Text.
-    c.text_mode = "stage1"          # one of TEXT_MODES: stage1 | opt | t5_prefix | t5_prompt
-    c.tokenizer_path = ""           # local dir: BERT vocab (stage1) or the LLM's tokenizer files
-    c.max_text_len = 32             # tokens, padded and truncated to exactly this
-    c.max_words = 50                # caption cleaning: keep at most this many words
-    c.caption_index = -1            # -1: a random caption of the record per visit; k: always the k-th
-    c.prompt = ""                   # opt: prepended, masked in labels; t5_prompt: encoder text
-    # Throughput.
-    c.num_workers = 0               # grain worker processes (0 = in-process threads only)
-    c.worker_buffer_size = 2        # batches buffered per worker
-    c.read_threads = 8              # threads per process (or worker) reading + transforming
-    c.read_buffer_size = 128        # elements prefetched by those threads
-    return c
 
 
 # ----------------------------------------------------------------------------- sources

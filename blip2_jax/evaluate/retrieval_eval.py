@@ -2,19 +2,23 @@
 
 ITC similarities of every image with every text (max over queries of the cosine, no temperature),
 then, with `k_test > 0`, LAVIS's ITM re-ranking of each row's top k_test candidates
-(`blip2_jax.evaluate.retrieval.rerank_with_itm`). Shared by `blip2_jax.evaluate.run` and usable by
-`blip2_jax.train.stage1.make_retrieval_eval` (same computation).
+(`blip2_jax.evaluate.retrieval.rerank_with_itm`). `split_recall` is the one evaluation of a held-out
+split: the evaluation CLI (`blip2_jax.evaluate.run`) and stage-1 training (`evaluator`) both call it.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import text as data_text
 from blip2_jax.evaluate import retrieval
+
+log = logging.getLogger(__name__)
 
 
 def caption_texts(captions: Sequence[Sequence[str]], max_words: int):
@@ -91,3 +95,44 @@ class RetrievalScorer:
 def select(captions: Sequence[Sequence[str]], image_ids: np.ndarray) -> list[list[str]]:
     """The captions of the images kept (`image_ids`: record indices), in that order."""
     return [list(captions[int(i)]) for i in image_ids]
+
+
+def split_recall(scorer: RetrievalScorer, params, tokenizer, batches, captions: Sequence[Sequence[str]], *,
+                 max_words: int, max_text_len: int, k_test: int, batch_size: int, name: str) -> dict:
+    """Recall@1/5/10 both ways over one split (`batches` of images, `captions[i]` those of record i).
+
+    An undecodable image is dropped together with its captions (recall is over the decodable
+    images; the count of dropped ones is `num_skipped`). Returns the metrics and `num_images`,
+    `num_texts`, `num_skipped`.
+    """
+    image_feats, image_embeds, image_ids = scorer.image_features(params, batches)
+    if not len(image_ids):
+        raise ValueError(f"{name}: no image could be decoded")
+    texts, txt2img, img2txt = caption_texts(select(captions, image_ids), max_words)
+    ids, mask = encode_texts(tokenizer, texts, max_text_len)
+    score_i2t, score_t2i = scorer.scores(params, image_feats, image_embeds, ids, mask, k_test=k_test,
+                                         batch_size=batch_size)
+    metrics = {k: float(v) for k, v in retrieval.recall_at_k(score_i2t, score_t2i, txt2img, img2txt).items()}
+    return {"metrics": metrics, "num_images": int(len(image_ids)), "num_texts": len(texts),
+            "num_skipped": len(captions) - int(len(image_ids))}
+
+
+def evaluator(config, model, tokenizer):
+    """`(params, step) -> metrics`: zero-shot retrieval on `config.eval.source` during stage-1 training
+    (ITC, with ITM re-ranking of the top `eval.k_test` when > 0), images read as `config.data` says."""
+    ev, data_cfg = config.eval, config.data
+    scorer = RetrievalScorer(model)
+
+    def evaluate(params, step: int) -> dict:
+        ds = data_pipeline.make_eval_dataset(data_cfg, ev.source, batch_size=ev.batch_size,
+                                             process_index=0, process_count=1)
+        out = split_recall(scorer, params, tokenizer, ds, data_pipeline.read_captions(ev.source),
+                           max_words=data_cfg.max_words, max_text_len=int(data_cfg.max_text_len),
+                           k_test=int(ev.k_test), batch_size=int(ev.batch_size),
+                           name=f"config.eval.source {ev.source.path or ev.source.tfds_name}")
+        if out["num_skipped"]:
+            log.warning("retrieval eval at step %d: %d held-out images could not be decoded; recall is over "
+                        "the other %d", step, out["num_skipped"], out["num_images"])
+        return out["metrics"]
+
+    return evaluate

@@ -17,10 +17,18 @@ import json
 import logging
 import os
 import sys
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional
 
+import grain
 import numpy as np
+from PIL import Image
 
+from blip2_jax import config_sections
+from blip2_jax import processor as processor_lib
+from blip2_jax.data import pipeline as data_pipeline
+from blip2_jax.data import records
+from blip2_jax.data import text as data_text
+from blip2_jax.evaluate import caption_eval, captioning, retrieval_eval, vqa, vqa_data
 from blip2_jax.evaluate import load as load_lib
 
 log = logging.getLogger(__name__)
@@ -30,9 +38,7 @@ TASKS = ("caption", "retrieval", "vqa")
 # -- shared --------------------------------------------------------------------------------------
 def data_config(config):
     """The pipeline fields `make_eval_dataset` reads, from the eval config."""
-    from blip2_jax.data import pipeline as data_pipeline
-
-    d = data_pipeline.default_config()
+    d = config_sections.data_config()
     d.image_size = int(config.image_size)
     d.jpeg_draft = bool(config.jpeg_draft)
     d.read_threads = 4
@@ -57,10 +63,6 @@ def record_ids(source, n: int) -> list:
     """The source ids of the first `n` records (COCO image ids); the record index for TFDS sources."""
     if source.tfds_name:
         return list(range(n))
-    import grain
-
-    from blip2_jax.data import records
-
     src = grain.sources.ArrayRecordDataSource(records.find_shards(source.path, source.prefix or None))
     out = []
     for i in range(min(n, len(src))):
@@ -69,42 +71,16 @@ def record_ids(source, n: int) -> list:
     return out
 
 
-def pad_to_multiple(ids: np.ndarray, mask: np.ndarray, multiple: int, pad_id: int, side: str):
-    """Widen `[N, T]` prompts with padding (mask 0) to a multiple of `multiple` columns."""
-    width = -(-ids.shape[1] // max(1, multiple)) * max(1, multiple)
-    extra = width - ids.shape[1]
-    if extra <= 0:
-        return ids, mask
-    cols = ((extra, 0) if side == "left" else (0, extra))
-    return (np.pad(ids, ((0, 0), cols), constant_values=pad_id), np.pad(mask, ((0, 0), cols)))
-
-
-def make_processor(loaded: load_lib.Loaded, image_size: int):
-    from blip2_jax.processor import Blip2Processor
-
-    return Blip2Processor(loaded.tokenizer, image_size, eos_token_id=loaded.model.config.text.eos_token_id,
-                          padding_side="left" if loaded.llm == "opt" else "right")
-
-
 def generation_kwargs(config, llm: str) -> dict:
+    """`generate` settings of `config.generation` for this LLM (prompt padding included)."""
     g = config.generation
     return dict(num_beams=int(g.num_beams), max_new_tokens=int(g.max_new_tokens),
                 min_new_tokens=int(g.min_new_tokens), repetition_penalty=float(g.repetition_penalty),
-                length_penalty=float(g.length_penalty[llm]))
+                length_penalty=float(g.length_penalty[llm]), pad_multiple=int(g.prompt_pad_multiple))
 
 
-def generate_texts(loaded, processor, pixels: np.ndarray, prompts: Optional[Sequence[str]], config) -> list[str]:
-    """Decoded generations for a batch of images and (optional) prompts, with `config.generation`."""
-    import blip2_jax
-
-    ids = mask = None
-    if prompts:
-        ids, mask = processor.tokenize(list(prompts))
-        ids, mask = pad_to_multiple(ids, mask, int(config.generation.prompt_pad_multiple),
-                                    processor.tokenizer.pad_token_id, processor.padding_side)
-    out = blip2_jax.generate(loaded.model, loaded.params, pixels, ids, mask,
-                             **generation_kwargs(config, loaded.llm))
-    return processor.decode(np.asarray(out))
+def make_processor(loaded: load_lib.Loaded, image_size: int):
+    return processor_lib.for_model(loaded.model, loaded.tokenizer, image_size)
 
 
 def _need_generative(loaded, config):
@@ -116,26 +92,15 @@ def _need_generative(loaded, config):
 # -- captioning ----------------------------------------------------------------------------------
 def evaluate_captions(config, loaded) -> tuple[dict, list]:
     """Captions of every image of `config.data.source` and their BLEU/CIDEr against its captions."""
-    from blip2_jax.data import pipeline as data_pipeline
-    from blip2_jax.data import text as data_text
-    from blip2_jax.evaluate import captioning
-
     _need_generative(loaded, config)
     source = config.data.source
-    processor = make_processor(loaded, config.image_size)
     references = data_pipeline.read_captions(source)
     n = len(references) if config.max_examples <= 0 else min(len(references), int(config.max_examples))
-    prompt = config.generation.prompt
     ds = data_pipeline.make_eval_dataset(data_config(config), source, batch_size=int(config.batch_size),
                                          process_index=0, process_count=1)
-    generated: dict[int, str] = {}
-    for b in limited_batches(ds, n):
-        rows = np.asarray(b["image"])
-        texts = generate_texts(loaded, processor, rows, [prompt] * len(rows) if prompt else None, config)
-        for image_id, valid, t in zip(np.asarray(b["image_id"]), np.asarray(b["valid"]), texts):
-            if valid:
-                generated[int(image_id)] = data_text.clean_caption(t, config.data.max_words)
-        log.info("captioned %d / %d images", len(generated), n)
+    generated = caption_eval.caption_split(
+        loaded.model, loaded.params, make_processor(loaded, config.image_size), limited_batches(ds, n),
+        prompt=config.generation.prompt, max_words=config.data.max_words, **generation_kwargs(config, loaded.llm))
     if not generated:
         raise ValueError(f"no image of {source.path or source.tfds_name} could be decoded")
     keys = sorted(generated)
@@ -147,8 +112,6 @@ def evaluate_captions(config, loaded) -> tuple[dict, list]:
 
 # -- VQA -----------------------------------------------------------------------------------------
 def _read_image(path: str):
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -159,8 +122,6 @@ def _read_image(path: str):
 
 def answer_questions(config, loaded, questions) -> tuple[dict, list]:
     """`({qid: answer}, skipped question ids)`: answers generated with the formatted prompt."""
-    from blip2_jax.data import text as data_text
-
     processor = make_processor(loaded, config.image_size)
     batch_size = int(config.batch_size)
     answers, skipped, pending = {}, [], []
@@ -171,7 +132,8 @@ def answer_questions(config, loaded, questions) -> tuple[dict, list]:
         rows = pending + [pending[0]] * pad
         pixels = processor.preprocess([cache[q.image] for q in rows])
         prompts = [config.generation.prompt.format(data_text.blip_question(q.question)) for q in rows]
-        texts = generate_texts(loaded, processor, pixels, prompts, config)
+        texts = caption_eval.generate_texts(loaded.model, loaded.params, processor, pixels, prompts,
+                                            **generation_kwargs(config, loaded.llm))
         for q, t in zip(pending, texts):
             answers[q.question_id] = t
         pending.clear()
@@ -194,8 +156,6 @@ def answer_questions(config, loaded, questions) -> tuple[dict, list]:
 
 def evaluate_vqa(config, loaded) -> tuple[dict, list]:
     """Zero-shot VQA accuracy (VQAv2 metric or exact match) on `config.vqa.questions`."""
-    from blip2_jax.evaluate import vqa, vqa_data
-
     _need_generative(loaded, config)
     if config.vqa.metric not in ("vqa", "exact"):
         raise ValueError(f"config.vqa.metric={config.vqa.metric!r}: expected 'vqa' or 'exact'")
@@ -221,9 +181,6 @@ def evaluate_vqa(config, loaded) -> tuple[dict, list]:
 # -- retrieval -----------------------------------------------------------------------------------
 def evaluate_retrieval(config, loaded) -> tuple[dict, dict]:
     """R@1/5/10 both ways: ITC, then ITM re-ranking of the top `retrieval.k_test` (LAVIS)."""
-    from blip2_jax.data import pipeline as data_pipeline
-    from blip2_jax.evaluate import retrieval, retrieval_eval
-
     if loaded.llm:
         raise ValueError(f"config.task='retrieval' needs a stage-1 model (HF Blip2ForImageTextRetrieval or a "
                          f"stage-1 workdir); {config.model} is a {loaded.llm.upper()} generation model")
@@ -232,18 +189,11 @@ def evaluate_retrieval(config, loaded) -> tuple[dict, dict]:
     n = len(captions) if config.max_examples <= 0 else min(len(captions), int(config.max_examples))
     ds = data_pipeline.make_eval_dataset(data_config(config), source, batch_size=int(config.batch_size),
                                          process_index=0, process_count=1)
-    scorer = retrieval_eval.RetrievalScorer(loaded.model)
-    image_feats, image_embeds, image_ids = scorer.image_features(loaded.params, limited_batches(ds, n))
-    if not len(image_ids):
-        raise ValueError(f"no image of {source.path or source.tfds_name} could be decoded")
-    texts, txt2img, img2txt = retrieval_eval.caption_texts(retrieval_eval.select(captions, image_ids),
-                                                           config.data.max_words)
-    ids, mask = retrieval_eval.encode_texts(loaded.tokenizer, texts, int(config.data.max_text_len))
-    score_i2t, score_t2i = scorer.scores(loaded.params, image_feats, image_embeds, ids, mask,
-                                         k_test=int(config.retrieval.k_test), batch_size=int(config.batch_size))
-    metrics = retrieval.recall_at_k(score_i2t, score_t2i, txt2img, img2txt)
-    summary = {"metrics": metrics, "num_images": int(len(image_ids)), "num_texts": len(texts),
-               "num_skipped": n - int(len(image_ids))}
+    summary = retrieval_eval.split_recall(
+        retrieval_eval.RetrievalScorer(loaded.model), loaded.params, loaded.tokenizer, limited_batches(ds, n),
+        captions[:n], max_words=config.data.max_words, max_text_len=int(config.data.max_text_len),
+        k_test=int(config.retrieval.k_test), batch_size=int(config.batch_size),
+        name=f"{source.path or source.tfds_name}")
     return summary, dict(summary)
 
 

@@ -21,7 +21,9 @@ import jax.numpy as jnp
 
 from blip2_jax.models import layers
 from blip2_jax.models.layers import Dense, LayerNorm
+from blip2_jax.models.opt import OPTForCausalLM
 from blip2_jax.models.qformer import QFormer, QFormerConfig, attention_mask
+from blip2_jax.models.t5 import T5ForConditionalGeneration
 from blip2_jax.models.vit import VisionConfig, VisionTransformer
 
 FROZEN_KEYS = ("vision", "language_model")
@@ -190,8 +192,6 @@ class Blip2OPT(_Stage2):
     """`__call__(pixel_values, input_ids, attention_mask)` -> text logits `[B, T, V]` (float32)."""
 
     def setup(self):
-        from blip2_jax.models.opt import OPTForCausalLM  # the LLM towers sit beside, not below, the Q-Former
-
         super().setup()
         self.language_model = OPTForCausalLM(self.config.text, name="language_model")
 
@@ -207,8 +207,6 @@ class Blip2T5(_Stage2):
     -> decoder logits `[B, T_dec, V]` (float32)."""
 
     def setup(self):
-        from blip2_jax.models.t5 import T5ForConditionalGeneration
-
         super().setup()
         self.language_model = T5ForConditionalGeneration(self.config.text, name="language_model")
 

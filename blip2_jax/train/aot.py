@@ -42,7 +42,7 @@ def compile_train_step(config, task, mesh):
     tx, schedule = optimizer.make_optimizer(config.optimizer, config.train.total_steps)
     boxed = jax.eval_shape(task.init_trainable, jax.random.PRNGKey(0))
     param_shardings = sharding.logical_shardings(boxed, mesh, rules)
-    state_shardings, abstract_opt = loop._state_shardings(sharding.unbox(boxed), param_shardings, tx, mesh)
+    state_shardings, abstract_opt = loop.train_state_shardings(sharding.unbox(boxed), param_shardings, tx, mesh)
     abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": sharding.unbox(boxed),
                       "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
     abstract_state = sharding.abstract_with_shardings(abstract_state, state_shardings)

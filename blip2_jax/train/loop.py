@@ -37,51 +37,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from blip2_jax import checkpoint as checkpoint_lib
 from blip2_jax import sharding as sharding_lib
+from blip2_jax.spec import model as spec
 from blip2_jax.train import metrics as metrics_lib
 from blip2_jax.train import optimizer as optimizer_lib
 from blip2_jax.train.task import DataIterator, Task
-
-
-def base_config() -> ml_collections.ConfigDict:
-    """Every field the loop reads, with its default. Stage configs start from this and add sections.
-
-    `config_validation.validate` checks these sections against it (unknown names, types).
-    """
-    c = ml_collections.ConfigDict()
-    c.task = ""                  # which stage main.py runs: "stage1", "stage2"
-    c.seed = 0                   # parameter init and every random draw derive from it
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1             # pure data parallelism; -1 = all devices not used by the others
-    c.mesh.fsdp = 1              # parameters (the "embed" dim) sharded; the batch is split too
-    c.mesh.tensor = 1            # mlp/heads/vocab dims sharded
-    c.mesh.axis_rules = ()       # overrides of sharding.DEFAULT_AXIS_RULES: ((logical, mesh axes), ...)
-
-    c.train = ml_collections.ConfigDict()
-    c.train.total_steps = 10_000
-    c.train.batch_size = 8       # GLOBAL batch per step (all processes, all micro-batches)
-    c.train.grad_accum_steps = 1  # micro-batches per step; in-batch negatives are per micro-batch
-    c.train.log_every = 10
-    c.train.eval_every = 0       # 0: evaluate only after the last step
-    c.train.checkpoint_every = 1000   # 0: checkpoint only at the end and on preemption
-    c.train.keep_checkpoints = 3
-    c.train.async_checkpointing = True
-    c.train.skip_nonfinite_updates = False  # False: stop with an error naming the step
-    c.train.peak_flops_per_device = 0.0     # for MFU (e.g. 197e12 TPU v5e bf16); 0: no MFU
-
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.schedule = "warmup_cosine"  # or "lavis_epoch_cosine", "constant"
-    c.optimizer.peak_lr = 1e-4
-    c.optimizer.warmup_lr = 1e-6            # LAVIS warmup_lr; the warmup starts here
-    c.optimizer.min_lr = 1e-5
-    c.optimizer.warmup_steps = 2000
-    c.optimizer.steps_per_epoch = 0         # lavis_epoch_cosine only
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.98                   # the paper's (LAVIS's code default is 0.999)
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 0.05         # not on biases, norms, other 0-/1-D params
-    c.optimizer.grad_clip_norm = 0.0        # 0: no clipping (as LAVIS)
-    return c
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +51,7 @@ def _replicated(mesh):
     return NamedSharding(mesh, P())
 
 
-def _state_shardings(abstract_params, param_shardings, tx, mesh):
+def train_state_shardings(abstract_params, param_shardings, tx, mesh):
     """Shardings of the whole train state: Adam moments follow their parameter, the rest replicated."""
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_shardings = optax.tree_utils.tree_map_params(
@@ -235,7 +194,7 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
     """Trains `task` for `config.train.total_steps`, resuming from `workdir` if it holds checkpoints.
 
     Args:
-      config: see `base_config()` for the fields read here.
+      config: see `blip2_jax.config_sections.loop_config()` for the fields read here.
       task: the stage's hooks (`blip2_jax.train.task.Task`).
       make_data: zero-argument factory of the per-process data iterator.
       workdir: checkpoints in `workdir/checkpoints`, metrics in `workdir/metrics.jsonl` and
@@ -256,7 +215,7 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
     mesh = mesh or sharding_lib.make_mesh(config.mesh, devices)
     rules = sharding_lib.axis_rules(tuple(config.mesh.axis_rules))
     accum = int(tc.grad_accum_steps)
-    init_key, frozen_key, train_key = run_keys(config.seed)
+    init_key, frozen_key, train_key = spec.run_keys(config.seed)
     # What the run is, for `blip2_jax.from_pretrained(workdir)` (rewritten on every (re)start).
     checkpoint_lib.save_run_config(workdir, config)
 
@@ -269,7 +228,7 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
         boxed = jax.eval_shape(task.init_trainable, init_key)
         param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
         abstract_params = sharding_lib.unbox(boxed)
-        state_shardings, abstract_opt = _state_shardings(abstract_params, param_shardings, tx, mesh)
+        state_shardings, abstract_opt = train_state_shardings(abstract_params, param_shardings, tx, mesh)
         abstract_state = sharding_lib.abstract_with_shardings(
             {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
              "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)},
@@ -289,46 +248,29 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
             data.set_state(data_state)
             metrics_lib.print_progress(f"resumed from {ckpt.directory}/{start}")
 
+        metrics_lib.print_progress(metrics_lib.write_parameter_overview(workdir, state["params"], frozen))
         train_step = make_train_step(task, tx, schedule, mesh, state_shardings,
                                      grad_accum_steps=accum,
                                      skip_nonfinite=bool(tc.skip_nonfinite_updates))
         writer = metrics_lib.MetricWriter(workdir)
         try:
             with _StopRequest() as stop:
-                return _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer,
-                            stop, start, total, step_hook)
+                result, params = _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer,
+                                      stop, start, total, step_hook)
+            if task.on_finish is not None and not result["preempted"]:
+                task.on_finish(params, workdir)
+            return result
         finally:
             writer.close()
             ckpt.close()
 
 
-def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`(init_key, frozen_key, train_key)` of a run with this seed: the fresh trainable init, the random
-    frozen towers (a task or loader that re-draws them must use this key) and the step RNG."""
-    root = jax.random.PRNGKey(int(seed))
-    init_key, frozen_key, train_key = (jax.random.fold_in(root, i) for i in range(3))
-    return init_key, frozen_key, train_key
-
-
-def make_frozen(task, rng, mesh, rules) -> dict:
-    """The frozen tree of `task`, sharded by `rules` on `mesh` ({} if the task has none).
-
-    `task.load_frozen` (given the abstract, sharded tree) supplies it when it returns a tree;
-    otherwise it is drawn from `task.init_frozen(rng)`. `train` uses it on every (re)start, and
-    `blip2_jax.evaluate.load` to rebuild a workdir's frozen towers; call it inside
-    `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
-    """
+def make_frozen(task: Task, rng, mesh, rules) -> dict:
+    """The frozen tree of `task` ({} if it has none): `task.load_frozen` (given the abstract, sharded
+    tree) when it returns one, else drawn from `task.init_frozen(rng)`; on every (re)start."""
     if task.init_frozen is None:
         return {}
-    boxed = jax.eval_shape(task.init_frozen, rng)
-    shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
-    frozen = None
-    if task.load_frozen is not None:
-        frozen = task.load_frozen(sharding_lib.abstract_with_shardings(boxed, shardings))
-    if frozen is None:
-        frozen = jax.jit(lambda r: sharding_lib.unbox(task.init_frozen(r)),
-                         out_shardings=shardings)(rng)
-    return frozen
+    return sharding_lib.create_or_load(task.init_frozen, rng, mesh, rules, load=task.load_frozen)
 
 
 def _fresh_state(task, tx, init_key, train_key, mesh, rules, state_shardings):
@@ -432,4 +374,4 @@ def _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer, stop
     writer.flush()
     if preempted:
         metrics_lib.print_progress(f"stopped by signal {stop.signal} at step {step}; checkpoint saved")
-    return {**last_logged, **eval_metrics, "step": step, "preempted": preempted}
+    return {**last_logged, **eval_metrics, "step": step, "preempted": preempted}, state["params"]

@@ -14,6 +14,7 @@ import sys
 from typing import Any, Mapping, Optional
 
 import jax
+from clu import parameter_overview
 
 
 def _to_float(value: Any) -> float:
@@ -54,6 +55,26 @@ class MetricWriter:
             self._tb.close()
             self._jsonl.close()
             self._active = False
+
+
+PARAMETER_OVERVIEW = "parameter_overview.txt"
+
+
+def write_parameter_overview(workdir: str, trainable: Any, frozen: Any) -> str:
+    """Write `workdir/parameter_overview.txt` (process 0): every trainable and frozen parameter's name,
+    shape and dtype, and the totals (clu's parameter overview). Returns the one-line summary."""
+    count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
+    summary = f"parameters: {count(trainable):,} trainable, {count(frozen):,} frozen"
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, PARAMETER_OVERVIEW), "w", encoding="utf-8") as f:
+            f.write(f"{summary}\n\n# trainable\n")
+            f.write(parameter_overview.get_parameter_overview(trainable, include_stats=False))
+            if jax.tree.leaves(frozen):
+                f.write("\n\n# frozen\n")
+                f.write(parameter_overview.get_parameter_overview(frozen, include_stats=False))
+            f.write("\n")
+    return summary
 
 
 def format_progress(step: int, total: int, scalars: Mapping[str, float],

@@ -75,6 +75,9 @@ class Task:
       evaluate: `(trainable, frozen, step) -> {name: float}` or None. Host-side; called every
         `train.eval_every` steps and after the last step (jit inside as needed). Its metrics are
         logged under `eval/` and returned by `train` under their own names.
+      on_finish: `(trainable, workdir) -> None` or None. Called on every process after the last step
+        (not when a signal stopped the run), with the final trainable tree; e.g. the text LM writes
+        its Hugging Face directory.
       flops_per_example: training FLOPs for one example (forward + backward of the trainable part
         plus the forward of the frozen part), or None. Used only for the MFU estimate.
       name: a short name for logs.
@@ -86,5 +89,6 @@ class Task:
     load_frozen: Optional[Callable[[Params], Optional[Params]]] = None
     load_trainable: Optional[Callable[[Params], Params]] = None
     evaluate: Optional[Callable[[Params, Params, int], Mapping[str, float]]] = None
+    on_finish: Optional[Callable[[Params, str], None]] = None
     flops_per_example: Optional[float] = None
     name: str = "task"

@@ -26,12 +26,13 @@ values and do not recompile.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax.models import opt, t5
 from blip2_jax.models.blip2 import Blip2OPT, Blip2T5
 from blip2_jax.models.layers import take_batch_rows
 
@@ -65,8 +66,6 @@ _compiled_visual_prompt = jax.jit(_visual_prompt, static_argnums=0)
 
 def _prefill_opt(model, params, prompt, input_ids, mask, max_new_tokens):
     """[visual prompt; text] through OPT once: `(last logits [B, V], cache, step_fn)`."""
-    from blip2_jax.models import opt
-
     variables = {"params": params}
 
     def run(m, prompt, ids, msk):
@@ -87,8 +86,6 @@ def _prefill_opt(model, params, prompt, input_ids, mask, max_new_tokens):
 
 def _prefill_t5(model, params, prompt, input_ids, mask, max_new_tokens):
     """Encoder over [visual prompt; text], then the decoder start token: `(logits [B, V], cache, step_fn)`."""
-    from blip2_jax.models import t5
-
     variables = {"params": params}
     text = model.config.text
     start = jnp.full((input_ids.shape[0], 1), text.decoder_start_token_id, jnp.int32)
@@ -209,6 +206,21 @@ def _gather(x, idx):
     return jnp.take_along_axis(x, idx, axis=1)
 
 
+class _Beams(NamedTuple):
+    """The beam search's loop state (B batch rows, k beams, n new tokens, keep = candidates per step)."""
+
+    t: jax.Array            # int32 []: index of the token being chosen
+    run_seq: jax.Array      # int32 [B, k, n]: the running hypotheses
+    run_scores: jax.Array   # float32 [B, k]: their summed log-probabilities
+    seqs: jax.Array         # int32 [B, k, n]: the kept (finished) hypotheses
+    scores: jax.Array       # float32 [B, k]: their length-normalised scores
+    finished: jax.Array     # bool [B, k]: which kept slots hold a finished hypothesis
+    unsatisfied: jax.Array  # bool [B, 1]: a running hypothesis may still beat the worst kept one
+    hits: jax.Array         # bool [B, keep]: which of this step's candidates stopped
+    seen: Any               # bool [B * k, V] token sets for the repetition penalty, or None
+    cache: Any              # the LLM's KV cache, rows = B * k
+
+
 def _beam_search(st: _Static, knobs, logits, cache, step, seen, rng):
     k, n = st.num_beams, st.max_new_tokens
     b, vocab = logits.shape
@@ -220,8 +232,8 @@ def _beam_search(st: _Static, knobs, logits, cache, step, seen, rng):
     logits = expand(logits)
     seen = None if seen is None else expand(seen)
 
-    def select(state, logits):
-        (t, run_seq, run_scores, seqs, scores, finished, unsatisfied, _, seen, cache) = state
+    def select(state: _Beams, logits) -> _Beams:
+        t, run_seq, run_scores, seqs, scores, finished, unsatisfied, _, seen, cache = state
         logp = _process(st, knobs, jax.nn.log_softmax(logits, axis=-1), seen, t)
         logp = (logp.reshape(b, k, vocab) + run_scores[:, :, None]).reshape(b, k * vocab)
         if st.do_sample:  # k draws without replacement in proportion to softmax(logp): Gumbel top-k
@@ -259,23 +271,21 @@ def _beam_search(st: _Static, knobs, logits, cache, step, seen, rng):
         best_running = run_scores[:, :1] / denoms[t]
         worst_kept = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
         unsatisfied = unsatisfied & jnp.any(best_running > worst_kept, axis=-1, keepdims=True)
-        return (t + 1, run_seq, run_scores, seqs, scores, finished, unsatisfied, hits, seen, cache)
+        return _Beams(t + 1, run_seq, run_scores, seqs, scores, finished, unsatisfied, hits, seen, cache)
 
-    def cond(state):
-        t, unsatisfied, hits = state[0], state[6], state[7]
-        return (t < n) & jnp.any(unsatisfied) & ~jnp.all(hits)
+    def cond(state: _Beams):
+        return (state.t < n) & jnp.any(state.unsatisfied) & ~jnp.all(state.hits)
 
-    def body(state):
-        t, run_seq, cache = state[0], state[1], state[-1]
-        logits, cache = step(run_seq[:, :, t - 1].reshape(-1), cache)
-        return select(state[:-1] + (cache,), logits)
+    def body(state: _Beams) -> _Beams:
+        logits, cache = step(state.run_seq[:, :, state.t - 1].reshape(-1), state.cache)
+        return select(state._replace(cache=cache), logits)
 
-    run_scores = jnp.zeros((b, k), jnp.float32).at[:, 1:].set(NEG)
     seq0 = jnp.full((b, k, n), knobs["pad"], jnp.int32)
-    state = (jnp.int32(0), seq0, run_scores, seq0, jnp.full((b, k), NEG, jnp.float32), jnp.zeros((b, k), bool),
-             jnp.ones((b, 1), bool), jnp.zeros((b, keep), bool), seen, cache)
+    state = _Beams(t=jnp.int32(0), run_seq=seq0, run_scores=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(NEG),
+                   seqs=seq0, scores=jnp.full((b, k), NEG, jnp.float32), finished=jnp.zeros((b, k), bool),
+                   unsatisfied=jnp.ones((b, 1), bool), hits=jnp.zeros((b, keep), bool), seen=seen, cache=cache)
     state = select(state, logits)
-    return jax.lax.while_loop(cond, body, state)[3][:, 0]
+    return jax.lax.while_loop(cond, body, state).seqs[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""Config -> model: the one place that builds a model, its tokenizer and its dtypes from a config.
+
+Everything that needs "the model this config describes" comes here: the training stages
+(`blip2_jax.train`), a workdir's reload (`blip2_jax.workdir`), the processor and evaluation.
+
+- `build(config) -> Built(model, tokenizer)` for `config.task` "stage1" (`Blip2Stage1`), "stage2"
+  (`Blip2OPT` / `Blip2T5`) or "text_lm" (the demo's `OPTForCausalLM` / `T5ForConditionalGeneration`);
+- `frozen_keys(config)`: the top-level parameter names the run keeps frozen;
+- `init_fns(config, model)`: the two halves of `model.init` (trainable, frozen);
+- `run_keys(seed)`: the run's init / frozen / train keys (a random frozen tower is re-drawn from the
+  frozen key by whoever needs it again: the train loop, a workdir reload);
+- `DTYPES` / `dtype(name)`: the dtype names configs may use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blip2_jax.convert import blip2 as hf_blip2
+from blip2_jax.convert.hf_io import CheckpointReader
+from blip2_jax.data import text as data_text
+from blip2_jax.models.blip2 import Blip2Config, build_model, dummy_inputs
+from blip2_jax.models.blip2 import init_fns as split_init_fns
+from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
+from blip2_jax.models.qformer import QFormerConfig
+from blip2_jax.models.t5 import T5Config, T5ForConditionalGeneration
+from blip2_jax.models.vit import VisionConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TASKS = ("stage1", "stage2", "text_lm")
+LLMS = ("opt", "t5")
+
+
+def dtype(name: str, field: str = "model.frozen_dtype"):
+    """The jnp dtype a config names; the error names the field and the choices."""
+    if name not in DTYPES:
+        raise ValueError(f"config.{field}={name!r}: expected one of {tuple(DTYPES)}")
+    return DTYPES[name]
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(init_key, frozen_key, train_key)` of a run with this seed: the fresh trainable init, the random
+    frozen towers (whoever re-draws them must use this key) and the step RNG."""
+    root = jax.random.PRNGKey(int(seed))
+    return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    model: nn.Module
+    tokenizer: Any  # stage 1: BERT + [DEC]; stage 2 / text LM: the LLM's
+
+
+def _task(config) -> str:
+    task = config.get("task", "")
+    if task not in TASKS:
+        raise ValueError(f"config.task={task!r}: expected one of {TASKS}")
+    return task
+
+
+def tokenizer(config, path: str = ""):
+    """The tokenizer of `config.data.tokenizer_path` (or `path`): BERT + [DEC] for stage 1, the LLM's
+    otherwise."""
+    path = path or config.data.tokenizer_path
+    return data_text.load_bert_tokenizer(path) if _task(config) == "stage1" else data_text.load_tokenizer(path)
+
+
+def build(config, tokenizer_path: str = "") -> Built:
+    """The model `config` describes and its tokenizer (see the module docstring)."""
+    task = _task(config)
+    tok = tokenizer(config, tokenizer_path)
+    if task == "stage1":
+        model = build_model(stage1_config(config, vocab_size=len(tok)))
+    elif task == "stage2":
+        model = build_model(stage2_config(config))
+    else:
+        cfg = text_lm_config(config, tok)
+        model = OPTForCausalLM(cfg) if isinstance(cfg, OPTConfig) else T5ForConditionalGeneration(cfg)
+    return Built(model, tok)
+
+
+def frozen_keys(config) -> tuple[str, ...]:
+    """The top-level parameter names this run keeps frozen (`model.train_vision` trains the ViT)."""
+    task = _task(config)
+    if task == "text_lm":
+        return ()
+    towers = ("vision",) if task == "stage1" else ("vision", "language_model")
+    return tuple(k for k in towers if not (k == "vision" and config.model.train_vision))
+
+
+def init_fns(config, model: nn.Module):
+    """`(init_trainable, init_frozen)`: pure `rng -> params` halves of `model.init` for this config."""
+    return split_init_fns(model, *dummy_inputs(model), frozen_keys=frozen_keys(config))
+
+
+# -- model configs ------------------------------------------------------------------------------
+def _vision(config) -> VisionConfig:
+    m = config.model
+    vision_dtype = jnp.float32 if m.train_vision else dtype(m.frozen_dtype)  # a trained ViT: float32
+    return VisionConfig(**dict(m.vision.items()), dtype=vision_dtype, param_dtype=vision_dtype)
+
+
+def stage1_config(config, vocab_size: int | None = None) -> Blip2Config:
+    """Our `Blip2Config` from `config.model` (`qformer.vocab_size = 0` means: the tokenizer's size)."""
+    m = config.model
+    vision = _vision(config)
+    q = dict(m.qformer.items())
+    if not q["vocab_size"]:
+        if vocab_size is None:
+            raise ValueError("config.model.qformer.vocab_size = 0 needs the tokenizer (config.data.tokenizer_path)")
+        q["vocab_size"] = vocab_size
+    qformer = QFormerConfig(**q, num_query_tokens=m.num_query_tokens, encoder_hidden_size=vision.hidden_size,
+                            remat=m.remat)
+    return Blip2Config(vision=vision, qformer=qformer, num_query_tokens=m.num_query_tokens,
+                       image_text_hidden_size=m.embed_dim, ln_vision_eps=m.ln_vision_eps,
+                       temperature_init=m.temperature_init, with_lm_head=True)
+
+
+def read_hf_config(path: str) -> dict:
+    """`config.json` of a Hugging Face directory, with an error naming the file when it is missing."""
+    name = os.path.join(path, "config.json")
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"{name} does not exist (expected a Hugging Face model directory)")
+    with open(name) as f:
+        return json.load(f)
+
+
+def text_config(config):
+    """The frozen LLM's `OPTConfig` / `T5Config`: from `init.llm_checkpoint`'s config.json (and which
+    weights the file holds: an `lm_head.weight` unties the head), else from `model.text` (HF names)."""
+    m = config.model
+    frozen = dtype(m.frozen_dtype)
+    path = config.init.llm_checkpoint
+    if path:
+        hf = read_hf_config(path)
+        with CheckpointReader(path) as reader:
+            keys = reader.keys()
+    else:
+        hf, keys = dict(m.text), ()
+        if not hf:
+            raise ValueError("config.init.llm_checkpoint is empty and config.model.text gives no LLM config")
+    kind = hf.get("model_type")
+    if kind != m.llm:
+        raise ValueError(f"config.model.llm is {m.llm!r} but the LLM config ({path or 'config.model.text'}) "
+                         f"has model_type {kind!r}")
+    overrides = dict(dtype=frozen, param_dtype=frozen, remat=m.llm_remat)
+    if not path and hf.get("tie_word_embeddings") is False:
+        overrides["tie_word_embeddings"] = False  # a checkpoint says so by holding lm_head.weight
+    if kind == "t5" and m.t5_dense_act_fn:
+        overrides["dense_act_fn"] = m.t5_dense_act_fn
+    return hf_blip2.text_converter(hf).config_for_checkpoint(hf, keys, **overrides)
+
+
+def stage2_config(config) -> Blip2Config:
+    """Our `Blip2Config` (vision, query-path Q-Former, LLM) from `config.model` and `config.init`."""
+    m = config.model
+    if m.llm not in LLMS:
+        raise ValueError(f"config.model.llm must be one of {LLMS}, got {m.llm!r}")
+    vision = _vision(config)
+    qformer = QFormerConfig(**dict(m.qformer.items()), num_query_tokens=m.num_query_tokens,
+                            encoder_hidden_size=vision.hidden_size, use_text_input=False, remat=m.remat)
+    return Blip2Config(vision=vision, qformer=qformer, text=text_config(config),
+                       num_query_tokens=m.num_query_tokens, ln_vision_eps=m.ln_vision_eps, with_lm_head=False)
+
+
+def text_lm_config(config, tok):
+    """The demo LM's `OPTConfig` / `T5Config` from `config.model.text` (HF field names; vocab_size 0 =
+    the tokenizer's). OPT's EOS becomes the id of "\\n", as in BLIP-2's OPT configs."""
+    m = config.model
+    fields = dict(m.text)
+    if not fields.get("vocab_size"):
+        fields["vocab_size"] = len(tok)
+    dt = dtype(m.dtype, "model.dtype")
+    if m.llm == "opt":
+        newline = tok.encode("\n", add_special_tokens=False)
+        if len(newline) != 1:
+            raise ValueError(f"{config.data.tokenizer_path}: '\\n' must be one token, got {newline}")
+        fields["eos_token_id"] = newline[0]
+        return OPTConfig.from_hf(fields, dtype=dt, param_dtype=dt)
+    if m.llm == "t5":  # an untied head (as FlanT5) unless the fields say tied
+        return T5Config.from_hf(fields, dtype=dt, param_dtype=dt,
+                                tie_word_embeddings=fields.get("tie_word_embeddings", True) is not False)
+    raise ValueError(f"config.model.llm must be one of {LLMS}, got {m.llm!r}")

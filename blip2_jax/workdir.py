@@ -1,0 +1,81 @@
+"""A workdir of this project -> the model, its parameters and its tokenizer (no training `Task`).
+
+A workdir is what `python -m blip2_jax.main` writes: `checkpoints/<step>/` (the trainable tree, the
+optimizer and the data position) and `run_config.json` (the run's config and the directory it was
+started in). `load(path)` rebuilds the model from that config (`blip2_jax.spec.model.build`), reads
+the newest checkpoint's trainable parameters and re-reads the frozen towers from where the run read
+them, or re-draws them from its seed (`blip2_jax.spec.weights.frozen_tree`): the exact tree the run
+trained against.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from blip2_jax import checkpoint as checkpoint_lib
+from blip2_jax import sharding as sharding_lib
+from blip2_jax.models.blip2 import Blip2OPT, Blip2Stage1
+from blip2_jax.spec import model as spec
+from blip2_jax.spec import weights
+
+TASKS = ("stage1", "stage2")
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model ready to use. `tokenizer`: the LLM's (stage 2) or BERT + [DEC] (stage 1); `config`: the
+    run's config (None for a Hugging Face directory); `step`: the checkpoint's step."""
+
+    model: nn.Module
+    params: Any
+    tokenizer: Any
+    config: Any = None
+    step: Optional[int] = None
+
+    @property
+    def llm(self) -> str:
+        """"opt", "t5", or "" for a stage-1 (retrieval) model."""
+        return llm_kind(self.model)
+
+
+def llm_kind(model: nn.Module) -> str:
+    if isinstance(model, Blip2Stage1):
+        return ""
+    return "opt" if isinstance(model, Blip2OPT) else "t5"
+
+
+def run_config(path: str, frozen_dtype: Optional[Any] = None):
+    """The config `path`'s run recorded (`checkpoint.load_run_config`), its frozen towers in
+    `frozen_dtype` when given (float32 or bfloat16)."""
+    config = checkpoint_lib.load_run_config(path)
+    if frozen_dtype is not None:
+        name = np.dtype(frozen_dtype).name
+        if name not in spec.DTYPES:
+            raise ValueError(f"frozen_dtype={name}: a workdir's frozen towers load as {' or '.join(spec.DTYPES)}")
+        config.model.frozen_dtype = name
+    return config
+
+
+def load(path: str, *, config=None, frozen_dtype: Optional[Any] = None, tokenizer_path: str = "") -> Loaded:
+    """The stage-1 or stage-2 model of workdir `path` (see the module docstring).
+
+    `config`: the run's config when the workdir predates `run_config.json` (e.g.
+    `get_config("demo_opt")` of configs/stage2.py); `tokenizer_path`: another tokenizer directory.
+    """
+    if not checkpoint_lib.is_workdir(path):
+        raise FileNotFoundError(f"{path}: not a workdir of this project (no {checkpoint_lib.CHECKPOINTS}/)")
+    config = run_config(path, frozen_dtype) if config is None else config
+    if config.get("task", "") not in TASKS:
+        raise ValueError(f"{path}: a {config.get('task', '')!r} workdir; only stage-1 and stage-2 workdirs hold "
+                         "a BLIP-2 model")
+    built = spec.build(config, tokenizer_path)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    rules = sharding_lib.axis_rules(tuple(config.mesh.axis_rules))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        frozen = weights.frozen_tree(config, built.model, mesh, rules)
+    step, trainable = checkpoint_lib.latest_params(path)
+    return Loaded(built.model, {**trainable, **frozen}, built.tokenizer, config, step)
