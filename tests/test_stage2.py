@@ -255,7 +255,7 @@ def text_lm_run(tmp_path_factory):
     c.optimizer.update(warmup_steps=5, peak_lr=3e-3)
     mesh = sharding_lib.make_mesh(c.mesh, jax.devices()[:1])
     workdir = str(root / "text_lm")
-    out = loop.train(c, text_lm.make_task(c, mesh, workdir=workdir), text_lm.make_data(c), workdir, mesh=mesh)
+    out = loop.train(c, text_lm.make_task(c, mesh), text_lm.make_data(c), workdir, mesh=mesh)
     return root, c, out, workdir
 
 

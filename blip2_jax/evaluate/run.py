@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import grain
 import numpy as np
@@ -79,6 +79,12 @@ def generation_kwargs(config, llm: str) -> dict:
                 length_penalty=float(g.length_penalty[llm]), pad_multiple=int(g.prompt_pad_multiple))
 
 
+def generate_texts(loaded, processor, pixels: np.ndarray, prompts: Optional[Sequence[str]], config) -> list[str]:
+    """Decoded generations for a batch of images and (optional) prompts, with `config.generation`."""
+    return caption_eval.generate_texts(loaded.model, loaded.params, processor, pixels, prompts,
+                                       **generation_kwargs(config, loaded.llm))
+
+
 def make_processor(loaded: load_lib.Loaded, image_size: int):
     return processor_lib.for_model(loaded.model, loaded.tokenizer, image_size)
 
@@ -132,8 +138,7 @@ def answer_questions(config, loaded, questions) -> tuple[dict, list]:
         rows = pending + [pending[0]] * pad
         pixels = processor.preprocess([cache[q.image] for q in rows])
         prompts = [config.generation.prompt.format(data_text.blip_question(q.question)) for q in rows]
-        texts = caption_eval.generate_texts(loaded.model, loaded.params, processor, pixels, prompts,
-                                            **generation_kwargs(config, loaded.llm))
+        texts = generate_texts(loaded, processor, pixels, prompts, config)
         for q, t in zip(pending, texts):
             answers[q.question_id] = t
         pending.clear()

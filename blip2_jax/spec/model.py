@@ -5,6 +5,7 @@ Everything that needs "the model this config describes" comes here: the training
 
 - `build(config) -> Built(model, tokenizer)` for `config.task` "stage1" (`Blip2Stage1`), "stage2"
   (`Blip2OPT` / `Blip2T5`) or "text_lm" (the demo's `OPTForCausalLM` / `T5ForConditionalGeneration`);
+  `model_of(config[, tokenizer])` when the tokenizer is not needed (stage 2 at paper scale);
 - `frozen_keys(config)`: the top-level parameter names the run keeps frozen;
 - `init_fns(config, model)`: the two halves of `model.init` (trainable, frozen);
 - `run_keys(seed)`: the run's init / frozen / train keys (a random frozen tower is re-drawn from the
@@ -73,16 +74,22 @@ def tokenizer(config, path: str = ""):
 
 def build(config, tokenizer_path: str = "") -> Built:
     """The model `config` describes and its tokenizer (see the module docstring)."""
-    task = _task(config)
     tok = tokenizer(config, tokenizer_path)
+    return Built(model_of(config, tok), tok)
+
+
+def model_of(config, tok=None) -> nn.Module:
+    """The model `config` describes. `tok` is needed where the config defers to the tokenizer (a stage-1
+    `qformer.vocab_size` of 0, the text LM's vocabulary and EOS); stage 2 builds without one."""
+    task = _task(config)
     if task == "stage1":
-        model = build_model(stage1_config(config, vocab_size=len(tok)))
-    elif task == "stage2":
-        model = build_model(stage2_config(config))
-    else:
-        cfg = text_lm_config(config, tok)
-        model = OPTForCausalLM(cfg) if isinstance(cfg, OPTConfig) else T5ForConditionalGeneration(cfg)
-    return Built(model, tok)
+        return build_model(stage1_config(config, vocab_size=None if tok is None else len(tok)))
+    if task == "stage2":
+        return build_model(stage2_config(config))
+    if tok is None:
+        raise ValueError("the text LM's config takes its vocabulary from the tokenizer: pass it")
+    cfg = text_lm_config(config, tok)
+    return OPTForCausalLM(cfg) if isinstance(cfg, OPTConfig) else T5ForConditionalGeneration(cfg)
 
 
 def frozen_keys(config) -> tuple[str, ...]:

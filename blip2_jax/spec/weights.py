@@ -219,13 +219,16 @@ def _stage2_trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
     def load(fresh: dict) -> dict:
         source = {}
         if path:
-            tree = read_query_path(path, cfg, with_projection=bool(stage2_path))
-            source = {p: v for p, v in traverse_util.flatten_dict(tree).items() if p[0] in parts}
-            dropped = sorted({k for k in tree if k not in parts})
-            log.info("from %s: %s; not used by stage 2: %s", path, ", ".join(parts), ", ".join(dropped) or "nothing")
-            lacking = sorted("/".join(p) for p in traverse_util.flatten_dict(fresh) if p[0] in parts and p not in source)
+            tree = traverse_util.flatten_dict(read_query_path(path, cfg, with_projection=bool(stage2_path)))
+            # The query path of the fresh tree; the stage-1-only parts (text embeddings and FFNs, the
+            # ITC/ITM/ITG heads, the temperature) are dropped.
+            wanted = [p for p in traverse_util.flatten_dict(fresh) if p[0] in parts]
+            lacking = sorted("/".join(p) for p in wanted if p not in tree)
             if lacking:
                 raise ValueError(f"{path}: the checkpoint lacks {lacking} (different Q-Former sizes?)")
+            source = {p: tree[p] for p in wanted}
+            dropped = sorted({"/".join(p[:3]) for p in tree if p not in source})
+            log.info("from %s: %s; not used by stage 2: %s", path, ", ".join(parts), ", ".join(dropped) or "nothing")
         if vision_path:
             source.update(traverse_util.flatten_dict(load_vision(vision_path, cfg)))
             log.info("trainable ViT initialised from %s", vision_path)

@@ -77,14 +77,14 @@ def make_task(config, mesh) -> Task:
     if mode not in TEXT_MODES.get(config.model.llm, ()):
         raise ValueError(f"config.data.text_mode {mode!r} does not fit config.model.llm {config.model.llm!r} "
                          f"(expected one of {TEXT_MODES.get(config.model.llm, ())})")
-    built = spec.build(config)
-    model, cfg = built.model, built.model.config
+    model = spec.model_of(config)  # the tokenizer is read only for the held-out captioning
+    cfg = model.config
     init_trainable, init_frozen = spec.init_fns(config, model)
     rules = sharding_lib.axis_rules(tuple(config.mesh.axis_rules))
     llm_dropout, train_vision = bool(config.model.llm_dropout), bool(config.model.train_vision)
     evaluate = None
     if config.get("eval") is not None and config.eval.source.path:
-        evaluate_params = caption_eval.evaluator(config, model, built.tokenizer)
+        evaluate_params = caption_eval.evaluator(config, model, spec.tokenizer(config))
         evaluate = lambda trainable, frozen, step: evaluate_params({**trainable, **frozen}, step)  # noqa: E731
 
     def loss_fn(trainable, frozen, batch, rng, train):
