@@ -12,8 +12,9 @@ Semantics follow Hugging Face `T5ForConditionalGeneration` (transformers 5.x):
 - the head: `lm_head` when the checkpoint has its own (FlanT5 does), else the `shared` table; the
   decoder output is multiplied by `d_model**-0.5` only when `scale_decoder_outputs` (original T5).
 
-Cache (`init_cache`): `{"index": int32[], "mask": int32[B, max_len], "self": ({"k", "v"}: [B, max_len,
-H, d_kv], ...), "cross": None, "encoder_mask": None}`. The first `decode` with a cache whose
+Cache (`init_cache`): the decoders' fixed-size cache of `layers.init_kv_cache` for the decoder's
+self-attention (`{"index": int32[], "mask": int32[B, max_len], "layers": ({"k", "v"}: [B, max_len, H,
+d_kv], ...)}`) plus `"cross": None, "encoder_mask": None`. The first `decode` with a cache whose
 `"cross"` is None computes every layer's cross-attention K/V from the encoder output once and stores
 them (with the encoder mask); later steps reuse them and need no encoder arguments. With a cache,
 `decoder_attention_mask` covers only the new tokens.
@@ -29,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax.models.layers import (Dense, Embed, RMSNorm, activation, dot_product_attention, mask_to_bias,
-                                     merge_heads, split_heads, take_batch_rows)
+from blip2_jax.models.layers import (Dense, Embed, KVCache, RMSNorm, activation, advance_kv_cache, decoder_mask,
+                                     dot_product_attention, init_kv_cache, mask_to_bias, merge_heads, split_heads,
+                                     take_batch_rows, write_kv)
 
 Dtype = Any
-Cache = dict
+Cache = KVCache
 
 _DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -177,16 +179,9 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, 
 
 def init_cache(config: T5Config, batch: int, max_len: int, dtype: Dtype = None) -> Cache:
     """An empty decoder cache for `max_len` decoder positions; cross-attention K/V are filled by `decode`."""
-    dtype = dtype or config.dtype
-    shape = (batch, max_len, config.num_heads, config.d_kv)
-    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # noqa: E731
-    return {
-        "index": jnp.zeros((), jnp.int32),
-        "mask": jnp.zeros((batch, max_len), jnp.int32),
-        "self": tuple(layer() for _ in range(config.num_decoder_layers)),
-        "cross": None,
-        "encoder_mask": None,
-    }
+    self_attention = init_kv_cache(batch, max_len, config.num_decoder_layers, config.num_heads, config.d_kv,
+                                   dtype or config.dtype)
+    return {**self_attention, "cross": None, "encoder_mask": None}
 
 
 def reorder_cache(cache: Cache, indices: jax.Array) -> Cache:
@@ -258,12 +253,7 @@ class T5Block(nn.Module):
     def __call__(self, x, self_bias, layer_cache, index, cross_bias, encoder_hidden_states, cross_kv,
                  deterministic: bool):
         h = self.self_attn_norm(x)
-        k, v = self.self_attn.kv(h)
-        new_cache = None
-        if layer_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), index, 1)
-            new_cache = {"k": k, "v": v}
+        k, v, new_cache = write_kv(layer_cache, *self.self_attn.kv(h), index)
         x = x + self.dropout(self.self_attn(h, k, v, self_bias, deterministic), deterministic=deterministic)
         if self.is_decoder:
             h = self.cross_attn_norm(x)
@@ -370,18 +360,11 @@ class T5ForConditionalGeneration(nn.Module):
         encoder_attention_mask = encoder_attention_mask.astype(jnp.int32)
         cross_bias = mask_to_bias(encoder_attention_mask)[:, None, None, :]
 
-        if cache is None:
-            index, key_mask = 0, decoder_attention_mask
-        else:
-            index = cache["index"]
-            key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], decoder_attention_mask, index, 1)
-        q_pos = index + jnp.arange(t)
-        k_pos = jnp.arange(key_mask.shape[1])
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask[:, None, :].astype(bool)
+        mask = decoder_mask(decoder_attention_mask, cache)
 
         x, new_self, new_cross = self.decoder(
-            self.embed(decoder_input_ids), allowed, q_pos, k_pos,
-            caches=None if cache is None else cache["self"], index=index, cross_bias=cross_bias,
+            self.embed(decoder_input_ids), mask.allowed, mask.q_pos, mask.k_pos,
+            caches=None if cache is None else cache["layers"], index=mask.index, cross_bias=cross_bias,
             encoder_hidden_states=encoder_hidden_states, cross_kvs=cross_kvs, deterministic=deterministic)
         x = x.astype(jnp.float32)
         if c.scale_decoder_outputs:
@@ -390,7 +373,7 @@ class T5ForConditionalGeneration(nn.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = {"index": cache["index"] + t, "mask": key_mask, "self": new_self,
+            new_cache = {**advance_kv_cache(cache, mask, new_self),
                          "cross": tuple({"k": k, "v": v} for k, v in new_cross),
                          "encoder_mask": encoder_attention_mask}
         return logits.astype(jnp.float32), new_cache
