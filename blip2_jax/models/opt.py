@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from blip2_jax.models.layers import (Dense, Embed, KVCache, LayerNorm, activation, advance_kv_cache,
                                      decoder_mask, dot_product_attention, init_kv_cache, mask_to_bias,
-                                     merge_heads, split_heads, take_batch_rows, write_kv)
+                                     merge_heads, split_heads, write_kv)
 
 Dtype = Any
 Cache = KVCache
@@ -129,11 +129,6 @@ def init_cache(config: OPTConfig, batch: int, max_len: int, dtype: Dtype = None)
     """An empty cache for `max_len` positions (prompt + generated); fixed shapes, so one jit serves all steps."""
     return init_kv_cache(batch, max_len, config.num_hidden_layers, config.num_attention_heads, config.head_dim,
                          dtype or config.dtype)
-
-
-def reorder_cache(cache: Cache, indices: jax.Array) -> Cache:
-    """Select rows of the batch (beam search)."""
-    return take_batch_rows(cache, indices)
 
 
 def _norm(cfg: OPTConfig, name: str):

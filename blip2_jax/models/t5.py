@@ -32,7 +32,7 @@ import numpy as np
 
 from blip2_jax.models.layers import (Dense, Embed, KVCache, RMSNorm, activation, advance_kv_cache, decoder_mask,
                                      dot_product_attention, init_kv_cache, mask_to_bias, merge_heads, split_heads,
-                                     take_batch_rows, write_kv)
+                                     write_kv)
 
 Dtype = Any
 Cache = KVCache
@@ -182,11 +182,6 @@ def init_cache(config: T5Config, batch: int, max_len: int, dtype: Dtype = None) 
     self_attention = init_kv_cache(batch, max_len, config.num_decoder_layers, config.num_heads, config.d_kv,
                                    dtype or config.dtype)
     return {**self_attention, "cross": None, "encoder_mask": None}
-
-
-def reorder_cache(cache: Cache, indices: jax.Array) -> Cache:
-    """Select rows of the batch (beam search)."""
-    return take_batch_rows(cache, indices)
 
 
 class T5Attention(nn.Module):
