@@ -1,4 +1,5 @@
-"""Building blocks shared by the towers: dense, embedding, LayerNorm, attention, the decoders' KV cache.
+"""Building blocks shared by the towers: the config base, dense, embedding, LayerNorm, attention, the
+decoders' KV cache.
 
 Conventions (see docs/architecture.md):
 - Every parameter is created through `nn.with_logical_partitioning` with logical axis names
@@ -9,6 +10,7 @@ Conventions (see docs/architecture.md):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -19,6 +21,43 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+    """What every tower's config (ViT, Q-Former, OPT, T5) carries besides its architecture.
+
+    `dtype` computes, `param_dtype` stores, `remat` recomputes each block in the backward pass.
+    Keyword-only, so a subclass's own fields keep their positions; dtype names ("bfloat16", as
+    in a JSON config) become jnp dtypes.
+    """
+
+    _: dataclasses.KW_ONLY
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def __post_init__(self):
+        for k in ("dtype", "param_dtype"):
+            if isinstance(getattr(self, k), str):
+                object.__setattr__(self, k, DTYPES[getattr(self, k)])
+
+    def _check_heads(self, hidden_size: int, num_heads: int) -> None:
+        if hidden_size % num_heads:
+            raise ValueError(f"{type(self).__name__}: hidden_size {hidden_size} is not divisible by "
+                             f"the number of heads {num_heads}")
+
+    @classmethod
+    def _hf_fields(cls, d: dict, model_type: str, exclude: Sequence[str] = ()) -> dict:
+        """The entries of a Hugging Face config dict that are fields of `cls` (not the precision
+        knobs, not `exclude`), lists made tuples so the config stays hashable (several EOS ids)."""
+        if d.get("model_type", model_type) != model_type:
+            raise ValueError(f"{cls.__name__}.from_hf: model_type is {d.get('model_type')!r}, "
+                             f"expected {model_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat", *exclude}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blip2_jax.models.layers import (Dense, Embed, KVCache, LayerNorm, activation, advance_kv_cache,
+from blip2_jax.models.layers import (Dense, Embed, KVCache, LayerNorm, TowerConfig, activation, advance_kv_cache,
                                      decoder_mask, dot_product_attention, init_kv_cache, mask_to_bias,
                                      merge_heads, split_heads, write_kv)
 
@@ -34,21 +34,11 @@ Cache = KVCache
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq padding_idx relic)
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which HF OPT uses
 
-_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _as_dtype(d):
-    return _DTYPE_NAMES[d] if isinstance(d, str) else d
-
-
-def _freeze_ids(x):
-    """Lists (e.g. several EOS ids) become tuples so the config stays hashable."""
-    return tuple(x) if isinstance(x, list) else x
-
 
 @dataclasses.dataclass(frozen=True)
-class OPTConfig:
-    """The fields of Hugging Face's OPTConfig that change the computation, plus our precision knobs."""
+class OPTConfig(TowerConfig):
+    """The fields of Hugging Face's OPTConfig that change the computation, plus our precision knobs
+    (`TowerConfig`)."""
 
     vocab_size: int = 50272
     hidden_size: int = 768
@@ -68,10 +58,10 @@ class OPTConfig:
     bos_token_id: Optional[int] = 2
     eos_token_id: Any = 2
     tie_word_embeddings: bool = True
-    # Ours.
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_heads(self.hidden_size, self.num_attention_heads)
 
     @property
     def embed_dim(self) -> int:
@@ -89,22 +79,10 @@ class OPTConfig:
     @classmethod
     def from_hf(cls, d: dict, **overrides) -> "OPTConfig":
         """From a Hugging Face `config.json` dict (OPT's own, or BLIP-2's `text_config`)."""
-        if d.get("model_type", "opt") != "opt":
-            raise ValueError(f"OPTConfig.from_hf: model_type is {d.get('model_type')!r}, expected 'opt'")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in fields and k not in ("dtype", "param_dtype", "remat")}
+        kw = cls._hf_fields(d, "opt")
         if "_remove_final_layer_norm" in d:
             kw["remove_final_layer_norm"] = d["_remove_final_layer_norm"]
-        kw["eos_token_id"] = _freeze_ids(kw.get("eos_token_id", 2))
-        kw.update(overrides)
-        for k in ("dtype", "param_dtype"):
-            if k in kw:
-                kw[k] = _as_dtype(kw[k])
-        cfg = cls(**kw)
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(f"OPTConfig: hidden_size {cfg.hidden_size} is not divisible by "
-                             f"num_attention_heads {cfg.num_attention_heads}")
-        return cfg
+        return cls(**{**kw, **overrides})
 
     def to_hf(self) -> dict:
         """A `config.json` dict that transformers' `OPTConfig` / `OPTForCausalLM` load."""

@@ -30,18 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax.models.layers import (Dense, Embed, KVCache, RMSNorm, activation, advance_kv_cache, decoder_mask,
-                                     dot_product_attention, init_kv_cache, mask_to_bias, merge_heads, split_heads,
-                                     write_kv)
+from blip2_jax.models.layers import (Dense, Embed, KVCache, RMSNorm, TowerConfig, activation, advance_kv_cache,
+                                     decoder_mask, dot_product_attention, init_kv_cache, mask_to_bias, merge_heads,
+                                     split_heads, write_kv)
 
 Dtype = Any
 Cache = KVCache
-
-_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _freeze_ids(x):
-    return tuple(x) if isinstance(x, list) else x
 
 
 def _split_ff_proj(feed_forward_proj: str) -> tuple[str, bool]:
@@ -54,8 +48,9 @@ def _split_ff_proj(feed_forward_proj: str) -> tuple[str, bool]:
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
-    """The fields of Hugging Face's T5Config that change the computation, plus our precision knobs.
+class T5Config(TowerConfig):
+    """The fields of Hugging Face's T5Config that change the computation, plus our precision knobs
+    (`TowerConfig`).
 
     `tie_word_embeddings` here means what the module does: True = the head is the `shared` table,
     False = a separate `lm_head` (the converter decides from the checkpoint's keys).
@@ -81,12 +76,9 @@ class T5Config:
     decoder_start_token_id: Optional[int] = 0
     tie_word_embeddings: bool = True
     scale_decoder_outputs: bool = True
-    # Ours.
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         act, gated = _split_ff_proj(self.feed_forward_proj)
         if self.dense_act_fn is None:
             object.__setattr__(self, "dense_act_fn", act)
@@ -94,10 +86,6 @@ class T5Config:
             object.__setattr__(self, "is_gated_act", gated)
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
-        for k in ("dtype", "param_dtype"):
-            v = getattr(self, k)
-            if isinstance(v, str):
-                object.__setattr__(self, k, _DTYPE_NAMES[v])
         activation(self.dense_act_fn)  # fails early, naming the activation
 
     @property
@@ -120,12 +108,7 @@ class T5Config:
         The head defaults to tied (5.x forces `tie_word_embeddings=True`); `convert.t5` unties it
         when the checkpoint holds `lm_head.weight`.
         """
-        if d.get("model_type", "t5") != "t5":
-            raise ValueError(f"T5Config.from_hf: model_type is {d.get('model_type')!r}, expected 't5'")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        ours = ("dtype", "param_dtype", "remat", "tie_word_embeddings", "scale_decoder_outputs")
-        kw = {k: v for k, v in d.items() if k in fields and k not in ours}
-        kw["eos_token_id"] = _freeze_ids(kw.get("eos_token_id", 1))
+        kw = cls._hf_fields(d, "t5", exclude=("tie_word_embeddings", "scale_decoder_outputs"))
         if "scale_decoder_outputs" in d:
             kw["scale_decoder_outputs"] = bool(d["scale_decoder_outputs"])
         else:
