@@ -14,6 +14,7 @@ import transformers
 from blip2_jax.convert import opt as opt_convert
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader, write_safetensors
 from blip2_jax.models import opt as opt_model
+from blip2_jax.models.layers import take_batch_rows
 
 CONFIGS = {
     # opt-350m-like: word_embed_proj_dim != hidden_size (project_in/out), pre-LN, tied head.
@@ -129,11 +130,12 @@ def test_incremental_decoding_matches_full_forward(hf_opt):
     np.testing.assert_allclose(inc[valid], np.asarray(full)[valid], atol=1e-5, rtol=1e-5)
     _check(inc, ref, mask, 1e-4)
 
-    # Beam reordering: rows of the cache follow `indices`, and decoding continues as for those rows.
+    # Beam reordering (generate's take_batch_rows): rows of the cache follow `order`, and decoding
+    # continues as for those rows.
     order = jnp.array([2, 0, 2])
     _, cache = step(params, jnp.asarray(ids[:, :prompt]), jnp.asarray(mask[:, :prompt]),
                     opt_model.init_cache(ours.config, 3, 12, jnp.float32))
-    cache = opt_model.reorder_cache(cache, order)
+    cache = take_batch_rows(cache, order)
     nxt, _ = step(params, jnp.asarray(ids[np.asarray(order), prompt:prompt + 1]),
                   jnp.asarray(mask[np.asarray(order), prompt:prompt + 1]), cache)
     np.testing.assert_allclose(np.asarray(nxt[:, 0]), np.asarray(full)[np.asarray(order), prompt],

@@ -32,6 +32,23 @@ def test_warmup_cosine_matches_hand_computation():
         np.testing.assert_allclose(float(sched(step)), want, rtol=1e-6, err_msg=f"step {step}")
 
 
+@pytest.mark.parametrize("warmup,total", [(10, 110), (0, 50), (20, 20), (2000, 10)])
+def test_warmup_cosine_every_step_matches_formula(warmup, total):
+    """optax's schedule is the module docstring's formula at every step, past the end included, to
+    float32 rounding (2 ulp of peak_lr); a run no longer than its warmup still warms up."""
+    peak, warm, low = 1e-4, 1e-6, 1e-5
+    sched = optimizer.make_schedule(_cfg(warmup_steps=warmup), total_steps=total)
+    decay = max(total - warmup, 1)
+    for s in range(max(total, warmup) + 50):
+        if s < warmup:
+            want = warm + (peak - warm) * s / warmup
+        else:
+            want = low + (peak - low) * 0.5 * (1 + math.cos(math.pi * min(s - warmup, decay) / decay))
+        got = sched(jnp.int32(s))
+        assert got.dtype == jnp.float32
+        assert abs(float(got) - want) <= 2.4e-7 * peak, f"step {s}: {float(got)} != {want}"
+
+
 def test_lavis_epoch_cosine_matches_hand_computation():
     # 4 epochs of 25 steps, warmup of 10 steps inside epoch 0
     sched = optimizer.make_schedule(_cfg(schedule="lavis_epoch_cosine", steps_per_epoch=25),

@@ -16,6 +16,7 @@ from blip2_jax.convert import t5 as t5_convert
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader, write_safetensors
 from flax.traverse_util import flatten_dict as flatten
 from blip2_jax.models import t5 as t5_model
+from blip2_jax.models.layers import take_batch_rows
 
 CONFIGS = {
     # FlanT5 as BLIP-2 runs it: gated GELU with exact "gelu", its own lm_head, no output scaling.
@@ -184,11 +185,11 @@ def test_incremental_decoding_matches_full_forward(hf_t5):
     np.testing.assert_allclose(inc, np.asarray(full), atol=1e-5, rtol=1e-5)
     _check(inc, ref, dec_mask == 1, 1e-4)
 
+    # Beam reordering (generate's take_batch_rows), cross-attention K/V included.
     order = jnp.array([1, 1, 0])
-    cache = t5_model.reorder_cache(cache, order)
     _, c0 = first(params, jnp.asarray(dec[:, :2]), enc, jnp.asarray(mask),
                   t5_model.init_cache(ours.config, 3, 10, jnp.float32))
-    c0 = t5_model.reorder_cache(c0, order)
+    c0 = take_batch_rows(c0, order)
     nxt, _ = step(params, jnp.asarray(dec[np.asarray(order), 2:3]), c0)
     np.testing.assert_allclose(np.asarray(nxt[:, 0]), np.asarray(full)[np.asarray(order), 2], atol=1e-5, rtol=1e-5)
 

@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax.convert import standalone
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader
 from blip2_jax.convert.merge import merge_params
-from blip2_jax.convert.rules import Rule, Transform, check_keys, layer_norm, linear, load_rules, prefixed
+from blip2_jax.convert.rules import Rule, Transform, layer_norm, linear, prefixed
 from blip2_jax.models.blip2 import Blip2Config
 from blip2_jax.models.qformer import QFormerConfig
 
@@ -96,12 +97,8 @@ def ignore_patterns(hf_prefix: str) -> tuple[str, ...]:
 
 
 def detect_prefix(keys) -> str:
-    keys = set(keys)
-    for prefix in ("bert.", ""):
-        if prefix + "embeddings.word_embeddings.weight" in keys:
-            return prefix
-    raise CheckpointError("no BERT embeddings in the file: neither 'bert.embeddings.word_embeddings.weight' nor "
-                          "'embeddings.word_embeddings.weight' is present")
+    """`"bert."` (the LM-head classes) or `""` (`BertModel`), whichever the word embeddings sit under."""
+    return standalone.detect_prefix(keys, "embeddings.word_embeddings.weight", ("bert.", ""), "BERT embeddings")
 
 
 def _check_config(bert: dict, config: QFormerConfig, source: str) -> None:
@@ -132,8 +129,7 @@ def init_stage1_from_bert(path: str, params: dict, config: Blip2Config, rng: jax
         dec_row = np.asarray(jax.random.normal(rng, (qcfg.hidden_size,), jnp.float32)) * DEC_INIT_STD
         rs = rules(qcfg, dec_row=dec_row, hf_prefix=prefix, lm_head=has_head and config.with_lm_head)
         ignore = ignore_patterns(prefix) + ((r"cls\..*",) if not config.with_lm_head else ())
-        check_keys(rs, reader.keys(), ignore=ignore, source=path)
-        loaded = load_rules(reader.get, rs, source=path)
+        loaded = standalone.read_params(reader, rs, ignore=ignore)
         if has_head and "cls.predictions.decoder.weight" in reader:
             decoder = reader.get("cls.predictions.decoder.weight")
             if not np.array_equal(decoder, reader.get(prefix + "embeddings.word_embeddings.weight")):

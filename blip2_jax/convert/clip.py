@@ -25,11 +25,11 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from blip2_jax.convert import standalone
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader
 from blip2_jax.convert.merge import merge_params
-from blip2_jax.convert.rules import CONV, Rule, check_keys, layer_norm, linear, load_rules, prefixed, reshape
+from blip2_jax.convert.rules import CONV, Rule, layer_norm, linear, prefixed, reshape
 from blip2_jax.models.vit import VisionConfig, VisionTransformer
 
 _CLIP_MODEL_EXTRAS = (r"text_model\..*", r"text_projection\..*", r"visual_projection\..*", r"logit_scale")
@@ -84,12 +84,7 @@ def ignore_patterns(config: VisionConfig, hf_prefix: str = "") -> tuple[str, ...
 
 def detect_prefix(keys) -> str:
     """`"vision_model."` or `""`, whichever the file's class embedding sits under."""
-    keys = set(keys)
-    for prefix in ("", "vision_model."):
-        if prefix + "embeddings.class_embedding" in keys:
-            return prefix
-    raise CheckpointError("no CLIP vision tower in the file: neither 'embeddings.class_embedding' nor "
-                          "'vision_model.embeddings.class_embedding' is present")
+    return standalone.detect_prefix(keys, "embeddings.class_embedding", ("", "vision_model."), "CLIP vision tower")
 
 
 def load(path: str, dtype=jnp.float32, **overrides) -> tuple[VisionTransformer, dict]:
@@ -103,9 +98,8 @@ def load(path: str, dtype=jnp.float32, **overrides) -> tuple[VisionTransformer, 
     with CheckpointReader(path) as reader:
         config = vision_config_from_hf(reader.config, dtype=dtype, param_dtype=dtype, **overrides)
         prefix = detect_prefix(reader.keys())
-        rs = rules(config, prefix)
-        check_keys(rs, reader.keys(), ignore=ignore_patterns(config, prefix), source=path)
-        params = load_rules(reader.get, rs, dtype=np.dtype(dtype), source=path)
+        params = standalone.read_params(reader, rules(config, prefix), ignore=ignore_patterns(config, prefix),
+                                        dtype=dtype)
     return VisionTransformer(config), jax.tree.map(jnp.asarray, params)
 
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax.convert.hf_io import CheckpointReader, write_hf_dir
-from blip2_jax.convert.rules import Rule, check_keys, embedding, layer_norm, linear, load_rules, save_rules
+from blip2_jax.convert import standalone
+from blip2_jax.convert.rules import Rule, embedding, layer_norm, linear
 from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
-
 
 
 def ignore_patterns(hf_prefix: str = "") -> list[str]:
@@ -69,20 +67,11 @@ def load(path: str, dtype=jnp.float32, *, remat: bool = False) -> tuple[OPTForCa
     `dtype` is both the storage and the compute dtype of the tower. Missing or unexpected keys
     raise `CheckpointError` listing both.
     """
-    with CheckpointReader(path) as reader:
-        cfg = config_for_checkpoint(reader.config, reader.keys(), dtype=dtype, param_dtype=dtype, remat=remat)
-        rs = rules(cfg)
-        check_keys(rs, reader.keys(), ignore=ignore_patterns(), source=path)
-        params = load_rules(reader.get, rs, dtype=np.dtype(dtype), source=path)
-    return OPTForCausalLM(cfg), jax.tree.map(jnp.asarray, params)
-
-
-def to_hf_state_dict(params: dict, config: OPTConfig, hf_prefix: str = "", dtype=np.float32) -> dict[str, np.ndarray]:
-    """Our params -> HF tensors (no `lm_head.weight` when tied, as transformers writes it)."""
-    params = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32)), params)
-    return save_rules(params, rules(config, hf_prefix), dtype=dtype)
+    return standalone.load(path, OPTForCausalLM, config_for_checkpoint, rules, ignore=ignore_patterns(),
+                           dtype=dtype, remat=remat)
 
 
 def save(params: dict, config: OPTConfig, path: str, dtype=np.float32) -> None:
-    """Write an `OPTForCausalLM` directory (config.json + model.safetensors) that transformers loads."""
-    write_hf_dir(path, config.to_hf(), to_hf_state_dict(params, config, dtype=dtype))
+    """Write an `OPTForCausalLM` directory (config.json + model.safetensors) that transformers loads
+    (no `lm_head.weight` when the head is tied, as transformers writes it)."""
+    standalone.save(path, config.to_hf(), params, rules(config), dtype)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from blip2_jax.convert.hf_io import CheckpointReader, write_hf_dir
-from blip2_jax.convert.rules import Rule, check_keys, embedding, linear, load_rules, save_rules
+from blip2_jax.convert import standalone
+from blip2_jax.convert.rules import Rule, embedding, linear
 from blip2_jax.models.t5 import T5Config, T5ForConditionalGeneration
 
 _IGNORE = (
@@ -92,24 +91,15 @@ def load(path: str, dtype=jnp.float32, *, remat: bool = False) -> tuple[T5ForCon
     `dtype` is the storage and compute dtype of the tower, except `wo` (float32). Missing or
     unexpected keys raise `CheckpointError` listing both.
     """
-    with CheckpointReader(path) as reader:
-        cfg = config_for_checkpoint(reader.config, reader.keys(), dtype=dtype, param_dtype=dtype, remat=remat)
-        rs = rules(cfg)
-        check_keys(rs, reader.keys(), ignore=ignore_patterns(), source=path)
-        params = keep_wo_float32(load_rules(reader.get, rs, dtype=np.dtype(dtype), source=path))
-    return T5ForConditionalGeneration(cfg), jax.tree.map(jnp.asarray, params)
-
-
-def to_hf_state_dict(params: dict, config: T5Config, hf_prefix: str = "", dtype=np.float32) -> dict[str, np.ndarray]:
-    """Our params -> HF tensors: `shared.weight` only for the embeddings, `lm_head.weight` only when untied."""
-    params = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32)), params)
-    return save_rules(params, rules(config, hf_prefix), dtype=dtype)
+    model, params = standalone.load(path, T5ForConditionalGeneration, config_for_checkpoint, rules,
+                                    ignore=ignore_patterns(), dtype=dtype, remat=remat)
+    return model, keep_wo_float32(params)
 
 
 def save(params: dict, config: T5Config, path: str, dtype=np.float32) -> None:
-    """Write a `T5ForConditionalGeneration` directory (config.json + model.safetensors) for transformers."""
-    write_hf_dir(path, config.to_hf(), to_hf_state_dict(params, config, dtype=dtype))
+    """Write a `T5ForConditionalGeneration` directory (config.json + model.safetensors) for transformers:
+    `shared.weight` only for the embeddings, `lm_head.weight` only when the head is untied."""
+    standalone.save(path, config.to_hf(), params, rules(config), dtype)
 
 
-__all__ = ["rules", "ignore_patterns", "config_for_checkpoint", "keep_wo_float32", "load", "to_hf_state_dict",
-           "save"]
+__all__ = ["rules", "ignore_patterns", "config_for_checkpoint", "keep_wo_float32", "load", "save"]

@@ -1,4 +1,5 @@
-"""Building blocks shared by the towers: dense, embedding, LayerNorm, attention.
+"""Building blocks shared by the towers: the config base, dense, embedding, LayerNorm, attention, the
+decoders' KV cache.
 
 Conventions (see docs/architecture.md):
 - Every parameter is created through `nn.with_logical_partitioning` with logical axis names
@@ -9,7 +10,8 @@ Conventions (see docs/architecture.md):
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -19,6 +21,43 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+    """What every tower's config (ViT, Q-Former, OPT, T5) carries besides its architecture.
+
+    `dtype` computes, `param_dtype` stores, `remat` recomputes each block in the backward pass.
+    Keyword-only, so a subclass's own fields keep their positions; dtype names ("bfloat16", as
+    in a JSON config) become jnp dtypes.
+    """
+
+    _: dataclasses.KW_ONLY
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def __post_init__(self):
+        for k in ("dtype", "param_dtype"):
+            if isinstance(getattr(self, k), str):
+                object.__setattr__(self, k, DTYPES[getattr(self, k)])
+
+    def _check_heads(self, hidden_size: int, num_heads: int) -> None:
+        if hidden_size % num_heads:
+            raise ValueError(f"{type(self).__name__}: hidden_size {hidden_size} is not divisible by "
+                             f"the number of heads {num_heads}")
+
+    @classmethod
+    def _hf_fields(cls, d: dict, model_type: str, exclude: Sequence[str] = ()) -> dict:
+        """The entries of a Hugging Face config dict that are fields of `cls` (not the precision
+        knobs, not `exclude`), lists made tuples so the config stays hashable (several EOS ids)."""
+        if d.get("model_type", model_type) != model_type:
+            raise ValueError(f"{cls.__name__}.from_hf: model_type is {d.get('model_type')!r}, "
+                             f"expected {model_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat", *exclude}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -187,6 +226,72 @@ def dot_product_attention(
 def causal_mask(length: int) -> jax.Array:
     """`[length, length]` boolean lower-triangular mask (position i sees positions <= i)."""
     return jnp.tril(jnp.ones((length, length), dtype=bool))
+
+
+# -- The fixed-size key/value cache of the decoders (OPT, the T5 decoder) ---------------------------
+# `{"index": int32[], "mask": int32[B, max_len], "layers": ({"k", "v"}: [B, max_len, H, D], ...)}`:
+# fixed shapes, so one jit serves the prefill and every one-token step. `mask` remembers the
+# attention mask of the positions written so far (1 = token, 0 = padding or not yet written).
+KVCache = dict
+
+
+def init_kv_cache(batch: int, max_len: int, num_layers: int, num_heads: int, head_dim: int,
+                  dtype: Dtype) -> KVCache:
+    """An empty cache for `max_len` positions of `num_layers` attention layers."""
+    shape = (batch, max_len, num_heads, head_dim)
+    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # noqa: E731
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "mask": jnp.zeros((batch, max_len), jnp.int32),
+        "layers": tuple(layer() for _ in range(num_layers)),
+    }
+
+
+def write_kv(layer_cache: Optional[dict], k: jax.Array, v: jax.Array,
+             index) -> tuple[jax.Array, jax.Array, Optional[dict]]:
+    """The new tokens' `k`, `v` `[B, T, H, D]` written at `index` of one layer's cache.
+
+    Returns the keys and values to attend to (the whole cache) and the layer's new cache; without
+    a cache (None), `(k, v, None)`.
+    """
+    if layer_cache is None:
+        return k, v, None
+    k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), index, 1)
+    v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), index, 1)
+    return k, v, {"k": k, "v": v}
+
+
+class DecoderMask(NamedTuple):
+    """Where T new tokens stand and what they may attend to (`decoder_mask`)."""
+
+    index: Any  # position of the first new token: the cache's index, 0 without a cache
+    key_mask: jax.Array  # [B, K] int32 mask of every key (K = T without a cache, max_len with one)
+    q_pos: jax.Array  # [T] absolute positions of the new tokens
+    k_pos: jax.Array  # [K] absolute positions of the keys
+    allowed: jax.Array  # [B, T, K] bool: causal and not padding
+
+
+def decoder_mask(attention_mask: jax.Array, cache: Optional[KVCache]) -> DecoderMask:
+    """Causal and padding mask of T new tokens (`attention_mask` int32 `[B, T]`, 1 = token).
+
+    With a cache, the new tokens' mask is written at the cache's index into the mask of the
+    earlier positions; query i (absolute index + i) sees the keys j <= index + i that are tokens.
+    """
+    if cache is None:
+        index, key_mask = 0, attention_mask
+    else:
+        index = cache["index"]
+        key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask, index, 1)
+    q_pos = index + jnp.arange(attention_mask.shape[1])
+    k_pos = jnp.arange(key_mask.shape[1])
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask[:, None, :].astype(bool)
+    return DecoderMask(index, key_mask, q_pos, k_pos, allowed)
+
+
+def advance_kv_cache(cache: KVCache, mask: DecoderMask, layers: Sequence[dict]) -> KVCache:
+    """`cache` after the new tokens of `mask`: index moved past them, their mask and K/V stored."""
+    return {**cache, "index": cache["index"] + mask.q_pos.shape[0], "mask": mask.key_mask,
+            "layers": tuple(layers)}
 
 
 def take_batch_rows(tree, indices: jax.Array):

@@ -25,29 +25,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blip2_jax.models.layers import (Dense, Embed, LayerNorm, activation, dot_product_attention,
-                                     mask_to_bias, merge_heads, split_heads, take_batch_rows)
+from blip2_jax.models.layers import (Dense, Embed, KVCache, LayerNorm, TowerConfig, activation, advance_kv_cache,
+                                     decoder_mask, dot_product_attention, init_kv_cache, mask_to_bias,
+                                     merge_heads, split_heads, write_kv)
 
 Dtype = Any
-Cache = dict
+Cache = KVCache
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq padding_idx relic)
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which HF OPT uses
 
-_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _as_dtype(d):
-    return _DTYPE_NAMES[d] if isinstance(d, str) else d
-
-
-def _freeze_ids(x):
-    """Lists (e.g. several EOS ids) become tuples so the config stays hashable."""
-    return tuple(x) if isinstance(x, list) else x
-
 
 @dataclasses.dataclass(frozen=True)
-class OPTConfig:
-    """The fields of Hugging Face's OPTConfig that change the computation, plus our precision knobs."""
+class OPTConfig(TowerConfig):
+    """The fields of Hugging Face's OPTConfig that change the computation, plus our precision knobs
+    (`TowerConfig`)."""
 
     vocab_size: int = 50272
     hidden_size: int = 768
@@ -67,10 +58,10 @@ class OPTConfig:
     bos_token_id: Optional[int] = 2
     eos_token_id: Any = 2
     tie_word_embeddings: bool = True
-    # Ours.
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_heads(self.hidden_size, self.num_attention_heads)
 
     @property
     def embed_dim(self) -> int:
@@ -88,22 +79,10 @@ class OPTConfig:
     @classmethod
     def from_hf(cls, d: dict, **overrides) -> "OPTConfig":
         """From a Hugging Face `config.json` dict (OPT's own, or BLIP-2's `text_config`)."""
-        if d.get("model_type", "opt") != "opt":
-            raise ValueError(f"OPTConfig.from_hf: model_type is {d.get('model_type')!r}, expected 'opt'")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in fields and k not in ("dtype", "param_dtype", "remat")}
+        kw = cls._hf_fields(d, "opt")
         if "_remove_final_layer_norm" in d:
             kw["remove_final_layer_norm"] = d["_remove_final_layer_norm"]
-        kw["eos_token_id"] = _freeze_ids(kw.get("eos_token_id", 2))
-        kw.update(overrides)
-        for k in ("dtype", "param_dtype"):
-            if k in kw:
-                kw[k] = _as_dtype(kw[k])
-        cfg = cls(**kw)
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(f"OPTConfig: hidden_size {cfg.hidden_size} is not divisible by "
-                             f"num_attention_heads {cfg.num_attention_heads}")
-        return cfg
+        return cls(**{**kw, **overrides})
 
     def to_hf(self) -> dict:
         """A `config.json` dict that transformers' `OPTConfig` / `OPTForCausalLM` load."""
@@ -126,19 +105,8 @@ class OPTConfig:
 
 def init_cache(config: OPTConfig, batch: int, max_len: int, dtype: Dtype = None) -> Cache:
     """An empty cache for `max_len` positions (prompt + generated); fixed shapes, so one jit serves all steps."""
-    dtype = dtype or config.dtype
-    shape = (batch, max_len, config.num_attention_heads, config.head_dim)
-    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # noqa: E731
-    return {
-        "index": jnp.zeros((), jnp.int32),
-        "mask": jnp.zeros((batch, max_len), jnp.int32),
-        "layers": tuple(layer() for _ in range(config.num_hidden_layers)),
-    }
-
-
-def reorder_cache(cache: Cache, indices: jax.Array) -> Cache:
-    """Select rows of the batch (beam search)."""
-    return take_batch_rows(cache, indices)
+    return init_kv_cache(batch, max_len, config.num_hidden_layers, config.num_attention_heads, config.head_dim,
+                         dtype or config.dtype)
 
 
 def _norm(cfg: OPTConfig, name: str):
@@ -166,11 +134,7 @@ class OPTAttention(nn.Module):
         q = split_heads(dense("q_proj", ("embed", "heads"))(x), h)
         k = split_heads(dense("k_proj", ("embed", "heads"))(x), h)
         v = split_heads(dense("v_proj", ("embed", "heads"))(x), h)
-        new_cache = None
-        if layer_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), index, 1)
-            new_cache = {"k": k, "v": v}
+        k, v, new_cache = write_kv(layer_cache, k, v, index)
         dropout_rng = None
         if not deterministic and cfg.attention_dropout > 0:
             dropout_rng = self.make_rng("dropout")
@@ -263,19 +227,12 @@ class OPTForCausalLM(nn.Module):
             attention_mask = jnp.ones((b, t), jnp.int32)
         attention_mask = attention_mask.astype(jnp.int32)
 
+        mask = decoder_mask(attention_mask, cache)
         if cache is None:
-            index = 0
-            key_mask = attention_mask
             positions = _positions(attention_mask)
-        else:
-            index = cache["index"]
-            key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask, index, 1)
-            positions = jax.lax.dynamic_slice_in_dim(_positions(key_mask), index, t, 1)
-        # Causal and padding mask: query i (absolute index + i) sees keys j <= it that are not padding.
-        q_pos = index + jnp.arange(t)
-        k_pos = jnp.arange(key_mask.shape[1])
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask[:, None, :].astype(bool)
-        bias = mask_to_bias(allowed)[:, None]  # [B, 1, T, K]
+        else:  # positions count the earlier tokens too
+            positions = jax.lax.dynamic_slice_in_dim(_positions(mask.key_mask), mask.index, t, 1)
+        bias = mask_to_bias(mask.allowed)[:, None]  # [B, 1, T, K]
 
         x = inputs_embeds.astype(self.config.dtype)
         if self.config.embed_dim != self.config.hidden_size:
@@ -286,7 +243,7 @@ class OPTForCausalLM(nn.Module):
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, new_layer_cache = layer(x, bias, layer_cache, index, deterministic)
+            x, new_layer_cache = layer(x, bias, layer_cache, mask.index, deterministic)
             new_layers.append(new_layer_cache)
 
         if self.config.has_final_layer_norm:
@@ -298,7 +255,5 @@ class OPTForCausalLM(nn.Module):
         else:
             logits = self.lm_head(x.astype(jnp.float32))
 
-        new_cache = None
-        if cache is not None:
-            new_cache = {"index": cache["index"] + t, "mask": key_mask, "layers": tuple(new_layers)}
+        new_cache = None if cache is None else advance_kv_cache(cache, mask, new_layers)
         return logits.astype(jnp.float32), new_cache

@@ -18,22 +18,23 @@ The three BLIP-2 masks are all expressed by `attention_mask(kind, ...)`:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from blip2_jax.models import layers
-from blip2_jax.models.layers import Dense, Embed, LayerNorm
+from blip2_jax.models.layers import Dense, Embed, LayerNorm, TowerConfig
 
-Dtype = Any
 MASK_FILL = -10000.0  # BERT/LAVIS additive mask value (not finfo.min)
 KV = tuple[jax.Array, jax.Array]  # (keys, values), each [B, T, H, Dh]
 
 
 @dataclasses.dataclass(frozen=True)
-class QFormerConfig:
+class QFormerConfig(TowerConfig):
+    """The Q-Former's BERT sizes, its queries and cross-attention, plus the precision knobs (`TowerConfig`)."""
+
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
@@ -49,13 +50,10 @@ class QFormerConfig:
     encoder_hidden_size: int = 1408
     num_query_tokens: int = 32
     use_text_input: bool = True  # word/position embeddings and the text FFNs (stage 1, retrieval)
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: bool = False
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"QFormerConfig: hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        super().__post_init__()
+        self._check_heads(self.hidden_size, self.num_heads)
         if self.cross_attention_frequency < 1:
             raise ValueError(f"QFormerConfig.cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
 

@@ -12,8 +12,9 @@ Semantics follow Hugging Face `T5ForConditionalGeneration` (transformers 5.x):
 - the head: `lm_head` when the checkpoint has its own (FlanT5 does), else the `shared` table; the
   decoder output is multiplied by `d_model**-0.5` only when `scale_decoder_outputs` (original T5).
 
-Cache (`init_cache`): `{"index": int32[], "mask": int32[B, max_len], "self": ({"k", "v"}: [B, max_len,
-H, d_kv], ...), "cross": None, "encoder_mask": None}`. The first `decode` with a cache whose
+Cache (`init_cache`): the decoders' fixed-size cache of `layers.init_kv_cache` for the decoder's
+self-attention (`{"index": int32[], "mask": int32[B, max_len], "layers": ({"k", "v"}: [B, max_len, H,
+d_kv], ...)}`) plus `"cross": None, "encoder_mask": None`. The first `decode` with a cache whose
 `"cross"` is None computes every layer's cross-attention K/V from the encoder output once and stores
 them (with the encoder mask); later steps reuse them and need no encoder arguments. With a cache,
 `decoder_attention_mask` covers only the new tokens.
@@ -29,17 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax.models.layers import (Dense, Embed, RMSNorm, activation, dot_product_attention, mask_to_bias,
-                                     merge_heads, split_heads, take_batch_rows)
+from blip2_jax.models.layers import (Dense, Embed, KVCache, RMSNorm, TowerConfig, activation, advance_kv_cache,
+                                     decoder_mask, dot_product_attention, init_kv_cache, mask_to_bias, merge_heads,
+                                     split_heads, write_kv)
 
 Dtype = Any
-Cache = dict
-
-_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _freeze_ids(x):
-    return tuple(x) if isinstance(x, list) else x
+Cache = KVCache
 
 
 def _split_ff_proj(feed_forward_proj: str) -> tuple[str, bool]:
@@ -52,8 +48,9 @@ def _split_ff_proj(feed_forward_proj: str) -> tuple[str, bool]:
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
-    """The fields of Hugging Face's T5Config that change the computation, plus our precision knobs.
+class T5Config(TowerConfig):
+    """The fields of Hugging Face's T5Config that change the computation, plus our precision knobs
+    (`TowerConfig`).
 
     `tie_word_embeddings` here means what the module does: True = the head is the `shared` table,
     False = a separate `lm_head` (the converter decides from the checkpoint's keys).
@@ -79,12 +76,9 @@ class T5Config:
     decoder_start_token_id: Optional[int] = 0
     tie_word_embeddings: bool = True
     scale_decoder_outputs: bool = True
-    # Ours.
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         act, gated = _split_ff_proj(self.feed_forward_proj)
         if self.dense_act_fn is None:
             object.__setattr__(self, "dense_act_fn", act)
@@ -92,10 +86,6 @@ class T5Config:
             object.__setattr__(self, "is_gated_act", gated)
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
-        for k in ("dtype", "param_dtype"):
-            v = getattr(self, k)
-            if isinstance(v, str):
-                object.__setattr__(self, k, _DTYPE_NAMES[v])
         activation(self.dense_act_fn)  # fails early, naming the activation
 
     @property
@@ -118,12 +108,7 @@ class T5Config:
         The head defaults to tied (5.x forces `tie_word_embeddings=True`); `convert.t5` unties it
         when the checkpoint holds `lm_head.weight`.
         """
-        if d.get("model_type", "t5") != "t5":
-            raise ValueError(f"T5Config.from_hf: model_type is {d.get('model_type')!r}, expected 't5'")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        ours = ("dtype", "param_dtype", "remat", "tie_word_embeddings", "scale_decoder_outputs")
-        kw = {k: v for k, v in d.items() if k in fields and k not in ours}
-        kw["eos_token_id"] = _freeze_ids(kw.get("eos_token_id", 1))
+        kw = cls._hf_fields(d, "t5", exclude=("tie_word_embeddings", "scale_decoder_outputs"))
         if "scale_decoder_outputs" in d:
             kw["scale_decoder_outputs"] = bool(d["scale_decoder_outputs"])
         else:
@@ -177,21 +162,9 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, 
 
 def init_cache(config: T5Config, batch: int, max_len: int, dtype: Dtype = None) -> Cache:
     """An empty decoder cache for `max_len` decoder positions; cross-attention K/V are filled by `decode`."""
-    dtype = dtype or config.dtype
-    shape = (batch, max_len, config.num_heads, config.d_kv)
-    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # noqa: E731
-    return {
-        "index": jnp.zeros((), jnp.int32),
-        "mask": jnp.zeros((batch, max_len), jnp.int32),
-        "self": tuple(layer() for _ in range(config.num_decoder_layers)),
-        "cross": None,
-        "encoder_mask": None,
-    }
-
-
-def reorder_cache(cache: Cache, indices: jax.Array) -> Cache:
-    """Select rows of the batch (beam search)."""
-    return take_batch_rows(cache, indices)
+    self_attention = init_kv_cache(batch, max_len, config.num_decoder_layers, config.num_heads, config.d_kv,
+                                   dtype or config.dtype)
+    return {**self_attention, "cross": None, "encoder_mask": None}
 
 
 class T5Attention(nn.Module):
@@ -258,12 +231,7 @@ class T5Block(nn.Module):
     def __call__(self, x, self_bias, layer_cache, index, cross_bias, encoder_hidden_states, cross_kv,
                  deterministic: bool):
         h = self.self_attn_norm(x)
-        k, v = self.self_attn.kv(h)
-        new_cache = None
-        if layer_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), index, 1)
-            new_cache = {"k": k, "v": v}
+        k, v, new_cache = write_kv(layer_cache, *self.self_attn.kv(h), index)
         x = x + self.dropout(self.self_attn(h, k, v, self_bias, deterministic), deterministic=deterministic)
         if self.is_decoder:
             h = self.cross_attn_norm(x)
@@ -370,18 +338,11 @@ class T5ForConditionalGeneration(nn.Module):
         encoder_attention_mask = encoder_attention_mask.astype(jnp.int32)
         cross_bias = mask_to_bias(encoder_attention_mask)[:, None, None, :]
 
-        if cache is None:
-            index, key_mask = 0, decoder_attention_mask
-        else:
-            index = cache["index"]
-            key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], decoder_attention_mask, index, 1)
-        q_pos = index + jnp.arange(t)
-        k_pos = jnp.arange(key_mask.shape[1])
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask[:, None, :].astype(bool)
+        mask = decoder_mask(decoder_attention_mask, cache)
 
         x, new_self, new_cross = self.decoder(
-            self.embed(decoder_input_ids), allowed, q_pos, k_pos,
-            caches=None if cache is None else cache["self"], index=index, cross_bias=cross_bias,
+            self.embed(decoder_input_ids), mask.allowed, mask.q_pos, mask.k_pos,
+            caches=None if cache is None else cache["layers"], index=mask.index, cross_bias=cross_bias,
             encoder_hidden_states=encoder_hidden_states, cross_kvs=cross_kvs, deterministic=deterministic)
         x = x.astype(jnp.float32)
         if c.scale_decoder_outputs:
@@ -390,7 +351,7 @@ class T5ForConditionalGeneration(nn.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = {"index": cache["index"] + t, "mask": key_mask, "self": new_self,
+            new_cache = {**advance_kv_cache(cache, mask, new_self),
                          "cross": tuple({"k": k, "v": v} for k, v in new_cross),
                          "encoder_mask": encoder_attention_mask}
         return logits.astype(jnp.float32), new_cache

@@ -12,7 +12,6 @@ The two differ only in configuration:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax.models import layers
-from blip2_jax.models.layers import Dense, LayerNorm
-
-Dtype = Any
+from blip2_jax.models.layers import Dense, LayerNorm, TowerConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(TowerConfig):
+    """An EVA or CLIP ViT's sizes (see the module docstring), plus the precision knobs (`TowerConfig`)."""
+
     style: str = "eva"  # "eva" or "clip"
     hidden_size: int = 1408
     intermediate_size: int = 6144
@@ -40,15 +39,12 @@ class VisionConfig:
     # Init spread of the class and position embeddings (HF: initializer_range 0.02). Only a randomly
     # initialised frozen ViT cares: at 0.02 its position signal is drowned by the patch content.
     position_init_std: float = 0.02
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if self.style not in ("eva", "clip"):
             raise ValueError(f"VisionConfig.style must be 'eva' or 'clip', got {self.style!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"VisionConfig: hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        self._check_heads(self.hidden_size, self.num_heads)
 
     @property
     def num_positions(self) -> int:

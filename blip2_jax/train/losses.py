@@ -102,16 +102,6 @@ def itc_similarities(image_feats: jax.Array, text_feats: jax.Array) -> tuple[jax
     return sim_i2t, sim_i2t.T
 
 
-def _group_mask(batch: int, groups: int) -> jax.Array:
-    """[B, B] bool: True where row and column fall in the same of `groups` contiguous groups."""
-    if groups < 1 or batch % groups:
-        raise ValueError(
-            f"itc_loss: gradient_groups={groups} must be >= 1 and divide the global batch {batch}"
-        )
-    group = jnp.arange(batch) // (batch // groups)
-    return group[:, None] == group[None, :]
-
-
 def itc_targets(batch: int, *, label_smoothing: float, image_ids: Optional[jax.Array]) -> jax.Array:
     """[B, B] soft ITC targets.
 
@@ -136,7 +126,6 @@ def itc_loss(
     *,
     label_smoothing: float = 0.1,
     image_ids: Optional[jax.Array] = None,
-    gradient_groups: int = 1,
     detach_other_side: bool = False,
 ) -> jax.Array:
     """Symmetric image-text contrastive loss over the global batch (LAVIS ITC).
@@ -145,19 +134,14 @@ def itc_loss(
     in-batch negatives from the whole global batch and label smoothing ε (soft targets over all
     same-image pairs when `image_ids` is given; see `itc_targets`).
 
-    Gradient conventions (the loss VALUE is the same for all of them):
-      - default (`gradient_groups=1`, `detach_other_side=False`): full gradients, the single-process
-        mathematical gradient of the loss.
-      - `gradient_groups=G > 1`: the batch is split into G equal contiguous groups (one per GPU in a
-        data-parallel run); a similarity between rows of different groups carries no gradient to
-        the "other" side (the text side for i2t, the image side for t2i), as when each device
-        gathers the other devices' features under stop-gradient but keeps its own with gradient.
-        Within a group gradients are full. Mesh-independent: G is a number, not a mesh axis.
-      - `detach_other_side=True`: the other side carries no gradient in ANY entry, the local group
-        included. This is exactly LAVIS: its `concat_all_gather` (under `torch.no_grad`) returns
-        freshly gathered buffers, so even the local rank's slot has no gradient. Combined with
-        DDP's gradient averaging and per-rank mean losses, the result does not depend on the
-        number of GPUs; `gradient_groups` is then irrelevant.
+    Gradient conventions (the loss VALUE is the same for both):
+      - default (`detach_other_side=False`): full gradients, the single-process mathematical
+        gradient of the loss.
+      - `detach_other_side=True`: the "other" side (the text side for i2t, the image side for t2i)
+        carries no gradient in any entry. This is exactly LAVIS: its `concat_all_gather` (under
+        `torch.no_grad`) returns freshly gathered buffers, so even the local rank's slot has no
+        gradient. Combined with DDP's gradient averaging and per-rank mean losses, the result does
+        not depend on the number of GPUs.
 
     Args:
       image_feats: [B, Q, E] L2-normalised per-query image features.
@@ -165,29 +149,18 @@ def itc_loss(
       temp: scalar temperature (learnable; no clamp here, as in BLIP-2).
       label_smoothing: ε (LAVIS: 0.1).
       image_ids: optional [B] ints; pairs sharing an id are all positives.
-      gradient_groups: G, see above; must divide B.
       detach_other_side: see above.
 
     Returns:
       Scalar float32 loss.
     """
     batch = text_feats.shape[0]
-    sg = jax.lax.stop_gradient
-    mask = _group_mask(batch, gradient_groups)
-    if detach_other_side or gradient_groups > 1:
-        i2t_img_only = _max_query_sim(image_feats, sg(text_feats))
-        t2i_txt_only = _max_query_sim(sg(image_feats), text_feats).T
     if detach_other_side:
-        sim_i2t, sim_t2i = i2t_img_only, t2i_txt_only
+        sg = jax.lax.stop_gradient
+        sim_i2t = _max_query_sim(image_feats, sg(text_feats))
+        sim_t2i = _max_query_sim(sg(image_feats), text_feats).T
     else:
-        full_i2t, full_t2i = itc_similarities(image_feats, text_feats)
-        if gradient_groups > 1:
-            # jnp.where sends the gradient only through the selected branch, so cross-group
-            # entries reach only their own side; forward values are identical in both branches.
-            sim_i2t = jnp.where(mask, full_i2t, i2t_img_only)
-            sim_t2i = jnp.where(mask, full_t2i, t2i_txt_only)
-        else:
-            sim_i2t, sim_t2i = full_i2t, full_t2i
+        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats)
     temp = jnp.asarray(temp, jnp.float32)
     targets = itc_targets(batch, label_smoothing=label_smoothing, image_ids=image_ids)
     loss_i2t = soft_cross_entropy(sim_i2t / temp, targets)

@@ -6,8 +6,9 @@ norm scales, the temperature and every other 0-/1-D parameter are not decayed (L
 `get_optimizer_params`: `p.ndim == 1 or name.endswith(".bias")` -> no decay).
 
 Schedules (`config.optimizer.schedule`):
-- `"warmup_cosine"` (the paper's): linear warmup from `warmup_lr` to `peak_lr` over
-  `warmup_steps`, then cosine from `peak_lr` down to `min_lr` at `total_steps`:
+- `"warmup_cosine"` (the paper's; optax's `warmup_cosine_decay_schedule`): linear warmup from
+  `warmup_lr` to `peak_lr` over `warmup_steps`, then cosine from `peak_lr` down to `min_lr` at
+  `total_steps`:
       s < W:  lr = warmup_lr + (peak_lr - warmup_lr) * s / W
       s >= W: lr = min_lr + (peak_lr - min_lr) * 0.5 * (1 + cos(pi * (s - W) / (T - W)))
 - `"lavis_epoch_cosine"` (LAVIS `linear_warmup_cosine_lr`): epoch e = s // steps_per_epoch,
@@ -35,16 +36,11 @@ SCHEDULES = ("warmup_cosine", "lavis_epoch_cosine", "constant")
 def warmup_cosine(*, peak_lr: float, warmup_lr: float, min_lr: float, warmup_steps: int,
                   total_steps: int) -> optax.Schedule:
     """Linear warmup from `warmup_lr` to `peak_lr`, then cosine to `min_lr` at `total_steps`."""
-    decay_steps = max(total_steps - warmup_steps, 1)
-
-    def schedule(step):
-        s = jnp.asarray(step, jnp.float32)
-        warm = warmup_lr + (peak_lr - warmup_lr) * s / max(warmup_steps, 1)
-        frac = jnp.clip((s - warmup_steps) / decay_steps, 0.0, 1.0)
-        cos = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-        return jnp.where(s < warmup_steps, warm, cos)
-
-    return schedule
+    # optax's decay_steps counts the warmup. The cosine gets at least one step, so a run no longer
+    # than its warmup (a smoke test) is still a valid schedule: peak at warmup_steps, then min_lr.
+    cosine_steps = max(total_steps - warmup_steps, 1)
+    return optax.warmup_cosine_decay_schedule(init_value=warmup_lr, peak_value=peak_lr, warmup_steps=warmup_steps,
+                                              decay_steps=warmup_steps + cosine_steps, end_value=min_lr)
 
 
 def lavis_epoch_cosine(*, peak_lr: float, warmup_lr: float, min_lr: float, warmup_steps: int,
@@ -107,9 +103,10 @@ def make_optimizer(opt_config: Mapping[str, Any],
 
 
 def update_count(opt_state: Any) -> jax.Array:
-    """The number of updates applied so far (Adam's count), i.e. the schedule's step."""
-    counts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
-              if _leaf_name(path) == "count"]
-    if not counts:
-        raise ValueError("optimizer state holds no `count` leaf")
-    return counts[0]
+    """The number of updates applied so far: the count optax passes to the learning-rate schedule."""
+    # Adam keeps a count of its own (the same number); the schedule's is the one meant here.
+    count = optax.tree_utils.tree_get(
+        opt_state, "count", filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState")
+    if count is None:
+        raise ValueError("optimizer state holds no learning-rate schedule count (ScaleByScheduleState)")
+    return count
