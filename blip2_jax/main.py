@@ -16,6 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from blip2_jax import flag_errors
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (get_config(arg)); override fields with --config.x=y.",
     lock_config=True)
@@ -69,4 +71,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # A bad flag or --config.x=y override: one `error: ...` line and exit status 2, no traceback.
+    app.run(main, flags_parser=flag_errors.parse_flags)
