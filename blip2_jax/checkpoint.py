@@ -20,6 +20,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 # -- a workdir: `checkpoints/<step>/{state,data}` and the run's config -----------------------------
@@ -48,8 +49,12 @@ def latest_params(workdir: str) -> tuple[int, dict]:
         raise FileNotFoundError(f"{directory} holds no finished checkpoint")
     path = os.path.join(directory, str(steps[-1]), "state")
     host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-        tree = ckptr.metadata(path).item_metadata
+    handler = ocp.PyTreeCheckpointHandler()
+    with ocp.Checkpointer(handler) as ckptr:
+        # The item's tree metadata from its handler: `ckptr.metadata(path)` would also look for a
+        # step-level `_CHECKPOINT_METADATA` in `path`, which the CheckpointManager writes one level up
+        # (`checkpoints/<step>/`), and log "Metadata file does not exist" on every load.
+        tree = handler.metadata(epath.Path(path))
         if "params" not in tree:
             raise ValueError(f"{path} holds no 'params' (not a train state of this project)")
         # Only the params subtree is read (partial restore), onto the host CPU.

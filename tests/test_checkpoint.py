@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after SIGTERM or a crash, resume onto another mesh, and what a
 checkpoint holds (trainable params + Adam state for them only, the data position; no frozen params)."""
+import logging
 import os
 import signal
 
@@ -8,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from blip2_jax import checkpoint
+from blip2_jax import checkpoint, sharding
 from blip2_jax.train import loop
 from tests import toy_task as toy
 from tests.toy_task import compile_cache  # noqa: F401  (fixture)
@@ -104,3 +105,20 @@ def test_data_state_encoding_roundtrips_bytes_and_json():
         assert checkpoint.decode_data_state(checkpoint.encode_data_state(state)) == state
     with pytest.raises(TypeError):
         checkpoint.encode_data_state({"not": object()})
+
+
+def test_latest_params_loads_quietly(reference, caplog, capfd):
+    """A workdir load logs no Orbax warning ("Metadata file does not exist": Checkpointer.metadata
+    looks for a step-level metadata file inside the item directory)."""
+    workdir, _ = reference
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        step, params = checkpoint.latest_params(str(workdir))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == []
+    assert "Metadata file" not in capfd.readouterr().err
+    task = toy.make_task()
+    abstract = sharding.unbox(jax.eval_shape(task.init_trainable, jax.random.PRNGKey(0)))
+    assert step == 6 and jax.tree.structure(params) == jax.tree.structure(abstract)
+    assert all(isinstance(x, np.ndarray) and x.shape == a.shape
+               for x, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract)))
