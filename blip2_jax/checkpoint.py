@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -135,11 +136,30 @@ def _gather_process_strings(text: str) -> list[str]:
     return [bytes(rows[i, :int(lengths[i][0])]).decode("utf-8") for i in range(rows.shape[0])]
 
 
+def remove_unfinished_saves(directory: str) -> list[str]:
+    """Deletes the saves a killed run left unfinished in `directory` (process 0; returns their names).
+
+    Orbax writes a checkpoint into a temporary directory (`<step>.orbax-checkpoint-tmp...` on a local
+    or POSIX file system) and renames it when complete, so `latest_step` never picks one up; but a run
+    killed mid-save (`kill -9`, a lost host) leaves it behind, one more copy of the state each time.
+    """
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return []
+    leftovers = sorted((p.get() for p in ocp.path.step.all_temporary_paths(directory)), key=str)
+    for path in leftovers:
+        path.rmtree()
+    if leftovers:
+        print(f"removed {len(leftovers)} unfinished checkpoint save(s) left by an interrupted run in "
+              f"{directory}: {', '.join(p.name for p in leftovers)}", file=sys.stderr, flush=True)
+    return [p.name for p in leftovers]
+
+
 class Checkpointer:
     """Asynchronous Orbax checkpoints under `directory`, keeping the latest `keep`."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,

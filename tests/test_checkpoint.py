@@ -122,3 +122,28 @@ def test_latest_params_loads_quietly(reference, caplog, capfd):
     assert step == 6 and jax.tree.structure(params) == jax.tree.structure(abstract)
     assert all(isinstance(x, np.ndarray) and x.shape == a.shape
                for x, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract)))
+
+
+def test_unfinished_saves_are_removed_at_start(tmp_path, capfd):
+    """A save killed mid-write (kill -9) leaves Orbax's `<step>.orbax-checkpoint-tmp...` directory;
+    the next start deletes it, says so, and resumes from the newest finished checkpoint."""
+    directory = tmp_path / "checkpoints"
+    ckpt = checkpoint.Checkpointer(str(directory), async_save=False)
+    state = {"step": np.int32(2), "params": {"w": np.ones((2, 3), np.float32)}}
+    ckpt.save(2, state, {"index": 2})
+    ckpt.close()
+    for name in ("4.orbax-checkpoint-tmp", "6.orbax-checkpoint-tmp-1733068800123456"):
+        (directory / name / "state.orbax-checkpoint-tmp").mkdir(parents=True)
+        (directory / name / "state.orbax-checkpoint-tmp" / "partial").write_bytes(b"\0" * 64)
+    capfd.readouterr()
+    ckpt = checkpoint.Checkpointer(str(directory))
+    try:
+        assert sorted(os.listdir(directory)) == ["2"]
+        assert ckpt.latest_step() == 2
+        restored, data = ckpt.restore(2, jax.tree.map(np.asarray, state))
+    finally:
+        ckpt.close()
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    assert data == {"index": 2}
+    err = capfd.readouterr().err
+    assert "removed 2 unfinished checkpoint save(s)" in err and "4.orbax-checkpoint-tmp" in err
