@@ -33,25 +33,27 @@ def parse_flags(argv: Sequence[str], config_flag: str = "config") -> list[str]:
                               f"--{config_flag}=configs/stage1.py:demo)")
         _touch(config)
     except (flags.Error, AttributeError, KeyError, OSError) as e:
-        print(f"error: {flag_error_message(argv, e, config_flag)}", file=sys.stderr, flush=True)
+        message = flag_error_message(argv, e, config_flag)
+        if message is None:  # not a command-line mistake (e.g. a bug in get_config): keep the traceback
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(USAGE_EXIT_CODE)
     return rest
 
 
-def flag_error_message(argv: Sequence[str], error: BaseException, config_flag: str = "config") -> str:
-    """One line saying what is wrong with the command line `argv` that raised `error`."""
+def flag_error_message(argv: Sequence[str], error: BaseException,
+                       config_flag: str = "config") -> Optional[str]:
+    """One line saying what is wrong with the command line `argv` that raised `error`; None for an
+    AttributeError or KeyError that no override in `argv` explains."""
     if _config_spec(argv, config_flag) is None and any(
             re.match(rf"^--?(no)?{re.escape(config_flag)}\.", a) for a in argv):
         return f"--{config_flag}.x=y overrides need a config file: --{config_flag}=FILE[:variant]"
     if isinstance(error, (AttributeError, KeyError)):
-        message = _unknown_override(argv, config_flag)
-        if message:
-            return message
+        return _unknown_override(argv, config_flag)
     if isinstance(error, OSError):
         return f"--{config_flag}={_config_spec(argv, config_flag)}: cannot load the config file " \
                f"({_last_line(str(error))})"
-    text = str(error.args[0]) if isinstance(error, (AttributeError, KeyError)) and error.args else str(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if len(lines) > 1:  # a traceback inside the message (get_config raised): its first and last line
         return f"{lines[0].rstrip(':')}: {lines[-1]}"
     text = lines[0] if lines else type(error).__name__

@@ -39,6 +39,14 @@ def test_unknown_config_file_and_variant_are_one_line(tmp_path):
         assert out.returncode == 2 and len(lines) == 1 and want in lines[0], out.stderr[-2000:]
 
 
+def test_a_bug_in_get_config_keeps_its_traceback(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("from blip2_jax.train import loop\n\n"
+                   "def get_config(arg=None):\n    return loop.base_config().no_such_section\n")
+    out = _main(tmp_path, f"--config={cfg}", "--config.train.total_steps=3")
+    assert out.returncode == 1 and "Traceback" in out.stderr and "no_such_section" in out.stderr
+
+
 @pytest.mark.parametrize("path, want", [
     ("train.total_steps", None),
     ("optimizer.peak_lr", None),
