@@ -5,15 +5,25 @@
 Prints one line per image, `IMAGE<TAB>caption`, in the order given (line breaks inside a caption
 become spaces). A file that cannot be read as an
 image gets an error line naming it on stderr; the others are still captioned, and the exit status is
-1 when any image failed (2 for bad arguments or a model that cannot be loaded).
+1 when any image failed (2 for bad arguments or a model that cannot be loaded). `--model` is checked
+first: a path that is neither a BLIP-2 directory nor a training workdir is one error line, exit 2.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from typing import Optional
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from blip2_jax import checkpoint
+from blip2_jax.decoding import generate
+from blip2_jax.pretrained import from_pretrained
+from blip2_jax.processor import load_processor
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +43,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_path_error(path: str) -> Optional[str]:
+    """Why `path` cannot be a captioning `--model` (None when it looks like one): it must be a Hugging
+    Face BLIP-2 directory (`config.json` with model_type "blip-2", not a retrieval-only checkpoint) or
+    a training workdir of this project (`checkpoints/`)."""
+    expected = "expected a Hugging Face BLIP-2 directory or a training workdir of this project"
+    if not os.path.isdir(path):
+        return f"--model={path}: {'not a directory' if os.path.exists(path) else 'no such directory'} ({expected})"
+    if checkpoint.is_workdir(path):
+        return None
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return f"--model={path}: no config.json and no checkpoints/ ({expected})"
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"--model={path}: cannot read config.json ({e})"
+    if not isinstance(config, dict) or config.get("model_type") != "blip-2":
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        return f"--model={path}: config.json describes a {kind!r} model, not BLIP-2 (model_type 'blip-2')"
+    if "Blip2ForImageTextRetrieval" in (config.get("architectures") or []):
+        return (f"--model={path}: a Blip2ForImageTextRetrieval checkpoint has no language model; captioning "
+                "needs Blip2ForConditionalGeneration")
+    return None
+
+
 def read_image(path: str) -> Image.Image:
     """The image at `path` as RGB; raises ValueError naming the file when it is not a readable image."""
     try:
@@ -45,8 +81,6 @@ def read_image(path: str) -> Image.Image:
 def caption_batches(model, params, processor, images, *, prompt: str, batch_size: int, **gen_kw) -> list[str]:
     """Captions for a list of PIL images, `batch_size` at a time; the last batch is padded with copies
     so that every call has the same shape (one compilation)."""
-    import blip2_jax
-
     text = {}
     if prompt:
         ids, mask = processor.tokenize([prompt])
@@ -55,7 +89,7 @@ def caption_batches(model, params, processor, images, *, prompt: str, batch_size
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         pixels = processor.preprocess(chunk + [chunk[0]] * (batch_size - len(chunk)))
-        out = blip2_jax.generate(model, params, pixels, **text, **gen_kw)
+        out = generate(model, params, pixels, **text, **gen_kw)
         captions += processor.decode(np.asarray(out)[:len(chunk)])
     return captions
 
@@ -64,6 +98,10 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
         print(f"error: --batch_size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    problem = model_path_error(args.model)
+    if problem:  # before reading any image: a wrong --model would otherwise be reported last
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     images, names, failed = [], [], 0
     for path in args.images:
@@ -75,13 +113,9 @@ def main(argv=None) -> int:
             failed += 1
 
     if images:
-        import jax.numpy as jnp
-
-        import blip2_jax
-
         try:
-            model, params = blip2_jax.from_pretrained(args.model, frozen_dtype=getattr(jnp, args.frozen_dtype))
-            processor = blip2_jax.load_processor(args.model, tokenizer_path=args.tokenizer)
+            model, params = from_pretrained(args.model, frozen_dtype=getattr(jnp, args.frozen_dtype))
+            processor = load_processor(args.model, tokenizer_path=args.tokenizer)
         except (FileNotFoundError, ValueError, KeyError) as e:
             print(f"error: cannot load the model from {args.model}: {e}", file=sys.stderr)
             return 2

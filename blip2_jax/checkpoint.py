@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Optional
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 # -- a workdir: `checkpoints/<step>/{state,data}` and the run's config -----------------------------
@@ -48,8 +50,12 @@ def latest_params(workdir: str) -> tuple[int, dict]:
         raise FileNotFoundError(f"{directory} holds no finished checkpoint")
     path = os.path.join(directory, str(steps[-1]), "state")
     host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-        tree = ckptr.metadata(path).item_metadata
+    handler = ocp.PyTreeCheckpointHandler()
+    with ocp.Checkpointer(handler) as ckptr:
+        # The item's tree metadata from its handler: `ckptr.metadata(path)` would also look for a
+        # step-level `_CHECKPOINT_METADATA` in `path`, which the CheckpointManager writes one level up
+        # (`checkpoints/<step>/`), and log "Metadata file does not exist" on every load.
+        tree = handler.metadata(epath.Path(path))
         if "params" not in tree:
             raise ValueError(f"{path} holds no 'params' (not a train state of this project)")
         # Only the params subtree is read (partial restore), onto the host CPU.
@@ -125,11 +131,30 @@ class _IteratorState:
         pass
 
 
+def remove_unfinished_saves(directory: str) -> list[str]:
+    """Deletes the saves a killed run left unfinished in `directory` (process 0; returns their names).
+
+    Orbax writes a checkpoint into a temporary directory (`<step>.orbax-checkpoint-tmp...` on a local
+    or POSIX file system) and renames it when complete, so `latest_step` never picks one up; but a run
+    killed mid-save (`kill -9`, a lost host) leaves it behind, one more copy of the state each time.
+    """
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return []
+    leftovers = sorted((p.get() for p in ocp.path.step.all_temporary_paths(directory)), key=str)
+    for path in leftovers:
+        path.rmtree()
+    if leftovers:
+        print(f"removed {len(leftovers)} unfinished checkpoint save(s) left by an interrupted run in "
+              f"{directory}: {', '.join(p.name for p in leftovers)}", file=sys.stderr, flush=True)
+    return [p.name for p in leftovers]
+
+
 class Checkpointer:
     """Asynchronous Orbax checkpoints under `directory`, keeping the latest `keep`."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,

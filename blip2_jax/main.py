@@ -17,7 +17,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from blip2_jax import config_validation, sharding
+from blip2_jax import config_validation, flag_errors, sharding
 from blip2_jax.train import loop, stage1, stage2, text_lm
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,11 +40,9 @@ def stage_module(task_name: str):
 
 
 def run(config, workdir: str) -> dict:
-    """Validates `config`, then trains the stage it names in `workdir`; returns the final metrics."""
-    try:
-        config_validation.validate(config)
-    except config_validation.ConfigError as e:
-        raise app.UsageError(str(e)) from None
+    """Validates `config` (raising `ConfigError`, which names every bad field, before any compute), then
+    trains the stage it names in `workdir`; returns the final metrics."""
+    config_validation.validate(config)
     stage = stage_module(config.task)
     mesh = sharding.make_mesh(config.mesh)
     return loop.train(config, stage.make_task(config, mesh), stage.make_data(config), workdir, mesh=mesh)
@@ -57,10 +55,15 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
-    metrics = run(_CONFIG.value, _WORKDIR.value)
+    try:
+        metrics = run(_CONFIG.value, _WORKDIR.value)
+    except config_validation.ConfigError as e:  # one block naming the fields, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.stderr.flush()
     print(json.dumps(metrics), flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # A bad flag or --config.x=y override: one `error: ...` line and exit status 2, no traceback.
+    app.run(main, flags_parser=flag_errors.parse_flags)

@@ -12,11 +12,15 @@
 # 5. stage 2 (configs/stage2.py:demo_opt): the Q-Former's queries become a soft visual prompt for that
 #    frozen OPT ("a photo of" prompt); greedy captions of the held-out images at the end
 #    (caption_exact, top_caption_share, bleu_4, cider).
-# Every stage writes workdirs/<name>/ (checkpoints, metrics.jsonl, tensorboard) and its log to
-# workdirs/<name>.log. A re-run resumes each stage from its latest checkpoint; a finished stage trains
-# nothing and only re-evaluates. The last line printed is stage 2's final metrics, one JSON object;
-# the line before it is stage 1's.
+# Every stage writes workdirs/<name>/ (checkpoints, metrics.jsonl, tensorboard) and appends its log to
+# workdirs/<name>.log; its progress lines (step, loss, steps/s, ETA, evaluations) and any warning or
+# error also show on the terminal (stderr; absl's INFO lines only go to the log). A re-run resumes each
+# stage from its latest checkpoint; a finished stage trains nothing and only re-evaluates. The last
+# line printed on stdout is stage 2's final metrics, one JSON object; the line before it is stage 1's.
 set -euo pipefail
+# Ctrl-C or SIGTERM: the running stage checkpoints and stops (the train loop handles both); then the
+# script stops too, instead of starting the next stage. A re-run resumes.
+trap 'echo "interrupted; bash launch/demo.sh resumes from the last checkpoints" >&2; exit 130' INT TERM
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=3
@@ -28,15 +32,24 @@ mkdir -p workdirs
 # in minutes (blip2_jax/data/shapes.py says why). Regenerated only when the arguments changed.
 "$PY" -m blip2_jax.data.shapes --out "$DATA" --num_heldout 100 --shapes square --if_changed
 
+# show_progress LOG: appends stdin to LOG and copies it to stderr, less absl's INFO lines ("I1201 ...").
+# Ctrl-C and SIGTERM are ignored here so that the stage, which checkpoints before it stops on either,
+# can still write its last lines; the copy ends when the stage closes its stderr.
+show_progress() {
+  trap '' INT TERM
+  tee -a "$1" | { grep --line-buffered -Ev '^I[0-9]{4} ' >&2 || true; }
+}
+
 # run_stage NAME CONFIG: trains one stage into workdirs/NAME; its final JSON line goes to workdirs/NAME.json.
 run_stage() {
   local name=$1 config=$2 start
   start=$(date +%s)
   echo "== $name: python -m blip2_jax.main --config=$config --workdir=workdirs/$name (log: workdirs/$name.log)"
+  echo "== $(date '+%F %T') python -m blip2_jax.main --config=$config --workdir=workdirs/$name" >>"workdirs/$name.log"
+  # stdout (the final JSON line) to workdirs/NAME.out; stderr (progress) to the log and the terminal.
   if ! "$PY" -m blip2_jax.main --config="$config" --workdir="workdirs/$name" \
-      >"workdirs/$name.out" 2>"workdirs/$name.log"; then
-    echo "$name failed; the end of workdirs/$name.log:" >&2
-    tail -n 30 "workdirs/$name.log" >&2
+      2>&1 >"workdirs/$name.out" | (show_progress "workdirs/$name.log"); then
+    echo "$name failed (its log: workdirs/$name.log)" >&2
     exit 1
   fi
   tail -n 1 "workdirs/$name.out" >"workdirs/$name.json"

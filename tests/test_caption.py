@@ -118,3 +118,22 @@ def test_caption_cli_all_good_exit_zero(saved, capsys):
     out = capsys.readouterr().out.rstrip("\n").split("\t", 1)
     pixels = blip2_jax.load_processor(path).preprocess([Image.open(images[1])])
     assert out == [images[1], _hf_captions(hf, tok, pixels, "", max_new_tokens=6, min_new_tokens=1)[0]]
+
+
+def test_caption_cli_checks_the_model_path_before_the_images(tmp_path, capsys):
+    """A wrong --model is one error line naming it (exit 2), before any image is read."""
+    from blip2_jax import caption
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "retrieval").mkdir()
+    (tmp_path / "retrieval" / "config.json").write_text(
+        '{"model_type": "blip-2", "architectures": ["Blip2ForImageTextRetrieval"]}')
+    (tmp_path / "file.txt").write_text("x")
+    for model, why in [("/nonexistent_dir", "no such directory"), (tmp_path / "file.txt", "not a directory"),
+                       (tmp_path, "no config.json and no checkpoints/"),
+                       (tmp_path / "other", "describes a 'bert' model, not BLIP-2"),
+                       (tmp_path / "retrieval", "captioning needs Blip2ForConditionalGeneration")]:
+        assert caption.main([f"--model={model}", str(tmp_path / "bad.jpg")]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --model={model}: ") and why in err[0], err

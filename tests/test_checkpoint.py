@@ -1,6 +1,7 @@
 """Checkpoints: exact resume after SIGTERM or a crash, resume onto another mesh, and what a
 checkpoint holds (trainable params + Adam state for them only, the data position; no frozen params)."""
 import json
+import logging
 import os
 import signal
 
@@ -9,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from blip2_jax import checkpoint
+from blip2_jax import checkpoint, sharding
 from blip2_jax.train import loop
 from tests import toy_task as toy
 from tests.toy_task import compile_cache  # noqa: F401  (fixture)
@@ -131,3 +132,45 @@ def test_checkpoint_of_the_earlier_data_format_still_resumes(tmp_path):
     state, data = ckpt.restore(4, _abstract(_tiny_state()))
     assert data == {"index": 7} and int(state["step"]) == 3
     ckpt.close()
+
+
+def test_latest_params_loads_quietly(reference, caplog, capfd):
+    """A workdir load logs no Orbax warning ("Metadata file does not exist": Checkpointer.metadata
+    looks for a step-level metadata file inside the item directory)."""
+    workdir, _ = reference
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        step, params = checkpoint.latest_params(str(workdir))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == []
+    assert "Metadata file" not in capfd.readouterr().err
+    task = toy.make_task()
+    abstract = sharding.unbox(jax.eval_shape(task.init_trainable, jax.random.PRNGKey(0)))
+    assert step == 6 and jax.tree.structure(params) == jax.tree.structure(abstract)
+    assert all(isinstance(x, np.ndarray) and x.shape == a.shape
+               for x, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract)))
+
+
+def test_unfinished_saves_are_removed_at_start(tmp_path, capfd):
+    """A save killed mid-write (kill -9) leaves Orbax's `<step>.orbax-checkpoint-tmp...` directory;
+    the next start deletes it, says so, and resumes from the newest finished checkpoint."""
+    directory = tmp_path / "checkpoints"
+    ckpt = checkpoint.Checkpointer(str(directory), async_save=False)
+    state = {"step": np.int32(2), "params": {"w": np.ones((2, 3), np.float32)}}
+    ckpt.save(2, state, {"index": 2})
+    ckpt.close()
+    for name in ("4.orbax-checkpoint-tmp", "6.orbax-checkpoint-tmp-1733068800123456"):
+        (directory / name / "state.orbax-checkpoint-tmp").mkdir(parents=True)
+        (directory / name / "state.orbax-checkpoint-tmp" / "partial").write_bytes(b"\0" * 64)
+    capfd.readouterr()
+    ckpt = checkpoint.Checkpointer(str(directory))
+    try:
+        assert sorted(os.listdir(directory)) == ["2"]
+        assert ckpt.latest_step() == 2
+        restored, data = ckpt.restore(2, jax.tree.map(np.asarray, state))
+    finally:
+        ckpt.close()
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    assert data == {"index": 2}
+    err = capfd.readouterr().err
+    assert "removed 2 unfinished checkpoint save(s)" in err and "4.orbax-checkpoint-tmp" in err

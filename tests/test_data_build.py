@@ -4,6 +4,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -121,6 +123,33 @@ def test_table_csv_and_jsonl_via_cli(tmp_path, image_dir):
         ("val2014/0.jpg", ("one, with comma", "one again")), ("val2014/1.jpg", ("two",))]
     assert summary["num_skipped"] == 1 and summary["skipped"][0]["path"].endswith("nope.jpg")
     assert recs[0].source == "pairs"
+
+
+def test_cli_errors_are_one_line_and_help_shows_examples_and_defaults(tmp_path, image_dir, capsys):
+    (tmp_path / "pairs.jsonl").write_text('{"caption": "no image key"}\n')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "blip2_jax.data.build", "table", "--input",
+                          str(tmp_path / "pairs.jsonl"), "--images", str(image_dir), "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                         cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert run.returncode == 1 and run.stderr.splitlines() == [
+        f"error: {tmp_path / 'pairs.jsonl'}: line 1: needs a string 'image': {{\"caption\": \"no image key\"}}"]
+    for argv, want in [(["table", "--input", str(tmp_path / "nope.jsonl")], "No such file or directory"),
+                       (["webdataset", "--input", str(tmp_path / "*.tar")], "no WebDataset tar files given")]:
+        more = ["--images", str(image_dir)] if argv[0] == "table" else []
+        assert build.cli(argv + more + ["--out", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
+
+    with pytest.raises(SystemExit):
+        build.main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    i = lines.index("    python -m blip2_jax.data.build coco --annotations captions_train2017.json \\")
+    assert lines[i + 1].startswith("        --images /data/coco/train2017")  # one example, two lines
+    with pytest.raises(SystemExit):
+        build.main(["table", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"--workers WORKERS processes converting shards in parallel (default: {os.cpu_count()}" in help_text
 
 
 def _add(tar, name, data):

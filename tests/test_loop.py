@@ -222,3 +222,32 @@ def test_main_rejects_a_bad_override_before_any_compute(tmp_path):
     out = run("--config.train.batch_size=12", "--config.task=stage1")
     assert out.returncode != 0 and "train.batch_size=12" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "w").exists()
+
+
+def _sigterm_at(step):
+    def hook(s):
+        if s == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return hook
+
+
+def test_preempted_run_reports_the_metrics_of_the_step_it_stopped_at(tmp_path):
+    one = jax.devices()[:1]
+    task = toy.make_task(evaluate=False)
+    per_step = _train(tmp_path / "a", toy.config(log_every=1, checkpoint_every=0), task=task, devices=one,
+                      hook=_sigterm_at(3))
+    losses = toy.losses(tmp_path / "a")
+    assert per_step["preempted"] and per_step["step"] == 3 and sorted(losses) == [1, 2, 3]
+    # log_every=2: step 2 logs steps 1-2; the signal at step 3 flushes the window holding step 3 alone
+    out = _train(tmp_path / "b", toy.config(log_every=2, checkpoint_every=0), task=task, devices=one,
+                 hook=_sigterm_at(3))
+    assert out["preempted"] and out["step"] == 3
+    np.testing.assert_allclose(out["loss"], losses[3], rtol=1e-6)
+    got = toy.losses(tmp_path / "b")
+    assert sorted(got) == [2, 3]
+    np.testing.assert_allclose(got[2], (losses[1] + losses[2]) / 2, rtol=1e-6)
+    # log_every=4: no log line before the signal; the final metrics still hold steps 1-3
+    out = _train(tmp_path / "c", toy.config(log_every=4, checkpoint_every=0), task=task, devices=one,
+                 hook=_sigterm_at(3))
+    np.testing.assert_allclose(out["loss"], (losses[1] + losses[2] + losses[3]) / 3, rtol=1e-6)
+    assert out["step"] == 3 and "steps_per_sec" in out

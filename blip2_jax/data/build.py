@@ -1,4 +1,4 @@
-"""Dataset builders: image-text datasets on disk -> sharded ArrayRecord files + a JSON summary.
+r"""Dataset builders: image-text datasets on disk -> sharded ArrayRecord files + a JSON summary.
 
     python -m blip2_jax.data.build coco --annotations captions_train2017.json \
         --images /data/coco/train2017 --out /data/records/coco --prefix train
@@ -17,7 +17,8 @@ Records are grouped per image (all captions of an image in one record). A missin
 is skipped and listed, with its path and the reason, in `{prefix}-summary.json`; a malformed
 annotation file raises `AnnotationError` naming the file and the entry. Work is spread over
 `--workers` processes, one output shard per task; the output depends only on the input (sorted,
-order-preserving, no timestamps), so rebuilding gives byte-identical shards.
+order-preserving, no timestamps), so rebuilding gives byte-identical shards. On the command line, a
+malformed annotation file or a missing input is one `error: ...` line on stderr (exit status 1).
 """
 from __future__ import annotations
 
@@ -376,26 +377,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m blip2_jax.data.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="kind", required=True)
-    for kind in ("coco", "table", "webdataset"):
-        s = sub.add_parser(kind)
+    kinds = {"coco": "COCO captions / NoCaps, Karpathy-split or LAVIS annotation JSON",
+             "table": "JSONL or CSV rows of image path and caption",
+             "webdataset": "img2dataset tar shards (KEY.jpg + KEY.txt/.json)"}
+    for kind, what in kinds.items():
+        s = sub.add_parser(kind, help=what, description=what)
         s.add_argument("--out", required=True, help="output directory")
         s.add_argument("--prefix", default="train", help="shard name prefix, usually the split")
         s.add_argument("--source", default="", help="source name stored in every record")
-        s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+        s.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="processes converting shards in parallel (default: %(default)s, the CPU count)")
         s.add_argument("--no_verify", action="store_true", help="skip the full test decode")
         if kind == "webdataset":
             s.add_argument("--input", nargs="+", required=True, help="tar files, globs, {a..b}")
             continue
         s.add_argument("--images", required=True, help="folder the image paths are relative to")
-        s.add_argument("--num_shards", type=int, default=0)
-        s.add_argument("--records_per_shard", type=int, default=1000)
+        s.add_argument("--num_shards", type=int, default=0,
+                       help="output shards (default: 0, i.e. ceil(images / --records_per_shard))")
+        s.add_argument("--records_per_shard", type=int, default=1000, help="(default: %(default)s)")
         if kind == "coco":
-            s.add_argument("--annotations", required=True)
+            s.add_argument("--annotations", required=True, help="the annotation JSON file")
             s.add_argument("--karpathy_split", default="", help="e.g. test, val, or train,restval")
         else:
             s.add_argument("--input", required=True, help=".jsonl or .csv")
-            s.add_argument("--image_key", default="image")
-            s.add_argument("--caption_key", default="caption")
+            s.add_argument("--image_key", default="image", help="image path field (default: %(default)s)")
+            s.add_argument("--caption_key", default="caption",
+                           help="caption field, a string or a list of strings (default: %(default)s)")
     a = p.parse_args(argv)
     common = dict(prefix=a.prefix, source=a.source, workers=a.workers, verify=not a.no_verify)
     if a.kind == "webdataset":
@@ -414,5 +421,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return summary
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`main` for the command line: an expected failure (a malformed annotation file, a missing or
+    unreadable input) is one `error: ...` line on stderr and exit status 1, not a traceback."""
+    try:
+        main(argv)
+    except (AnnotationError, OSError, csv.Error) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -205,8 +205,10 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
       step_hook: called on the host as `step_hook(step)` after each step is dispatched (tests use it
         to simulate preemption and crashes).
 
-    Returns the final metrics: the last logged training window's means, the last evaluation's
-    metrics under their own names, `step`, and `preempted` (True when a signal ended the run).
+    Returns the final metrics: the means of the last training window (the steps since the previous
+    log line, up to the last step run, also when a signal stopped the run between two log steps), the
+    last evaluation's metrics under their own names, `step`, and `preempted` (True when a signal ended
+    the run).
     Raises FloatingPointError naming the step if a loss or gradient is NaN/Inf (unless
     `train.skip_nonfinite_updates`).
     """
@@ -299,7 +301,7 @@ def _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer, stop
 
     def check(item):
         """Fetches one step's metrics (blocks on that step), checks them, logs at log steps."""
-        nonlocal last_logged, timer_started
+        nonlocal timer_started
         s, device_metrics = item
         m = jax.device_get(device_metrics)
         finite = bool(m.pop("finite"))
@@ -314,20 +316,25 @@ def _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer, stop
             window.skipped += 1
             metrics_lib.print_progress(f"step {s}: non-finite loss or gradient, update skipped")
         if s % log_every == 0 or s == total:
-            out = window.means()
-            if skip:
-                out["skipped_updates"] = window.skipped
-            eta, timed, elapsed = None, s - window.start_step, now - window.start
-            if timed > 0 and elapsed > 0:
-                sps = timed / elapsed
-                out.update(steps_per_sec=sps, examples_per_sec=sps * batch_size)
-                if task.flops_per_example and peak > 0:
-                    out["mfu"] = sps * batch_size * task.flops_per_example / peak
-                eta = (total - s) / sps
-            writer.write(s, out)
-            metrics_lib.print_progress(metrics_lib.format_progress(s, total, out, eta))
-            last_logged = out
-            window.reset(now, s)
+            log(s, now)
+
+    def log(s, now):
+        """Writes and prints the window's means (steps since the last log line, up to step s)."""
+        nonlocal last_logged
+        out = window.means()
+        if skip:
+            out["skipped_updates"] = window.skipped
+        eta, timed, elapsed = None, s - window.start_step, now - window.start
+        if timed > 0 and elapsed > 0:
+            sps = timed / elapsed
+            out.update(steps_per_sec=sps, examples_per_sec=sps * batch_size)
+            if task.flops_per_example and peak > 0:
+                out["mfu"] = sps * batch_size * task.flops_per_example / peak
+            eta = (total - s) / sps
+        writer.write(s, out)
+        metrics_lib.print_progress(metrics_lib.format_progress(s, total, out, eta))
+        last_logged = out
+        window.reset(now, s)
 
     def evaluate(s):
         nonlocal eval_metrics
@@ -366,6 +373,10 @@ def _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer, stop
                 save(step)
     if pending is not None:
         check(pending)
+    if window.count:
+        # A signal stopped the run between two log steps: report the steps since the last log line,
+        # so that the final metrics are those of the step it stopped at, not an earlier window's.
+        log(step, time.perf_counter())
     if not preempted:
         evaluate(step)
     if saved_step != step or ckpt.latest_step() is None:

@@ -1,0 +1,60 @@
+"""launch/demo.sh's plumbing, with a stub python (no training): each stage's progress on the terminal
+(stderr, without absl's INFO lines) and appended to workdirs/<stage>.log, stdout's last line stage 2's
+JSON, a failing stage stops the script."""
+import os
+import shutil
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+STUB = r"""#!/usr/bin/env bash
+# python -m MODULE ARGS...: only blip2_jax.main says something
+[ "$2" = blip2_jax.main ] || exit 0
+name=${4#--workdir=workdirs/}
+echo "I1201 16:08:27.524670 1 checkpoint_manager.py:701] orbax detail ($name)" >&2
+echo "step 1/2 | loss=1.0 | 2.0 steps/s | ETA 0:00:01 ($name)" >&2
+echo "W1201 16:08:28.000000 1 x.py:1] a warning ($name)" >&2
+if [ "${STUB_FAIL:-}" = "$name" ]; then echo "ValueError: boom ($name)" >&2; exit 3; fi
+echo "step 2/2 | loss=0.5 | 2.0 steps/s | ETA 0:00:00 ($name)" >&2
+echo "{\"stage\": \"$name\"}"
+"""
+
+
+def _repo(tmp_path):
+    os.makedirs(tmp_path / "launch")
+    os.makedirs(tmp_path / ".venv" / "bin")
+    shutil.copy(os.path.join(ROOT, "launch", "demo.sh"), tmp_path / "launch" / "demo.sh")
+    (tmp_path / "launch" / "setup.sh").write_text("exit 0\n")
+    (tmp_path / ".venv" / "bin" / "python").write_text(STUB)
+    os.chmod(tmp_path / ".venv" / "bin" / "python", 0o755)
+
+
+def _demo(tmp_path, **env):
+    return subprocess.run(["bash", "launch/demo.sh"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **env})
+
+
+def test_demo_shows_progress_appends_logs_and_ends_with_stage2_json(tmp_path):
+    _repo(tmp_path)
+    for run in (1, 2):
+        out = _demo(tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[-2:] == ['{"stage": "demo_stage1"}', '{"stage": "demo_stage2_opt"}']
+        err = out.stderr.splitlines()
+        for stage in ("demo_stage1", "demo_text_lm_opt", "demo_stage2_opt"):
+            assert f"step 2/2 | loss=0.5 | 2.0 steps/s | ETA 0:00:00 ({stage})" in err
+            assert f"W1201 16:08:28.000000 1 x.py:1] a warning ({stage})" in err
+        assert not any("orbax detail" in line for line in err)
+    log = (tmp_path / "workdirs" / "demo_stage1.log").read_text().splitlines()
+    assert sum(line.startswith("== ") and "--workdir=workdirs/demo_stage1" in line for line in log) == 2
+    assert log.count("I1201 16:08:27.524670 1 checkpoint_manager.py:701] orbax detail (demo_stage1)") == 2
+    assert log.count("step 2/2 | loss=0.5 | 2.0 steps/s | ETA 0:00:00 (demo_stage1)") == 2
+
+
+def test_demo_stops_at_a_failing_stage(tmp_path):
+    _repo(tmp_path)
+    out = _demo(tmp_path, STUB_FAIL="demo_text_lm_opt")
+    assert out.returncode == 1
+    assert "ValueError: boom (demo_text_lm_opt)" in out.stderr.splitlines()
+    assert out.stderr.splitlines()[-1] == "demo_text_lm_opt failed (its log: workdirs/demo_text_lm_opt.log)"
+    assert not (tmp_path / "workdirs" / "demo_stage2_opt.log").exists()
