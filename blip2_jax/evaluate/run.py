@@ -59,6 +59,16 @@ def limited_batches(ds: Iterable[Mapping[str, np.ndarray]], limit: int):
             yield b
 
 
+def eval_split(config):
+    """`(captions of every record, n, batches)` of `config.data.source`: the first `n` records
+    (`max_examples`, 0 = all) as eval batches."""
+    captions = data_pipeline.read_captions(config.data.source)
+    n = len(captions) if config.max_examples <= 0 else min(len(captions), int(config.max_examples))
+    ds = data_pipeline.make_eval_dataset(data_config(config), config.data.source,
+                                         batch_size=int(config.batch_size), process_index=0, process_count=1)
+    return captions, n, limited_batches(ds, n)
+
+
 def record_ids(source, n: int) -> list:
     """The source ids of the first `n` records (COCO image ids); the record index for TFDS sources."""
     if source.tfds_name:
@@ -100,12 +110,9 @@ def evaluate_captions(config, loaded) -> tuple[dict, list]:
     """Captions of every image of `config.data.source` and their BLEU/CIDEr against its captions."""
     _need_generative(loaded, config)
     source = config.data.source
-    references = data_pipeline.read_captions(source)
-    n = len(references) if config.max_examples <= 0 else min(len(references), int(config.max_examples))
-    ds = data_pipeline.make_eval_dataset(data_config(config), source, batch_size=int(config.batch_size),
-                                         process_index=0, process_count=1)
+    references, n, batches = eval_split(config)
     generated = caption_eval.caption_split(
-        loaded.model, loaded.params, make_processor(loaded, config.image_size), limited_batches(ds, n),
+        loaded.model, loaded.params, make_processor(loaded, config.image_size), batches,
         prompt=config.generation.prompt, max_words=config.data.max_words, **generation_kwargs(config, loaded.llm))
     if not generated:
         raise ValueError(f"no image of {source.path or source.tfds_name} could be decoded")
@@ -190,12 +197,9 @@ def evaluate_retrieval(config, loaded) -> tuple[dict, dict]:
         raise ValueError(f"config.task='retrieval' needs a stage-1 model (HF Blip2ForImageTextRetrieval or a "
                          f"stage-1 workdir); {config.model} is a {loaded.llm.upper()} generation model")
     source = config.data.source
-    captions = data_pipeline.read_captions(source)
-    n = len(captions) if config.max_examples <= 0 else min(len(captions), int(config.max_examples))
-    ds = data_pipeline.make_eval_dataset(data_config(config), source, batch_size=int(config.batch_size),
-                                         process_index=0, process_count=1)
+    captions, n, batches = eval_split(config)
     summary = retrieval_eval.split_recall(
-        retrieval_eval.RetrievalScorer(loaded.model), loaded.params, loaded.tokenizer, limited_batches(ds, n),
+        retrieval_eval.RetrievalScorer(loaded.model), loaded.params, loaded.tokenizer, batches,
         captions[:n], max_words=config.data.max_words, max_text_len=int(config.data.max_text_len),
         k_test=int(config.retrieval.k_test), batch_size=int(config.batch_size),
         name=f"{source.path or source.tfds_name}")
