@@ -1,36 +1,28 @@
 """The grain train/eval pipeline: contract, caption choice, mixing, process slices, drops, resume."""
-import io
 import json
 import logging
 
 import numpy as np
 import pytest
 from absl import flags
-from PIL import Image
 
 from blip2_jax.data import image_ops, pipeline, records, testing, text, tfds_builder
+from tests.helpers import image_bytes
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                 "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen"]
 
 
-def _png(seed: int) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline_data")
-    a = [records.ImageText(_png(i), (f"image {NUMBER_WORDS[i]} first", f"image {NUMBER_WORDS[i]} second"),
+    a = [records.ImageText(image_bytes(i), (f"image {NUMBER_WORDS[i]} first", f"image {NUMBER_WORDS[i]} second"),
                            f"a{i}", "a") for i in range(12)]
-    b = [records.ImageText(_png(100 + i), (f"other {NUMBER_WORDS[i]}",), f"b{i}", "b")
+    b = [records.ImageText(image_bytes(100 + i), (f"other {NUMBER_WORDS[i]}",), f"b{i}", "b")
          for i in range(4)]
-    z = [records.ImageText(_png(200), ("good zero",), "z0", "z"),
+    z = [records.ImageText(image_bytes(200), ("good zero",), "z0", "z"),
          records.ImageText(b"\x89PNG broken", ("bad one",), "bad", "z"),
-         records.ImageText(_png(202), ("good two",), "z2", "z")]
+         records.ImageText(image_bytes(202), ("good two",), "z2", "z")]
     for name, recs, shards in (("a", a, 2), ("b", b, 1), ("z", z, 1)):
         (root / name).mkdir()
         bounds = np.linspace(0, len(recs), shards + 1).astype(int)
