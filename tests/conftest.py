@@ -10,3 +10,85 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+# -- tiny Hugging Face models and data, built once per session (read-only for the tests that share them) ----
+def _built_once(build):
+    """A session fixture's value: `get(key)` builds `build(key)` on first use and returns it afterwards."""
+    built = {}
+
+    def get(key):
+        if key not in built:
+            built[key] = build(key)
+        return built[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_retrieval(tmp_path_factory):
+    """`hf_retrieval(name)` -> `(hf, directory)`: a tiny random HF `Blip2ForImageTextRetrieval` of
+    `hf_tiny.RETRIEVAL_SIZES[name]`, saved with `save_pretrained` next to a BERT `vocab.txt` of
+    `hf_tiny.WORDS`. Tests that change `hf` work on a copy."""
+    import torch
+    from transformers import Blip2ForImageTextRetrieval
+
+    from tests import hf_tiny
+
+    def build(name):
+        cfg = hf_tiny.blip2_retrieval_config(**hf_tiny.RETRIEVAL_SIZES[name])
+        torch.manual_seed(0)
+        hf = hf_tiny.redraw_(Blip2ForImageTextRetrieval(cfg), seed=1)
+        path = tmp_path_factory.mktemp(f"hf_retrieval_{name}")
+        hf.save_pretrained(str(path))
+        (path / "vocab.txt").write_text("\n".join(hf_tiny.BERT_SPECIALS + hf_tiny.WORDS) + "\n")
+        return hf, str(path)
+    return _built_once(build)
+
+
+@pytest.fixture(scope="session")
+def hf_blip2(tmp_path_factory):
+    """`hf_blip2(llm)` -> `(hf, blip2_dir, llm_dir)`: hf_tiny's default BLIP-2 OPT or T5 with re-drawn weights,
+    saved whole and its language model alone (a standalone OPT / T5 directory)."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from tests import hf_tiny
+
+    def build(llm):
+        cfg = hf_tiny.blip2_opt_config() if llm == "opt" else hf_tiny.blip2_t5_config()
+        torch.manual_seed(0)
+        hf = hf_tiny.redraw_(Blip2ForConditionalGeneration(cfg), seed=3)
+        root = tmp_path_factory.mktemp(f"hf_blip2_{llm}")
+        hf.save_pretrained(str(root / "blip2"))
+        hf.language_model.save_pretrained(str(root / "llm"))
+        return hf, str(root / "blip2"), str(root / "llm")
+    return _built_once(build)
+
+
+@pytest.fixture(scope="session")
+def hf_captioner(tmp_path_factory):
+    """`hf_captioner(llm)` -> `(hf, tokenizer, directory)`: a tiny random BLIP-2 OPT ("\\n" as EOS, as BLIP-2
+    OPT) or FlanT5 directory with its own tokenizer (`blip2_jax.data.testing`), as `load_processor` reads it."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from blip2_jax.data.testing import make_tiny_opt_tokenizer, make_tiny_t5_tokenizer
+    from tests import hf_tiny
+
+    def build(llm):
+        path = tmp_path_factory.mktemp(f"hf_captioner_{llm}")
+        if llm == "opt":
+            tok = make_tiny_opt_tokenizer(str(path))
+            (newline,) = tok("\n", add_special_tokens=False)["input_ids"]
+            cfg = hf_tiny.blip2_opt_config(vocab=len(tok) + 1)  # one more id: the image placeholder
+            cfg.text_config.eos_token_id = newline
+        else:
+            tok = make_tiny_t5_tokenizer(str(path))
+            cfg = hf_tiny.blip2_t5_config(vocab=len(tok) + 1)
+        torch.manual_seed(0)
+        hf = hf_tiny.redraw_(Blip2ForConditionalGeneration(cfg), seed=7)
+        hf.save_pretrained(str(path))
+        return hf, tok, str(path)
+    return _built_once(build)
