@@ -92,3 +92,14 @@ def hf_captioner(tmp_path_factory):
         hf.save_pretrained(str(path))
         return hf, tok, str(path)
     return _built_once(build)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """The shapes data (300 train and 12 held-out 64-px scenes, one train shard) with the stage-1 BERT
+    vocabulary of its captions in `tokenizer/` (as `tests/tiny_configs.stage1` expects it)."""
+    from blip2_jax.data import shapes
+    out = str(tmp_path_factory.mktemp("shapes"))
+    shapes.generate(out, num_train=300, num_heldout=12, size=64, train_shards=1)
+    shapes.write_bert_vocab(os.path.join(out, "tokenizer"))
+    return out
