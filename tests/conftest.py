@@ -103,3 +103,15 @@ def shapes_dir(tmp_path_factory):
     shapes.generate(out, num_train=300, num_heldout=12, size=64, train_shards=1)
     shapes.write_bert_vocab(os.path.join(out, "tokenizer"))
     return out
+
+
+@pytest.fixture(scope="session")
+def text_lm_run(shapes_dir, tmp_path_factory):
+    """The suite's one text-LM run: `tiny_configs.text_lm` on `shapes_dir` through `main.run`, as the demo chain
+    runs it. `(config, final metrics, workdir)`; the OPT and its tokenizer are exported to `workdir/hf`."""
+    from blip2_jax import main
+    from tests import tiny_configs
+    root = tmp_path_factory.mktemp("text_lm")
+    c = tiny_configs.text_lm(shapes_dir, str(root / "tokenizer_opt"))
+    workdir = str(root / "workdir")
+    return c, main.run(c, workdir), workdir
