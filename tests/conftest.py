@@ -115,3 +115,18 @@ def text_lm_run(shapes_dir, tmp_path_factory):
     c = tiny_configs.text_lm(shapes_dir, str(root / "tokenizer_opt"))
     workdir = str(root / "workdir")
     return c, main.run(c, workdir), workdir
+
+
+@pytest.fixture(scope="session")
+def toy_reference(tmp_path_factory):
+    """The toy task's uninterrupted 6-step run on one device (tests/toy_task.py: checkpoints every 2 steps,
+    `evaluate` at the end), which tests/test_loop.py and tests/test_checkpoint.py compare against:
+    `(workdir, final metrics)`. Compiled into the session's compile cache, as those modules' runs are."""
+    import jax
+
+    from blip2_jax.train import loop
+    from tests import toy_task as toy
+    workdir = tmp_path_factory.mktemp("toy_reference")
+    with toy.persistent_compile_cache(tmp_path_factory):
+        out = loop.train(toy.config(), toy.make_task(), toy.data_factory(), str(workdir), devices=jax.devices()[:1])
+    return workdir, out
