@@ -15,8 +15,10 @@ from flax.traverse_util import flatten_dict as flatten
 from flax.traverse_util import unflatten_dict
 from blip2_jax.train import loop, stage2
 from tests import tiny_configs
+from tests.toy_task import compile_cache  # noqa: F401  (fixture)
 from tests.hf_tiny import torch_pixels
 
+pytestmark = pytest.mark.usefixtures("compile_cache")
 B, T = 4, 7  # batch, text length
 
 

@@ -19,7 +19,9 @@ from blip2_jax.data.text import clean_caption, load_tokenizer
 from blip2_jax.evaluate import captioning
 from blip2_jax.train import stage2
 from tests import tiny_configs
+from tests.toy_task import compile_cache  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.usefixtures("compile_cache")
 NUM_HELDOUT = 12  # conftest.py's shapes_dir
 
 
