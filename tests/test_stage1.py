@@ -39,13 +39,9 @@ def reference(shapes_dir, tmp_path_factory):
 
 
 def test_main_runs_the_demo_config_and_ends_with_one_json_line(shapes_dir, tmp_path):
-    overrides = [f"--config.data.train_sources.shapes.path={shapes_dir}",
-                 f"--config.data.tokenizer_path={os.path.join(shapes_dir, 'tokenizer')}",
-                 f"--config.eval.source.path={shapes_dir}", "--config.train.total_steps=2",
-                 "--config.train.batch_size=8", "--config.data.global_batch_size=8", "--config.eval.batch_size=8",
-                 "--config.optimizer.warmup_steps=1", "--config.model.vision.num_layers=1",
-                 "--config.model.qformer.num_layers=2", "--config.model.vision.image_size=32",
-                 "--config.data.image_size=32"]
+    c = tiny_configs.stage1(shapes_dir, total_steps=2, batch_size=8)  # as command-line overrides of the demo
+    c.eval.source.path, c.eval.batch_size = shapes_dir, 8  # with the retrieval eval
+    overrides = tiny_configs.flags(c, "stage1", "demo")
     proc = subprocess.run([sys.executable, "-m", "blip2_jax.main", "--config=configs/stage1.py:demo",
                            f"--workdir={tmp_path}", *overrides], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
@@ -61,7 +57,7 @@ def test_main_runs_the_demo_config_and_ends_with_one_json_line(shapes_dir, tmp_p
     recorded = load_run_config(str(tmp_path))
     assert recorded.task == "stage1" and recorded.train.total_steps == 2
     model, params = blip2_jax.from_pretrained(str(tmp_path))
-    assert type(model).__name__ == "Blip2Stage1" and model.config.vision.image_size == 32
+    assert type(model).__name__ == "Blip2Stage1" and model.config.vision.image_size == c.data.image_size
     assert {"vision", "qformer", "query_tokens", "temp"} <= set(params)
 
 
@@ -139,8 +135,8 @@ def test_train_vision_trains_the_vit_and_a_later_run_loads_it_frozen_from_the_wo
         return {}
 
     import dataclasses
-    start = jax.tree.map(np.asarray, sharding.unbox(task.init_trainable(
-        jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0)))["vision"])
+    init = jax.jit(lambda key: sharding.unbox(task.init_trainable(key)))  # one compile; eagerly ~10 s a call
+    start = jax.tree.map(np.asarray, init(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0))["vision"])
     loop.train(cfg, dataclasses.replace(task, evaluate=keep_first), stage1.make_data(cfg), str(tmp_path / "vit"),
                mesh=mesh)
     trained = first["vision"]  # after the 2 steps (evaluate runs at the end)
@@ -152,7 +148,7 @@ def test_train_vision_trains_the_vit_and_a_later_run_loads_it_frozen_from_the_wo
     again = tiny_configs.stage1(shapes_dir)
     again.model.train_vision, again.init.vision_checkpoint = True, str(tmp_path / "vit")
     with jax.set_mesh(mesh):
-        fresh = sharding.unbox(stage1.make_task(again, mesh).init_trainable(jax.random.PRNGKey(3)))
+        fresh = init(jax.random.PRNGKey(3))  # `again` has the same trainable tree
         loaded = stage1.make_task(again, mesh).load_trainable(fresh)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded["vision"]), trained)
 

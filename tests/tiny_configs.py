@@ -31,6 +31,17 @@ def load(name: str, variant: str | None = None) -> ml_collections.ConfigDict:
     return module.get_config(variant)
 
 
+def flags(config: ml_collections.ConfigDict, name: str, variant: str) -> list[str]:
+    """The `--config.<field>=<value>` overrides that turn `configs/<name>.py:<variant>` into `config`, for the
+    command line (`python -m blip2_jax.main --config=configs/<name>.py:<variant> ...`)."""
+    from flax.traverse_util import flatten_dict
+
+    base = flatten_dict(load(name, variant).to_dict(), sep=".")
+    want = flatten_dict(config.to_dict(), sep=".")
+    assert set(want) <= set(base), sorted(set(want) - set(base))  # flags can only set existing fields
+    return [f"--config.{k}={v}" for k, v in want.items() if v != base[k]]
+
+
 def _towers(c: ml_collections.ConfigDict) -> None:
     c.model.vision.update(VISION)
     c.model.qformer.update(QFORMER)
