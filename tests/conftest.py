@@ -27,6 +27,25 @@ def _built_once(build):
 
 
 @pytest.fixture(scope="session")
+def bert_tokenizer():
+    """The stage-1 BERT tokenizer (`[DEC]` added) of the BERT uncased vocabulary the tests ship with."""
+    from blip2_jax.data import testing, text
+    return text.load_bert_tokenizer(testing.bert_vocab_dir())
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """`tokenizer_dir(llm)` -> a directory with `blip2_jax.data.testing`'s tiny OPT ("opt") or T5 ("t5") tokenizer."""
+    from blip2_jax.data import testing
+
+    def build(llm):
+        path = str(tmp_path_factory.mktemp(f"tokenizer_{llm}"))
+        (testing.make_tiny_opt_tokenizer if llm == "opt" else testing.make_tiny_t5_tokenizer)(path)
+        return path
+    return _built_once(build)
+
+
+@pytest.fixture(scope="session")
 def hf_retrieval(tmp_path_factory):
     """`hf_retrieval(name)` -> `(hf, directory)`: a tiny random HF `Blip2ForImageTextRetrieval` of
     `hf_tiny.RETRIEVAL_SIZES[name]`, saved with `save_pretrained` next to a BERT `vocab.txt` of
