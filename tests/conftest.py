@@ -1,4 +1,6 @@
-"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere; the data, tokenizers, tiny
+models and runs several test modules share, each built once per session (tests/helpers.py has the shared
+helper functions, tests/tiny_configs.py the tiny config of each stage)."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
