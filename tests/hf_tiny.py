@@ -3,6 +3,17 @@ from __future__ import annotations
 
 import torch
 
+# Two shapes of the tiny retrieval model: cross-attention every 2nd layer (the default), and every layer
+# with wider towers, more layers, queries and heads.
+RETRIEVAL_SIZES = {
+    "freq2": dict(),
+    "freq1_wide": dict(vision_hidden=48, vision_layers=3, vision_heads=6, q_hidden=48, q_layers=3, q_heads=6,
+                       cross_freq=1, num_queries=6, embed_dim=12),
+}
+# A BERT vocabulary for captions of coloured shapes (ids 0-4: BERT's special tokens).
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = "a red blue green yellow small large circle circles square triangle diamond left of two objects".split()
+
 
 def redraw_(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
     """Re-draw every parameter so that every layer matters (HF's vision init is ~1e-10).
@@ -43,12 +54,10 @@ def blip2_retrieval_config(*, vision_hidden=32, vision_layers=2, vision_heads=4,
     return cfg
 
 
-def blip2_opt_config(*, vocab=120, hidden=32, layers=2, heads=4, num_queries=4, cross_freq=2, **vision):
-    from transformers import Blip2Config, OPTConfig
+def _conditional_generation(text, vocab, num_queries, cross_freq, vision):
+    """A `Blip2ForConditionalGeneration` config: hf_tiny's retrieval towers (no Q-Former text input) + `text`."""
+    from transformers import Blip2Config
     base = blip2_retrieval_config(num_queries=num_queries, cross_freq=cross_freq, **vision)
-    text = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden + 4,
-                     num_attention_heads=heads, max_position_embeddings=64, word_embed_proj_dim=hidden,
-                     pad_token_id=1, bos_token_id=2, eos_token_id=3)
     cfg = Blip2Config(vision_config=base.vision_config.to_dict(),
                       qformer_config={**base.qformer_config.to_dict(), "use_qformer_text_input": False},
                       text_config=text.to_dict(), num_query_tokens=num_queries, image_token_index=vocab - 1)
@@ -56,18 +65,40 @@ def blip2_opt_config(*, vocab=120, hidden=32, layers=2, heads=4, num_queries=4, 
     return cfg
 
 
+def blip2_opt_config(*, vocab=120, hidden=32, layers=2, heads=4, num_queries=4, cross_freq=2, **vision):
+    from transformers import OPTConfig
+    text = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden + 4,
+                     num_attention_heads=heads, max_position_embeddings=64, word_embed_proj_dim=hidden,
+                     pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    return _conditional_generation(text, vocab, num_queries, cross_freq, vision)
+
+
 def blip2_t5_config(*, vocab=120, d_model=32, layers=2, heads=4, num_queries=4, cross_freq=2, **vision):
-    from transformers import Blip2Config, T5Config
-    base = blip2_retrieval_config(num_queries=num_queries, cross_freq=cross_freq, **vision)
+    from transformers import T5Config
     text = T5Config(vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model + 4,
                     num_layers=layers, num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
                     dense_act_fn="gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
                     eos_token_id=1, relative_attention_num_buckets=8, relative_attention_max_distance=16)
-    cfg = Blip2Config(vision_config=base.vision_config.to_dict(),
-                      qformer_config={**base.qformer_config.to_dict(), "use_qformer_text_input": False},
-                      text_config=text.to_dict(), num_query_tokens=num_queries, image_token_index=vocab - 1)
-    cfg.architectures = ["Blip2ForConditionalGeneration"]
-    return cfg
+    return _conditional_generation(text, vocab, num_queries, cross_freq, vision)
+
+
+def torch_pixels(pixels) -> torch.Tensor:
+    """NHWC numpy pixels as the NCHW tensor HF models take."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+
+
+def retrieval_inputs(cfg, seed: int = 0):
+    """Inputs for an HF retrieval `cfg`'s model: 3 random NHWC images and 3 texts of 7 random ids, the
+    second padded after 5 tokens and the third after 3. Returns `(pixels, ids, mask)` as numpy."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    size = cfg.vision_config.image_size
+    pixels = rng.normal(size=(3, size, size, 3)).astype(np.float32)
+    ids = rng.integers(1, cfg.qformer_config.vocab_size, size=(3, 7))
+    mask = np.ones((3, 7), np.int64)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0
+    return pixels, ids, mask
 
 
 def hf_retrieval_scores(hf, vocab_dir: str, images, texts, k: int, max_len: int = 35):

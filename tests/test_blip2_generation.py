@@ -11,7 +11,8 @@ from transformers import Blip2ForConditionalGeneration
 
 import blip2_jax
 from tests import hf_tiny
-from tests.test_blip2_retrieval import assert_close, torch_pixels
+from tests.helpers import assert_close
+from tests.hf_tiny import torch_pixels
 
 OPT_CONFIGS = {
     "opt_freq2": dict(),

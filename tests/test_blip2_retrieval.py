@@ -11,42 +11,14 @@ from transformers import Blip2ForImageTextRetrieval
 
 import blip2_jax
 from tests import hf_tiny
-
-CONFIGS = {
-    "freq2": dict(),
-    "freq1_wide": dict(vision_hidden=48, vision_layers=3, vision_heads=6, q_hidden=48, q_layers=3, q_heads=6,
-                       cross_freq=1, num_queries=6, embed_dim=12),
-}
+from tests.helpers import assert_close
+from tests.hf_tiny import torch_pixels
 
 
-def assert_close(ours, ref, tol=1e-4):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    err = np.abs(ours - ref).max()
-    bound = tol * max(1.0, np.abs(ref).max())
-    assert err <= bound, f"max |ours - ref| = {err:.3g} > {bound:.3g}"
-    return err
-
-
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def retrieval(request, tmp_path_factory):
-    cfg = hf_tiny.blip2_retrieval_config(**CONFIGS[request.param])
-    torch.manual_seed(0)
-    hf = hf_tiny.redraw_(Blip2ForImageTextRetrieval(cfg), seed=1)
-    path = str(tmp_path_factory.mktemp(request.param))
-    hf.save_pretrained(path)
-    rng = np.random.default_rng(0)
-    size = cfg.vision_config.image_size
-    pixels = rng.normal(size=(3, size, size, 3)).astype(np.float32)
-    ids = rng.integers(1, cfg.qformer_config.vocab_size, size=(3, 7))
-    mask = np.ones((3, 7), np.int64)
-    mask[1, 5:] = 0
-    mask[2, 3:] = 0
-    return hf, path, pixels, ids, mask
-
-
-def torch_pixels(pixels):
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+@pytest.fixture(scope="module", params=list(hf_tiny.RETRIEVAL_SIZES))
+def retrieval(request, hf_retrieval):
+    hf, path = hf_retrieval(request.param)
+    return (hf, path) + hf_tiny.retrieval_inputs(hf.config)
 
 
 def test_vision_and_qformer_outputs(retrieval):

@@ -12,37 +12,23 @@ import pytest
 import torch
 from PIL import Image
 
-from transformers import Blip2ForConditionalGeneration
-
 import blip2_jax
-from blip2_jax.data.testing import make_tiny_opt_tokenizer
-from tests import hf_tiny
+from tests.helpers import write_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a photo of"
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny BLIP-2 OPT directory with a byte-level BPE tokenizer, "\\n" as EOS as in BLIP-2, and images."""
-    path = tmp_path_factory.mktemp("caption_model")
-    tok = make_tiny_opt_tokenizer(str(path))
-    newline = tok("\n", add_special_tokens=False)["input_ids"]
-    assert len(newline) == 1
-    cfg = hf_tiny.blip2_opt_config(vocab=len(tok) + 1)  # one more id: the image placeholder
-    cfg.text_config.eos_token_id = newline[0]
-    torch.manual_seed(0)
-    hf = hf_tiny.redraw_(Blip2ForConditionalGeneration(cfg), seed=7)
-    hf.save_pretrained(str(path))
-    rng = np.random.default_rng(0)
-    images = []
-    for i, size in enumerate([(40, 30), (17, 23), (64, 64)]):  # none at the model's 28 px: resizing matters
-        arr = rng.integers(0, 256, size=size + (3,), dtype=np.uint8)
-        images.append(str(path / f"img{i}.png"))
-        Image.fromarray(arr).save(images[-1])
-    bad = path / "notes.txt"
-    bad.write_text("not an image\n")
-    return hf, tok, str(path), images, str(bad)
+def saved(hf_captioner, tmp_path_factory):
+    """The tiny BLIP-2 OPT with a byte-level BPE tokenizer ("\\n" as EOS, as in BLIP-2), images and a non-image."""
+    hf, tok, path = hf_captioner("opt")
+    assert len(tok("\n", add_special_tokens=False)["input_ids"]) == 1
+    images = write_images(tmp_path_factory.mktemp("caption_images"), seed=0)
+    bad = os.path.join(os.path.dirname(images[0]), "notes.txt")
+    with open(bad, "w") as f:
+        f.write("not an image\n")
+    return hf, tok, path, images, bad
 
 
 def test_preprocess_matches_hf_image_processor(saved):

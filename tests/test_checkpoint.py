@@ -26,10 +26,9 @@ def _train(workdir, cfg=None, devices=ONE, hook=None):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted 6-step run on one device, checkpoints every 2 steps."""
-    workdir = tmp_path_factory.mktemp("reference")
-    out = _train(workdir)
+def reference(toy_reference):
+    """An uninterrupted 6-step run on one device, checkpoints every 2 steps (conftest.py's `toy_reference`)."""
+    workdir, out = toy_reference
     assert out["step"] == 6 and not out["preempted"]
     return workdir, toy.losses(workdir)
 

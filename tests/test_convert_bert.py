@@ -23,6 +23,7 @@ from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1
 from blip2_jax.models.qformer import attention_mask
 from blip2_jax.models.vit import VisionConfig
 from tests import hf_tiny
+from tests.helpers import assert_close
 
 CASES = {
     # (HF class, BERT sizes, cross_attention_frequency, queries)
@@ -33,14 +34,6 @@ CASES = {
     "bert_model": (BertModel, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    intermediate_size=68, vocab_size=50), 2, 4),
 }
-
-
-def assert_close(ours, ref, tol=1e-4):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    err = np.abs(ours - ref).max()
-    assert err <= tol * max(1.0, np.abs(ref).max()), f"max |ours - ref| = {err:.3g}"
-    return err
 
 
 def stage1_config(bert_cfg: dict, freq: int, nq: int) -> Blip2Config:

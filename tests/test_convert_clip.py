@@ -15,6 +15,7 @@ from blip2_jax.convert.hf_io import CheckpointError
 from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1
 from blip2_jax.models.qformer import QFormerConfig
 from tests import hf_tiny
+from tests.helpers import assert_close
 
 # Two shapes; "clip_model" is saved as a full CLIPModel (keys under `vision_model.`, text tower present).
 CONFIGS = {
@@ -23,14 +24,6 @@ CONFIGS = {
     "clip_model": dict(hidden_size=48, intermediate_size=100, num_hidden_layers=4, num_attention_heads=6,
                        image_size=42, patch_size=14),
 }
-
-
-def assert_close(ours, ref, tol=1e-4):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    err = np.abs(ours - ref).max()
-    assert err <= tol * max(1.0, np.abs(ref).max()), f"max |ours - ref| = {err:.3g}"
-    return err
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

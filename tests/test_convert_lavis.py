@@ -2,6 +2,7 @@
 (the inverse of transformers' convert_blip_2_original_to_pytorch.py), saved with torch.save, converted,
 and compared key by key with HF's own tensors and numerically with HF's outputs.
 """
+import copy
 import re
 
 import numpy as np
@@ -9,22 +10,15 @@ import pytest
 import torch
 
 import jax
-from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+from transformers import Blip2ForConditionalGeneration
 
 import blip2_jax
 from blip2_jax.convert import lavis
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader, SafetensorsFile
 from tests import hf_tiny
+from tests.helpers import assert_close
 
 CLS = "Qformer.cls.predictions."
-
-
-def assert_close(ours, ref, tol=1e-4):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    err = np.abs(ours - ref).max()
-    assert err <= tol * max(1.0, np.abs(ref).max()), f"max |ours - ref| = {err:.3g}"
-    return err
 
 
 def to_lavis(hf_state: dict, llm: str = "") -> dict:
@@ -75,16 +69,10 @@ def itg_extras(hf_state: dict, seed: int = 5) -> dict:
             "Qformer.bert.embeddings.position_ids": torch.arange(positions)[None]}
 
 
-CONFIGS = {"freq2": dict(), "freq1_wide": dict(vision_hidden=48, vision_layers=3, vision_heads=6, q_hidden=48,
-                                                q_layers=3, q_heads=6, cross_freq=1, num_queries=6, embed_dim=12)}
-
-
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def stage1(request, tmp_path_factory):
-    sizes = CONFIGS[request.param]
-    cfg = hf_tiny.blip2_retrieval_config(**sizes)
-    torch.manual_seed(0)
-    hf = hf_tiny.redraw_(Blip2ForImageTextRetrieval(cfg), seed=1)
+@pytest.fixture(scope="module", params=list(hf_tiny.RETRIEVAL_SIZES))
+def stage1(request, hf_retrieval, tmp_path_factory):
+    hf, _ = hf_retrieval(request.param)
+    cfg = hf.config
     hf_state = hf.state_dict()
     state = {**to_lavis(hf_state), **itg_extras(hf_state)}
     tmp = tmp_path_factory.mktemp(request.param)
@@ -118,16 +106,11 @@ def test_stage1_key_by_key(stage1):
 
 def test_stage1_itm_itc_match_hf(stage1):
     hf, _, _, out = stage1
+    hf = copy.deepcopy(hf)  # a session fixture's model: changed here on a copy
     hf.vision_model.post_layernorm.eps = lavis.LAVIS_LN_VISION_EPS  # LAVIS's ln_vision, which load_stage1 follows
-    cfg = hf.config
-    rng = np.random.default_rng(0)
-    size = cfg.vision_config.image_size
-    pixels = rng.normal(size=(3, size, size, 3)).astype(np.float32)
-    ids = rng.integers(1, cfg.qformer_config.vocab_size, size=(3, 7))
-    mask = np.ones((3, 7), np.int64)
-    mask[1, 4:] = 0
+    pixels, ids, mask = hf_tiny.retrieval_inputs(hf.config)
     with torch.no_grad():
-        args = dict(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2), input_ids=torch.from_numpy(ids),
+        args = dict(pixel_values=hf_tiny.torch_pixels(pixels), input_ids=torch.from_numpy(ids),
                     attention_mask=torch.from_numpy(mask))
         itm = hf(**args, use_image_text_matching_head=True).logits_per_image.numpy()
         itc = hf(**args, use_image_text_matching_head=False).logits_per_image.numpy()

@@ -8,18 +8,10 @@ import subprocess
 import sys
 import tarfile
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from blip2_jax.data import build, records, tfds_builder
-
-
-def _img_bytes(seed: int, fmt: str = "JPEG", size=(24, 20)) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
+from tests.helpers import image_bytes
 
 
 @pytest.fixture()
@@ -27,9 +19,9 @@ def image_dir(tmp_path):
     d = tmp_path / "images"
     (d / "val2014").mkdir(parents=True)
     for i in range(5):
-        (d / "val2014" / f"{i}.jpg").write_bytes(_img_bytes(i))
-    (d / "val2014" / "p.png").write_bytes(_img_bytes(9, "PNG"))
-    (d / "val2014" / "corrupt.jpg").write_bytes(_img_bytes(7)[:40])  # truncated JPEG
+        (d / "val2014" / f"{i}.jpg").write_bytes(image_bytes(i, "JPEG"))
+    (d / "val2014" / "p.png").write_bytes(image_bytes(9))
+    (d / "val2014" / "corrupt.jpg").write_bytes(image_bytes(7, "JPEG")[:40])  # truncated JPEG
     return d
 
 
@@ -162,10 +154,10 @@ def _add(tar, name, data):
 def test_webdataset_tars(tmp_path):
     for t in range(2):
         with tarfile.open(tmp_path / f"{t:05d}.tar", "w") as tar:
-            _add(tar, f"{t}0001.jpg", _img_bytes(t))
+            _add(tar, f"{t}0001.jpg", image_bytes(t, "JPEG"))
             _add(tar, f"{t}0001.txt", f"caption {t} one".encode())
             _add(tar, f"{t}0001.json", json.dumps({"key": f"{t}0001", "caption": "ignored"}).encode())
-            _add(tar, f"{t}0002.png", _img_bytes(10 + t, "PNG"))
+            _add(tar, f"{t}0002.png", image_bytes(10 + t))
             _add(tar, f"{t}0002.json", json.dumps({"caption": f"json caption {t}"}).encode())
             _add(tar, f"{t}0003.txt", b"no image here")
             _add(tar, f"{t}0004.jpg", b"\xff\xd8 broken")
@@ -176,7 +168,7 @@ def test_webdataset_tars(tmp_path):
     assert [(r.image_id, r.captions) for r in recs] == [
         ("00001", ("caption 0 one",)), ("00002", ("json caption 0",)),
         ("10001", ("caption 1 one",)), ("10002", ("json caption 1",))]
-    assert recs[1].image == _img_bytes(10, "PNG")
+    assert recs[1].image == image_bytes(10)
     assert summary["num_skipped"] == 4
     reasons = sorted(s["reason"].split(":")[0] for s in summary["skipped"])
     assert reasons == ["no image member"] * 2 + ["not a decodable image"] * 2

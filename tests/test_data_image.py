@@ -6,24 +6,15 @@ import pytest
 from PIL import Image
 
 from blip2_jax.data import image_ops
+from tests.helpers import image_bytes, random_image
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 STD = np.array([0.26862954, 0.26130258, 0.27577711])
 
 
-def _png(arr) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _arr(h=30, w=40, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
 def test_eval_transform_is_bicubic_resize_and_clip_normalisation():
-    arr = _arr()
-    out = image_ops.eval_transform(_png(arr), 16)
+    arr = random_image(0, 30, 40)
+    out = image_ops.eval_transform(image_bytes(arr), 16)
     resized = np.asarray(Image.fromarray(arr).resize((16, 16), Image.BICUBIC), np.float64)
     np.testing.assert_allclose(out, (resized / 255.0 - MEAN) / STD, atol=1e-5)
     assert out.dtype == np.float32 and out.shape == (16, 16, 3)
@@ -45,7 +36,7 @@ def test_random_resized_crop_box_follows_torchvision_bounds():
 
 
 def test_train_transform_flip_and_determinism():
-    data = _png(_arr(48, 64, 1))
+    data = image_bytes(random_image(1, 48, 64))
     flipped_seen = plain_seen = 0
     for seed in range(12):
         a = image_ops.train_transform(data, 24, np.random.default_rng(seed))
@@ -80,7 +71,7 @@ class _FixedRng:
 
 @pytest.mark.parametrize("u,offset", [(0.9, -5), (0.1, 5)])
 def test_randaug_translate_is_lavis_five_pixels_with_grey_fill(u, offset):
-    arr = _arr(20, 30, 2)
+    arr = random_image(2, 20, 30)
     out = np.asarray(image_ops.apply_randaug_op(Image.fromarray(arr), "TranslateX", 5,
                                                 _FixedRng(u)))
     # LAVIS: offset = 5/10 * 10 = 5 px, negated if u > 0.5; cv2 M=[[1,0,-offset],[0,1,0]]:
@@ -94,7 +85,7 @@ def test_randaug_translate_is_lavis_five_pixels_with_grey_fill(u, offset):
 
 
 def test_randaug_colour_ops_match_lavis_formulas():
-    arr = _arr(12, 10, 3) // 2 + 40  # values in [40, 167]
+    arr = random_image(3, 12, 10) // 2 + 40  # values in [40, 167]
     im = Image.fromarray(arr)
     # M=5 gives factor 1.0 for Brightness and Sharpness: identity, as in LAVIS.
     for name in ("Brightness", "Sharpness", "Identity"):
@@ -121,7 +112,7 @@ def test_randaug_colour_ops_match_lavis_formulas():
 
 
 def test_random_augment_applies_each_sampled_op_with_probability_half():
-    arr = _arr(32, 32, 4)
+    arr = random_image(4, 32, 32)
     changed = 0
     for seed in range(40):
         out = image_ops.random_augment(Image.fromarray(arr), np.random.default_rng(seed),

@@ -1,37 +1,29 @@
 """The grain train/eval pipeline: contract, caption choice, mixing, process slices, drops, resume."""
-import io
 import json
 import logging
 
 import numpy as np
 import pytest
 from absl import flags
-from PIL import Image
 
 from blip2_jax import config_sections
 from blip2_jax.data import image_ops, pipeline, records, testing, text, tfds_builder
+from tests.helpers import image_bytes
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                 "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen"]
 
 
-def _png(seed: int) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline_data")
-    a = [records.ImageText(_png(i), (f"image {NUMBER_WORDS[i]} first", f"image {NUMBER_WORDS[i]} second"),
+    a = [records.ImageText(image_bytes(i), (f"image {NUMBER_WORDS[i]} first", f"image {NUMBER_WORDS[i]} second"),
                            f"a{i}", "a") for i in range(12)]
-    b = [records.ImageText(_png(100 + i), (f"other {NUMBER_WORDS[i]}",), f"b{i}", "b")
+    b = [records.ImageText(image_bytes(100 + i), (f"other {NUMBER_WORDS[i]}",), f"b{i}", "b")
          for i in range(4)]
-    z = [records.ImageText(_png(200), ("good zero",), "z0", "z"),
+    z = [records.ImageText(image_bytes(200), ("good zero",), "z0", "z"),
          records.ImageText(b"\x89PNG broken", ("bad one",), "bad", "z"),
-         records.ImageText(_png(202), ("good two",), "z2", "z")]
+         records.ImageText(image_bytes(202), ("good two",), "z2", "z")]
     for name, recs, shards in (("a", a, 2), ("b", b, 1), ("z", z, 1)):
         (root / name).mkdir()
         bounds = np.linspace(0, len(recs), shards + 1).astype(int)
@@ -39,11 +31,6 @@ def data(tmp_path_factory):
             records.write_shard(str(root / name / records.shard_name("train", k, shards)),
                                 recs[bounds[k]:bounds[k + 1]])
     return root
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return text.load_bert_tokenizer(testing.bert_vocab_dir())
 
 
 def _config(data, sources, **kw):
@@ -71,7 +58,7 @@ def _captions(data, name):
     return [r.captions for f in records.find_shards(str(data / name)) for r in records.read_shard(f)]
 
 
-def test_stage1_contract_caption_choice_and_epochs(data, bert):
+def test_stage1_contract_caption_choice_and_epochs(data, bert_tokenizer):
     it = pipeline.make_train_iterator(_config(data, {"a": 1.0}), seed=3, process_index=0,
                                       process_count=1)
     batches = _take(it, 9)  # 36 elements = 3 epochs of 12
@@ -87,7 +74,7 @@ def test_stage1_contract_caption_choice_and_epochs(data, bert):
     caps = _captions(data, "a")
     chosen = {}
     for tokens, i in zip(_rows(batches, "input_ids"), ids):
-        caption = bert.decode(tokens, skip_special_tokens=True)
+        caption = bert_tokenizer.decode(tokens, skip_special_tokens=True)
         assert caption in caps[i]  # the caption belongs to the image it comes with
         chosen.setdefault(int(i), set()).add(caption)
     assert any(len(c) == 2 for c in chosen.values())  # different captions on different visits
@@ -145,23 +132,21 @@ def test_resume_yields_exactly_the_uninterrupted_batches(data, workers):
     assert resumed.num_dropped == dropped > 0
 
 
-def test_stage2_opt_and_t5_batches(data, tmp_path):
-    testing.make_tiny_opt_tokenizer(str(tmp_path / "opt"))
-    testing.make_tiny_t5_tokenizer(str(tmp_path / "t5"))
+def test_stage2_opt_and_t5_batches(data, tokenizer_dir):
     opt = _take(pipeline.make_train_iterator(
-        _config(data, {"b": 1.0}, text_mode="opt", tokenizer_path=str(tmp_path / "opt")),
+        _config(data, {"b": 1.0}, text_mode="opt", tokenizer_path=tokenizer_dir("opt")),
         seed=0, process_index=0, process_count=1), 1)[0]
     assert set(opt) == {"image", "input_ids", "attention_mask", "labels", "image_id"}
     assert (opt["input_ids"][:, 0] == 2).all()
     np.testing.assert_array_equal(opt["labels"],
                                   np.where(opt["attention_mask"] == 1, opt["input_ids"], -100))
     t5 = _take(pipeline.make_train_iterator(
-        _config(data, {"b": 1.0}, text_mode="t5_prefix", tokenizer_path=str(tmp_path / "t5")),
+        _config(data, {"b": 1.0}, text_mode="t5_prefix", tokenizer_path=tokenizer_dir("t5")),
         seed=0, process_index=0, process_count=1), 1)[0]
     assert set(t5) == {"image", "input_ids", "attention_mask", "decoder_input_ids",
                        "decoder_attention_mask", "labels", "image_id"}
     assert all(v.dtype in (np.int32, np.float32) for v in t5.values())
-    tok = text.load_tokenizer(str(tmp_path / "t5"))
+    tok = text.load_tokenizer(tokenizer_dir("t5"))
     caps = _captions(data, "b")
     for row in range(4):  # encoder prefix + decoder suffix = the record's caption
         enc = t5["input_ids"][row][t5["attention_mask"][row] == 1][:-1].tolist()
@@ -169,7 +154,7 @@ def test_stage2_opt_and_t5_batches(data, tmp_path):
         assert tok.decode(enc + dec) == caps[t5["image_id"][row] - 0][0]
 
 
-def test_tfds_source_eval_dataset_and_global_batch(data, tmp_path):
+def test_tfds_source_eval_dataset_and_global_batch(data, bert_tokenizer, tmp_path):
     from blip2_jax import sharding
 
     tfds_builder.prepare_tfds({"train": str(data / "a")}, str(tmp_path), name="tiny_a")
@@ -177,10 +162,9 @@ def test_tfds_source_eval_dataset_and_global_batch(data, tmp_path):
     cfg.train_sources.t = config_sections.source_config(tfds_name="tiny_a", tfds_data_dir=str(tmp_path))
     cfg.global_batch_size = 8
     batch = next(pipeline.make_train_iterator(cfg, seed=0, process_index=0, process_count=1))
-    bert = text.load_bert_tokenizer(testing.bert_vocab_dir())
     tfds_caps = pipeline.read_captions(cfg.train_sources.t)
     for tokens, i in zip(batch["input_ids"], batch["image_id"]):
-        assert bert.decode(tokens, skip_special_tokens=True) in tfds_caps[i]
+        assert bert_tokenizer.decode(tokens, skip_special_tokens=True) in tfds_caps[i]
     # Global arrays on an 8-device mesh from the per-process batch.
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
     glob = sharding.make_global_batch(batch, mesh)

@@ -17,12 +17,8 @@ def test_clean_caption_matches_lavis_pre_caption():
     assert text.clean_caption(long, max_words=3) == "w0 w1 w2"
 
 
-@pytest.fixture(scope="module")
-def bert():
-    return text.load_bert_tokenizer(testing.bert_vocab_dir())
-
-
-def test_stage1_bert_tokens_against_vocab_file(bert):
+def test_stage1_bert_tokens_against_vocab_file(bert_tokenizer):
+    bert = bert_tokenizer
     with open(os.path.join(testing.bert_vocab_dir(), "vocab.txt"), encoding="utf-8") as f:
         vocab = {w.rstrip("\n"): i for i, w in enumerate(f)}
     assert len(vocab) == 30522
@@ -41,17 +37,13 @@ def test_stage1_bert_tokens_against_vocab_file(bert):
 
 
 @pytest.fixture(scope="module")
-def opt_tok(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("opt_tok"))
-    testing.make_tiny_opt_tokenizer(d)
-    return text.load_tokenizer(d)
+def opt_tok(tokenizer_dir):
+    return text.load_tokenizer(tokenizer_dir("opt"))
 
 
 @pytest.fixture(scope="module")
-def t5_tok(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("t5_tok"))
-    testing.make_tiny_t5_tokenizer(d)
-    return text.load_tokenizer(d)
+def t5_tok(tokenizer_dir):
+    return text.load_tokenizer(tokenizer_dir("t5"))
 
 
 @pytest.mark.parametrize("prompt", ["", "a photo of "])

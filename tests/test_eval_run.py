@@ -5,7 +5,6 @@ prompts, and `caption_metrics` on them; hand-computed VQA accuracies for forced 
 scores from HF `Blip2ForImageTextRetrieval` (ITC for all pairs, ITM for all pairs, re-ranked here)
 and `recall_at_k` on them.
 """
-import io
 import json
 import os
 import subprocess
@@ -14,29 +13,22 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+from transformers import Blip2ForConditionalGeneration
 
 import blip2_jax
 from blip2_jax.data import records
 from blip2_jax.data import text as data_text
 from blip2_jax.data.image_ops import CLIP_MEAN, CLIP_STD
-from blip2_jax.data.testing import make_tiny_opt_tokenizer
 from blip2_jax.evaluate import captioning, retrieval, run, vqa_data
 from blip2_jax.evaluate.load import load_config_file
-from tests import hf_tiny
+from tests import hf_tiny, tiny_configs
+from tests.helpers import image_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 28  # the tiny models' image size: images are written at it, so resizing is the identity
 CAPTIONS = [("a red circle", "a small red circle"), ("a blue square", "blue square left of a circle"),
             ("a green triangle", "a triangle"), ("two objects", "a large yellow diamond")]
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _images(n, seed=0):
@@ -57,15 +49,9 @@ def _config(variant, **overrides):
 
 
 @pytest.fixture(scope="module")
-def opt_dir(tmp_path_factory):
+def opt_dir(hf_captioner):
     """A tiny BLIP-2 OPT with a byte-level BPE tokenizer ("\\n" = EOS, as BLIP-2 OPT)."""
-    path = tmp_path_factory.mktemp("eval_opt")
-    tok = make_tiny_opt_tokenizer(str(path))
-    cfg = hf_tiny.blip2_opt_config(vocab=len(tok) + 1)
-    cfg.text_config.eos_token_id = tok("\n", add_special_tokens=False)["input_ids"][0]
-    torch.manual_seed(0)
-    hf_tiny.redraw_(Blip2ForConditionalGeneration(cfg), seed=11).save_pretrained(str(path))
-    return str(path)
+    return hf_captioner("opt")[2]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +59,7 @@ def caption_shards(tmp_path_factory):
     """4 records: image, UNDECODABLE image, image, image (ids 101, 102, 103, 104)."""
     root = tmp_path_factory.mktemp("eval_caption_data")
     arrs = _images(3)
-    blobs = [_png(arrs[0]), b"not an image", _png(arrs[1]), _png(arrs[2])]
+    blobs = [image_bytes(arrs[0]), b"not an image", image_bytes(arrs[1]), image_bytes(arrs[2])]
     recs = [records.ImageText(b, CAPTIONS[i], str(101 + i), "test", "PNG") for i, b in enumerate(blobs)]
     records.write_shard(str(root / records.shard_name("test", 0, 1)), recs)
     return str(root), arrs
@@ -201,22 +187,14 @@ def test_bad_inputs_fail_with_clear_messages(vqa_files, tmp_path):
 
 
 # -- retrieval ---------------------------------------------------------------------------------
-WORDS = "a red blue green yellow small large circle square triangle diamond left of two objects".split()
-
-
 @pytest.fixture(scope="module")
-def retrieval_setup(tmp_path_factory):
+def retrieval_setup(hf_retrieval, tmp_path_factory):
+    hf, model_dir = hf_retrieval("freq2")  # its vocab.txt covers CAPTIONS
     root = tmp_path_factory.mktemp("eval_retrieval")
-    model_dir = root / "model"
-    cfg = hf_tiny.blip2_retrieval_config()
-    torch.manual_seed(0)
-    hf = hf_tiny.redraw_(Blip2ForImageTextRetrieval(cfg), seed=5)
-    hf.save_pretrained(str(model_dir))
-    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
     arrs = _images(4, seed=2)
-    recs = [records.ImageText(_png(a), CAPTIONS[i], str(i), "test", "PNG") for i, a in enumerate(arrs)]
+    recs = [records.ImageText(image_bytes(a), CAPTIONS[i], str(i), "test", "PNG") for i, a in enumerate(arrs)]
     records.write_shard(str(root / records.shard_name("test", 0, 1)), recs)
-    return hf, str(model_dir), str(root), arrs
+    return hf, model_dir, str(root), arrs
 
 
 def _hf_scores(hf, model_dir, arrs, k):
@@ -257,26 +235,13 @@ def test_stage2_workdir_gives_the_hf_directory_captions(opt_dir, caption_shards,
     """A workdir (newest checkpoint's trainable params + its train config) captions exactly as the HF
     directory holding the same weights (the frozen towers come from the config's checkpoints)."""
     from blip2_jax import checkpoint as checkpoint_lib
-    from blip2_jax import config_sections
     from blip2_jax.models.blip2 import split_frozen
 
     hf = Blip2ForConditionalGeneration.from_pretrained(opt_dir)
     hf.language_model.save_pretrained(str(tmp_path / "llm"))
-    v, q = hf.config.vision_config, hf.config.qformer_config
-    tc = config_sections.experiment_config("stage2")
-    tc.model = config_sections.stage2_model("opt")
-    tc.model.vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                           num_layers=v.num_hidden_layers, num_heads=v.num_attention_heads,
-                           image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps)
-    tc.model.qformer.update(hidden_size=q.hidden_size, num_layers=q.num_hidden_layers,
-                            num_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
-                            cross_attention_frequency=q.cross_attention_frequency)
-    tc.model.num_query_tokens = hf.config.num_query_tokens
-    tc.model.ln_vision_eps = v.layer_norm_eps
-    tc.model.frozen_dtype = "float32"
-    tc.init = config_sections.stage2_init()
+    tc = tiny_configs.stage2("opt")  # the sizes of opt_dir's model
     tc.init.update(vision_checkpoint=opt_dir, llm_checkpoint=str(tmp_path / "llm"))
-    tc.data.update(text_mode="opt", tokenizer_path=opt_dir, image_size=SIZE)
+    tc.data.tokenizer_path = opt_dir
 
     _, params = blip2_jax.from_pretrained(opt_dir)
     trainable, _ = split_frozen(params)

@@ -10,11 +10,9 @@ import pytest
 import torch
 
 import jax
-from transformers import Blip2ForConditionalGeneration
 
 import blip2_jax
-from tests import hf_tiny
-from tests.test_blip2_retrieval import torch_pixels
+from tests.hf_tiny import torch_pixels
 
 B = 4
 MAX_NEW = 10
@@ -39,15 +37,11 @@ def _pick_eos(hf_rows: np.ndarray, exclude) -> int:
 class Setup:
     """A tiny HF model, the same model loaded by us, images and prompts in both input formats."""
 
-    def __init__(self, kind, tmp_path_factory):
+    def __init__(self, kind, hf_blip2):
         self.kind = kind
-        cfg = hf_tiny.blip2_opt_config() if kind == "opt" else hf_tiny.blip2_t5_config()
-        torch.manual_seed(0)
-        self.hf = hf_tiny.redraw_(Blip2ForConditionalGeneration(cfg), seed=3)
-        path = str(tmp_path_factory.mktemp(f"gen_{kind}"))
-        self.hf.save_pretrained(path)
+        self.hf, path, _ = hf_blip2(kind)
         self.model, self.params = blip2_jax.from_pretrained(path)
-        self.cfg = cfg
+        self.cfg = cfg = self.hf.config
         rng = np.random.default_rng(5)
         size = cfg.vision_config.image_size
         self.pixels = rng.normal(size=(B, size, size, 3)).astype(np.float32)
@@ -121,13 +115,13 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def opt(tmp_path_factory):
-    return Setup("opt", tmp_path_factory)
+def opt(hf_blip2):
+    return Setup("opt", hf_blip2)
 
 
 @pytest.fixture(scope="module")
-def t5(tmp_path_factory):
-    return Setup("t5", tmp_path_factory)
+def t5(hf_blip2):
+    return Setup("t5", hf_blip2)
 
 
 # -- OPT ---------------------------------------------------------------------------------------------------

@@ -39,10 +39,10 @@ def _first_loss_by_hand(cfg, task):
     return float(loss)
 
 
-def test_same_losses_on_every_mesh_and_frozen_params_untouched(tmp_path):
-    cfg = toy.config(checkpoint_every=0)  # 6 steps; the same program as the checkpoint tests'
-    ref = _train(tmp_path / "1dev", cfg, devices=jax.devices()[:1])
-    ref_losses = toy.losses(tmp_path / "1dev")
+def test_same_losses_on_every_mesh_and_frozen_params_untouched(toy_reference, tmp_path):
+    cfg = toy.config(checkpoint_every=0)  # the reference's 6 steps (it is the checkpoint tests' too)
+    ref_dir, ref = toy_reference
+    ref_losses = toy.losses(ref_dir)
     assert sorted(ref_losses) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(ref_losses[1], _first_loss_by_hand(cfg, toy.make_task()), rtol=1e-6)
     assert ref_losses[1] != ref_losses[2] != ref_losses[3]   # it trains: the losses move
@@ -85,12 +85,12 @@ def test_same_losses_on_every_mesh_and_frozen_params_untouched(tmp_path):
         x.size for x in jax.tree.leaves(jax.eval_shape(base.init_trainable, jax.random.PRNGKey(0))))
     # outputs: metrics.jsonl, TensorBoard events, MFU, eval metrics, handlers restored
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "1dev" / "tensorboard"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(ref_dir / "tensorboard"))
     assert {"loss", "ce", "contrastive", "temp", "learning_rate", "grad_norm", "eval_loss",
             "steps_per_sec", "examples_per_sec", "mfu"} <= set(ref)
     np.testing.assert_allclose(ref["examples_per_sec"], 16 * ref["steps_per_sec"], rtol=1e-9)
     np.testing.assert_allclose(ref["mfu"], ref["examples_per_sec"] * 1e6 / 1e9, rtol=1e-9)
-    with open(tmp_path / "1dev" / "metrics.jsonl") as f:
+    with open(ref_dir / "metrics.jsonl") as f:
         lrs = {r["step"]: r["learning_rate"] for r in map(json.loads, f) if "learning_rate" in r}
     sched = optimizer.make_schedule(cfg.optimizer, cfg.train.total_steps)
     for step in range(1, 7):  # step s uses the schedule at s-1 updates

@@ -17,14 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from transformers import AutoTokenizer, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
 
 import blip2_jax
-from blip2_jax.data.testing import bert_vocab_dir, make_tiny_opt_tokenizer, make_tiny_t5_tokenizer
+from blip2_jax.data.testing import bert_vocab_dir
 from blip2_jax.evaluate.captioning import caption_metrics
 from blip2_jax.evaluate.retrieval import recall_at_k, rerank_with_itm
 from blip2_jax.evaluate.vqa import vqa_accuracy_corpus
 from tests import hf_tiny
+from tests.helpers import write_images
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 _MAGIC = re.compile(r"^(\s*)[!%]")
@@ -73,39 +74,16 @@ def test_notebook_is_clean_nbformat4(name):
     assert "REPO_URL" in setup and '!pip install -q "git+{REPO_URL}"' in setup and "find_spec" in setup
 
 
-def _write_images(path, sizes, seed):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i, size in enumerate(sizes):  # none at the model's 28 px: the processor's resize matters
-        out.append(str(path / f"img{i}.png"))
-        Image.fromarray(rng.integers(0, 256, size=size + (3,), dtype=np.uint8)).save(out[-1])
-    return out
-
-
-def _save_tiny_stage2(path, llm: str) -> None:
-    """A tiny random BLIP-2 OPT ("\\n" as EOS, as BLIP-2 OPT) or FlanT5 directory with its own tokenizer."""
-    if llm == "opt":
-        tok = make_tiny_opt_tokenizer(str(path))
-        (newline,) = tok("\n", add_special_tokens=False)["input_ids"]
-        cfg = hf_tiny.blip2_opt_config(vocab=len(tok) + 1)  # one more id: the image placeholder
-        cfg.text_config.eos_token_id = newline
-    else:
-        tok = make_tiny_t5_tokenizer(str(path))
-        cfg = hf_tiny.blip2_t5_config(vocab=len(tok) + 1)
-    torch.manual_seed(0)
-    hf_tiny.redraw_(Blip2ForConditionalGeneration(cfg), seed=7).save_pretrained(str(path))
-
-
 @pytest.mark.parametrize("llm", ["opt", "t5"])
-def test_caption_and_vqa_notebook(tmp_path, llm):
-    _save_tiny_stage2(tmp_path, llm)
-    images = _write_images(tmp_path, [(40, 30), (17, 23), (64, 64)], seed=0)
+def test_caption_and_vqa_notebook(hf_captioner, tmp_path, llm):
+    _, _, model_dir = hf_captioner(llm)
+    images = write_images(tmp_path, seed=0)
     questions = ["what is this?", "how many red circles are there?", "which shape is left?"]
     prompt, beams, max_new = "a photo of", 3, 8
 
     # The reference: the same calls made directly, on a separately loaded model (float32 frozen towers).
-    model, params = blip2_jax.from_pretrained(str(tmp_path))
-    proc = blip2_jax.load_processor(str(tmp_path))
+    model, params = blip2_jax.from_pretrained(model_dir)
+    proc = blip2_jax.load_processor(model_dir)
     pixels = proc.preprocess([Image.open(p) for p in images])
     ids, mask = proc.tokenize([prompt] * 3)
     want_captions = proc.decode(blip2_jax.generate(model, params, pixels, ids, mask, num_beams=beams,
@@ -125,7 +103,7 @@ def test_caption_and_vqa_notebook(tmp_path, llm):
                (images[1], questions[1], ["2"] * 7 + ["3"] * 3),
                (images[2], questions[2], ["zzzz"] * 10)]
     ns = run_notebook("caption_and_vqa.ipynb", dict(
-        MODEL_DIR=str(tmp_path), FROZEN_DTYPE="float32", IMAGES=images, PROMPT=prompt, NUM_BEAMS=beams,
+        MODEL_DIR=model_dir, FROZEN_DTYPE="float32", IMAGES=images, PROMPT=prompt, NUM_BEAMS=beams,
         MAX_NEW_TOKENS=max_new, MIN_NEW_TOKENS=1, BATCH_SIZE=3, CAPTION_SET=caption_set, VQA_SET=vqa_set))
 
     assert type(ns["model"]).__name__ == {"opt": "Blip2OPT", "t5": "Blip2T5"}[llm]
@@ -147,7 +125,7 @@ def test_retrieval_notebook(tmp_path):
     torch.manual_seed(0)
     hf = hf_tiny.redraw_(Blip2ForImageTextRetrieval(cfg), seed=3)
     hf.save_pretrained(str(tmp_path))
-    images = _write_images(tmp_path, [(40, 30), (17, 23), (64, 64)], seed=1)
+    images = write_images(tmp_path, seed=1)
     texts = ["a red circle", "a blue square left of a green triangle", "two cats on a pink blanket",
              "a woman and her dog on the beach", "a small yellow diamond"]
     text_to_image = [0, 0, 1, 2, 2]

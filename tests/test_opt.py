@@ -12,9 +12,10 @@ import torch
 import transformers
 
 from blip2_jax.convert import opt as opt_convert
-from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader, write_safetensors
+from blip2_jax.convert.hf_io import CheckpointReader
 from blip2_jax.models import opt as opt_model
 from blip2_jax.models.layers import take_batch_rows
+from tests.helpers import assert_bad_keys_listed, assert_close, assert_dropout_and_remat, random_params
 
 CONFIGS = {
     # opt-350m-like: word_embed_proj_dim != hidden_size (project_in/out), pre-LN, tied head.
@@ -68,14 +69,6 @@ def _hf_logits(model, ids, mask):
         return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
 
 
-def _check(ours, ref, mask, tol):
-    ours, ref = np.asarray(ours)[mask == 1], ref[mask == 1]  # padded positions carry no meaning
-    err = np.abs(ours - ref).max()
-    bound = tol * max(1.0, np.abs(ref).max())
-    assert err <= bound, f"max |ours - HF| = {err:.3g} > {bound:.3g}"
-    return err
-
-
 def test_parity_float32_left_padding(hf_opt):
     model, path = hf_opt
     ids, mask = _inputs(model.config.vocab_size)
@@ -90,7 +83,8 @@ def test_parity_float32_left_padding(hf_opt):
     embeds = ours.apply({"params": params}, jnp.asarray(ids), method="embed")
     logits, cache = ours.apply({"params": params}, embeds, jnp.asarray(mask))
     assert logits.dtype == jnp.float32 and logits.shape == ref.shape and cache is None
-    err = _check(logits, ref, mask, 1e-4)
+    valid = mask == 1  # padded positions carry no meaning
+    err = assert_close(np.asarray(logits)[valid], ref[valid])
     by_ids, _ = ours.apply({"params": params}, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     np.testing.assert_array_equal(np.asarray(by_ids), np.asarray(logits))
     print(f"OPT f32 max err {err:.2e} (max|HF| {np.abs(ref).max():.2f})")
@@ -104,7 +98,8 @@ def test_parity_bfloat16(hf_opt):
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
     logits, _ = ours.apply({"params": params}, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     assert logits.dtype == jnp.float32
-    err = _check(logits, ref, mask, 3e-2)
+    valid = mask == 1
+    err = assert_close(np.asarray(logits)[valid], ref[valid], tol=3e-2)
     print(f"OPT bf16 max err {err:.2e} (max|HF| {np.abs(ref).max():.2f})")
 
 
@@ -128,7 +123,7 @@ def test_incremental_decoding_matches_full_forward(hf_opt):
     inc = np.concatenate([np.asarray(p) for p in pieces], axis=1)
     valid = mask == 1
     np.testing.assert_allclose(inc[valid], np.asarray(full)[valid], atol=1e-5, rtol=1e-5)
-    _check(inc, ref, mask, 1e-4)
+    assert_close(inc[valid], ref[valid])
 
     # Beam reordering (generate's take_batch_rows): rows of the cache follow `order`, and decoding
     # continues as for those rows.
@@ -157,19 +152,8 @@ def test_save_roundtrip_loads_in_transformers(hf_opt, tmp_path):
 
 
 def test_missing_and_unexpected_keys_are_listed(hf_opt, tmp_path):
-    _, path = hf_opt
-    with CheckpointReader(path) as r:
-        tensors = {k: r.get(k) for k in r.keys()}
-        config = r.config
-    tensors.pop("model.decoder.layers.0.fc1.weight")
-    tensors["model.decoder.layers.0.extra.weight"] = np.zeros(2, np.float32)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(config))
-    write_safetensors(str(bad / "model.safetensors"), tensors)
-    with pytest.raises(CheckpointError, match=r"missing \(1\): model.decoder.layers.0.fc1.weight") as e:
-        opt_convert.load(str(bad))
-    assert "unexpected (1): model.decoder.layers.0.extra.weight" in str(e.value)
+    assert_bad_keys_listed(opt_convert.load, hf_opt[1], tmp_path / "bad", missing="model.decoder.layers.0.fc1.weight",
+                           unexpected="model.decoder.layers.0.extra.weight")
 
 
 def test_config_roundtrip_and_prefixed_rules():
@@ -190,7 +174,7 @@ def test_dropout_and_remat():
     model, remat = opt_model.OPTForCausalLM(cfg), opt_model.OPTForCausalLM(dataclasses.replace(cfg, remat=True))
     ids, mask = map(jnp.asarray, _inputs(cfg.vocab_size, length=6, seed=4))
 
-    v = _random_params(lambda: model.init(jax.random.key(1), input_ids=ids))
+    v = random_params(lambda: model.init(jax.random.key(1), input_ids=ids))
 
     @jax.jit
     def run(v, rng):
@@ -199,14 +183,4 @@ def test_dropout_and_remat():
         plain = lambda m: m.apply(v, input_ids=ids, attention_mask=mask)[0]  # noqa: E731
         return plain(model), drop(), drop(), plain(remat)
 
-    logits, d1, d2, logits_remat = run(v, jax.random.key(0, impl="rbg"))  # rbg: cheap to compile
-    assert not np.allclose(np.asarray(d1), np.asarray(logits))
-    np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
-    np.testing.assert_allclose(np.asarray(logits_remat), np.asarray(logits), atol=1e-6, rtol=1e-6)
-
-
-def _random_params(init):
-    """Random values for the shapes `init` would create (cheaper than compiling the initializers)."""
-    rng = np.random.default_rng(0)
-    shapes = nn.unbox(jax.eval_shape(init))
-    return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
+    assert_dropout_and_remat(run, v)

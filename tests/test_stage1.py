@@ -1,4 +1,8 @@
-"""Stage 1 end to end on a tiny shapes dataset: the CLI, mesh invariance, exact resume, frozen ViT."""
+"""Stage 1 end to end on the tiny shapes dataset: the CLI, losses on a mesh, exact resume, frozen ViT.
+
+Every run of the tiny config (`tests/tiny_configs.stage1`: 5 steps) on one device compiles the same
+train step as the 1-device `reference` run; the compile cache makes those compilations lookups.
+"""
 import json
 import os
 import signal
@@ -10,39 +14,13 @@ import numpy as np
 import pytest
 
 from blip2_jax import sharding
-from blip2_jax.data import shapes
 from blip2_jax.train import loop, stage1
-from configs import stage1 as stage1_config
+from tests import tiny_configs
 from tests.toy_task import compile_cache, losses  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("shapes"))
-    shapes.generate(out, num_train=64, num_heldout=8, size=32, train_shards=1)
-    shapes.write_bert_vocab(os.path.join(out, "tokenizer"))
-    return out
-
-
-def tiny_config(shapes_dir, **train):
-    """The demo config, smaller still (same code path)."""
-    c = stage1_config.get_config("demo")
-    c.model.vision.update(hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, image_size=32,
-                          patch_size=8)
-    c.model.qformer.update(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48)
-    c.model.num_query_tokens = 4
-    c.model.embed_dim = 16
-    c.data.image_size = 32
-    c.data.train_sources.shapes.path = shapes_dir
-    c.data.tokenizer_path = os.path.join(shapes_dir, "tokenizer")
-    c.eval.source.path = ""  # no retrieval eval here (the CLI test runs it)
-    c.train.update({**dict(batch_size=16, total_steps=4, log_every=1, checkpoint_every=0, eval_every=0), **train})
-    c.data.global_batch_size = c.train.batch_size
-    c.optimizer.warmup_steps = 1
-    return c
+ONE = jax.devices()[:1]
 
 
 def run(cfg, workdir, devices=None, hook=None):
@@ -51,14 +29,19 @@ def run(cfg, workdir, devices=None, hook=None):
                       step_hook=hook)
 
 
+@pytest.fixture(scope="module")
+def reference(shapes_dir, tmp_path_factory):
+    """step -> loss of the uninterrupted 1-device run (checkpoints every 2 steps)."""
+    workdir = tmp_path_factory.mktemp("stage1_reference")
+    out = run(tiny_configs.stage1(shapes_dir, checkpoint_every=2), workdir, devices=ONE)
+    assert out["step"] == 5 and not out["preempted"]
+    return losses(workdir)
+
+
 def test_main_runs_the_demo_config_and_ends_with_one_json_line(shapes_dir, tmp_path):
-    overrides = [f"--config.data.train_sources.shapes.path={shapes_dir}",
-                 f"--config.data.tokenizer_path={os.path.join(shapes_dir, 'tokenizer')}",
-                 f"--config.eval.source.path={shapes_dir}", "--config.train.total_steps=2",
-                 "--config.train.batch_size=8", "--config.data.global_batch_size=8", "--config.eval.batch_size=8",
-                 "--config.optimizer.warmup_steps=1", "--config.model.vision.num_layers=1",
-                 "--config.model.qformer.num_layers=2", "--config.model.vision.image_size=32",
-                 "--config.data.image_size=32"]
+    c = tiny_configs.stage1(shapes_dir, total_steps=2, batch_size=8)  # as command-line overrides of the demo
+    c.eval.source.path, c.eval.batch_size = shapes_dir, 8  # with the retrieval eval
+    overrides = tiny_configs.flags(c, "stage1", "demo")
     proc = subprocess.run([sys.executable, "-m", "blip2_jax.main", "--config=configs/stage1.py:demo",
                            f"--workdir={tmp_path}", *overrides], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
@@ -74,47 +57,43 @@ def test_main_runs_the_demo_config_and_ends_with_one_json_line(shapes_dir, tmp_p
     recorded = load_run_config(str(tmp_path))
     assert recorded.task == "stage1" and recorded.train.total_steps == 2
     model, params = blip2_jax.from_pretrained(str(tmp_path))
-    assert type(model).__name__ == "Blip2Stage1" and model.config.vision.image_size == 32
+    assert type(model).__name__ == "Blip2Stage1" and model.config.vision.image_size == c.data.image_size
     assert {"vision", "qformer", "query_tokens", "temp"} <= set(params)
 
 
-def test_same_losses_on_every_mesh(shapes_dir, tmp_path):
-    cfg = tiny_config(shapes_dir, total_steps=3)
-    run(cfg, tmp_path / "one", devices=jax.devices()[:1])
-    ref = losses(tmp_path / "one")
-    assert ref[1] != ref[2] != ref[3]
-    for data, fsdp, tensor in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
-        c = tiny_config(shapes_dir, total_steps=3)
-        c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
-        workdir = tmp_path / f"{data}x{fsdp}x{tensor}"
-        run(c, workdir)
-        got = losses(workdir)
-        for step in (1, 2, 3):
-            np.testing.assert_allclose(got[step], ref[step], rtol=0, atol=1e-4,
-                                       err_msg=f"mesh {(data, fsdp, tensor)}, step {step}")
+def test_same_losses_on_a_data_fsdp_tensor_mesh(shapes_dir, reference, tmp_path):
+    """The stage-1 model's shardings (ViT, Q-Former, ITC over the global batch) change no loss: data=2 x
+    fsdp=2 x tensor=2 against one device. The loop's invariance on each mesh axis alone (data=8,
+    data=2 x fsdp=4) is tests/test_loop.py's, on the toy task."""
+    assert reference[1] != reference[2] != reference[3]
+    c = tiny_configs.stage1(shapes_dir)
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    run(c, tmp_path)
+    got = losses(tmp_path)
+    assert sorted(got) == sorted(reference)
+    for step in got:
+        np.testing.assert_allclose(got[step], reference[step], rtol=0, atol=1e-4, err_msg=f"step {step}")
 
 
-def test_sigterm_then_resume_gives_the_uninterrupted_losses(shapes_dir, tmp_path):
-    cfg = tiny_config(shapes_dir, total_steps=5, checkpoint_every=2)
-    run(cfg, tmp_path / "straight", devices=jax.devices()[:1])
-    want = losses(tmp_path / "straight")
+def test_sigterm_then_resume_gives_the_uninterrupted_losses(shapes_dir, reference, tmp_path):
+    cfg = tiny_configs.stage1(shapes_dir, checkpoint_every=2)
 
     def sigterm_at_3(step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    out = run(cfg, tmp_path / "cut", devices=jax.devices()[:1], hook=sigterm_at_3)
+    out = run(cfg, tmp_path, devices=ONE, hook=sigterm_at_3)
     assert out["preempted"] and out["step"] == 3
-    run(cfg, tmp_path / "cut", devices=jax.devices()[:1])
-    got = losses(tmp_path / "cut")
+    run(cfg, tmp_path, devices=ONE)
+    got = losses(tmp_path)
     assert sorted(got) == [1, 2, 3, 4, 5]
     for step in range(1, 6):
-        assert got[step] == want[step], (step, got[step], want[step])
+        assert got[step] == reference[step], (step, got[step], reference[step])
 
 
 def test_frozen_vit_is_untouched_and_not_in_the_trainable_state(shapes_dir, tmp_path):
-    cfg = tiny_config(shapes_dir, total_steps=2)
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    cfg = tiny_configs.stage1(shapes_dir)
+    mesh = sharding.make_mesh(cfg.mesh, ONE)
     task = stage1.make_task(cfg, mesh)
     trainable = jax.eval_shape(task.init_trainable, jax.random.PRNGKey(0))
     frozen = jax.eval_shape(task.init_frozen, jax.random.PRNGKey(0))
@@ -138,14 +117,14 @@ def test_frozen_vit_is_untouched_and_not_in_the_trainable_state(shapes_dir, tmp_
     import dataclasses
     task = dataclasses.replace(task, load_frozen=load_frozen, evaluate=capture)
     out = loop.train(cfg, task, stage1.make_data(cfg), str(tmp_path), mesh=mesh)
-    assert out["step"] == 2
+    assert out["step"] == cfg.train.total_steps
     jax.tree.map(np.testing.assert_array_equal, seen["frozen"], given["frozen"])
 
 
 def test_train_vision_trains_the_vit_and_a_later_run_loads_it_frozen_from_the_workdir(shapes_dir, tmp_path):
-    cfg = tiny_config(shapes_dir, total_steps=2, checkpoint_every=2)
+    cfg = tiny_configs.stage1(shapes_dir, total_steps=2, checkpoint_every=2)
     cfg.model.train_vision = True  # LAVIS's freeze_vit=False
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    mesh = sharding.make_mesh(cfg.mesh, ONE)
     task = stage1.make_task(cfg, mesh)
     assert "vision" in jax.eval_shape(task.init_trainable, jax.random.PRNGKey(0))
     assert jax.eval_shape(task.init_frozen, jax.random.PRNGKey(0)) == {} and task.load_frozen is None
@@ -156,8 +135,8 @@ def test_train_vision_trains_the_vit_and_a_later_run_loads_it_frozen_from_the_wo
         return {}
 
     import dataclasses
-    start = jax.tree.map(np.asarray, sharding.unbox(task.init_trainable(
-        jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0)))["vision"])
+    init = jax.jit(lambda key: sharding.unbox(task.init_trainable(key)))  # one compile; eagerly ~10 s a call
+    start = jax.tree.map(np.asarray, init(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0))["vision"])
     loop.train(cfg, dataclasses.replace(task, evaluate=keep_first), stage1.make_data(cfg), str(tmp_path / "vit"),
                mesh=mesh)
     trained = first["vision"]  # after the 2 steps (evaluate runs at the end)
@@ -166,14 +145,14 @@ def test_train_vision_trains_the_vit_and_a_later_run_loads_it_frozen_from_the_wo
     assert all(0 < c < 5e-3 for c in change), change
 
     # Fine-tuning it further: the trainable ViT starts from that workdir's.
-    again = tiny_config(shapes_dir)
+    again = tiny_configs.stage1(shapes_dir)
     again.model.train_vision, again.init.vision_checkpoint = True, str(tmp_path / "vit")
     with jax.set_mesh(mesh):
-        fresh = sharding.unbox(stage1.make_task(again, mesh).init_trainable(jax.random.PRNGKey(3)))
+        fresh = init(jax.random.PRNGKey(3))  # `again` has the same trainable tree
         loaded = stage1.make_task(again, mesh).load_trainable(fresh)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded["vision"]), trained)
 
-    frozen_cfg = tiny_config(shapes_dir, total_steps=1)
+    frozen_cfg = tiny_configs.stage1(shapes_dir)  # the reference's program: a compile-cache hit
     frozen_cfg.init.vision_checkpoint = str(tmp_path / "vit")
     seen = {}
     task2 = stage1.make_task(frozen_cfg, mesh)
@@ -181,7 +160,7 @@ def test_train_vision_trains_the_vit_and_a_later_run_loads_it_frozen_from_the_wo
     loop.train(frozen_cfg, task2, stage1.make_data(frozen_cfg), str(tmp_path / "frozen"), mesh=mesh)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, seen["fr"]["vision"]), trained)
 
-    no_vit = tiny_config(shapes_dir)
+    no_vit = tiny_configs.stage1(shapes_dir)
     no_vit.init.vision_checkpoint = str(tmp_path / "frozen")  # its checkpoint trained no ViT
     with pytest.raises(ValueError, match="holds no trained ViT"):
         stage1.make_task(no_vit, mesh).load_frozen(None)

@@ -2,32 +2,18 @@
 
 import jax
 import numpy as np
-import pytest
 import torch
 
 import blip2_jax
 from blip2_jax import sharding
 from flax.traverse_util import flatten_dict as flatten
-from blip2_jax.data import shapes
 from blip2_jax.train import stage1
-from configs import stage1 as stage1_config
-from tests import hf_tiny
+from tests import hf_tiny, tiny_configs
 
 
-@pytest.fixture(scope="module")
-def vocab_dir(tmp_path_factory):
-    return shapes.write_bert_vocab(str(tmp_path_factory.mktemp("vocab")))
-
-
-def config_for(vocab_dir, **init):
-    """A stage-1 config with the sizes of tests/hf_tiny.py's retrieval model."""
-    c = stage1_config.get_config("demo")
-    c.model.vision.update(hidden_size=32, intermediate_size=72, num_layers=2, num_heads=4, image_size=28,
-                          patch_size=14, layer_norm_eps=1e-6)
-    c.model.qformer.update(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=68, vocab_size=99,
-                           max_position_embeddings=40, cross_attention_frequency=2)
-    c.model.num_query_tokens, c.model.embed_dim = 4, 16
-    c.data.tokenizer_path = vocab_dir
+def config_for(shapes_dir, **init):
+    """The tiny stage-1 config (the sizes of tests/hf_tiny.py's retrieval model) with `init` paths."""
+    c = tiny_configs.stage1(shapes_dir)
     c.init.update(init)
     return c
 
@@ -42,13 +28,10 @@ def task_trees(c):
     return task, fresh, frozen_abstract
 
 
-def test_vit_and_whole_model_from_a_blip2_retrieval_dir(vocab_dir, tmp_path):
-    from transformers import Blip2ForImageTextRetrieval
-    model = hf_tiny.redraw_(Blip2ForImageTextRetrieval(hf_tiny.blip2_retrieval_config()), seed=4)
-    model.save_pretrained(str(tmp_path))
-    _, ref = blip2_jax.from_pretrained(str(tmp_path))
-    task, fresh, frozen_abstract = task_trees(config_for(vocab_dir, vision_checkpoint=str(tmp_path),
-                                                         stage1_checkpoint=str(tmp_path)))
+def test_vit_and_whole_model_from_a_blip2_retrieval_dir(shapes_dir, hf_retrieval):
+    _, path = hf_retrieval("freq2")
+    _, ref = blip2_jax.from_pretrained(path)
+    task, fresh, frozen_abstract = task_trees(config_for(shapes_dir, vision_checkpoint=path, stage1_checkpoint=path))
     frozen = task.load_frozen(frozen_abstract)
     for path, value in flatten(frozen["vision"]).items():
         np.testing.assert_array_equal(np.asarray(value, np.float32), np.asarray(flatten(ref["vision"])[path], np.float32))
@@ -62,7 +45,7 @@ def test_vit_and_whole_model_from_a_blip2_retrieval_dir(vocab_dir, tmp_path):
             assert value.sharding == fresh_flat[path].sharding
 
 
-def test_qformer_from_bert_copies_the_text_ffn_into_the_query_ffn(vocab_dir, tmp_path):
+def test_qformer_from_bert_copies_the_text_ffn_into_the_query_ffn(shapes_dir, tmp_path):
     from transformers import BertConfig, BertForMaskedLM
     bert = BertForMaskedLM(BertConfig(vocab_size=98, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=68, max_position_embeddings=40))
@@ -70,7 +53,7 @@ def test_qformer_from_bert_copies_the_text_ffn_into_the_query_ffn(vocab_dir, tmp
     with torch.no_grad():
         bert.cls.predictions.decoder.weight = bert.bert.embeddings.word_embeddings.weight  # tied, as BERT is
     bert.save_pretrained(str(tmp_path))
-    task, fresh, _ = task_trees(config_for(vocab_dir, qformer_checkpoint=str(tmp_path)))
+    task, fresh, _ = task_trees(config_for(shapes_dir, qformer_checkpoint=str(tmp_path)))
     loaded = task.load_trainable(fresh)
     words = np.asarray(loaded["qformer"]["word_embeddings"]["embedding"])
     np.testing.assert_allclose(words[:98], bert.bert.embeddings.word_embeddings.weight.detach().numpy())

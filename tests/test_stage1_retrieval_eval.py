@@ -5,18 +5,13 @@ five records, the second one's image bytes corrupt. Reference: HF ITC similariti
 the four decodable images against their own captions only, LAVIS's top-k re-ranking done here, and
 `recall_at_k` on those scores.
 """
-import io
-
 import numpy as np
 import pytest
-import torch
-from PIL import Image
-from transformers import Blip2ForImageTextRetrieval
 
 from blip2_jax.data import records
 from blip2_jax.evaluate import load, retrieval, retrieval_eval
-from configs import stage1 as stage1_config
-from tests import hf_tiny
+from tests import hf_tiny, tiny_configs
+from tests.helpers import image_bytes
 
 SIZE = 28  # the tiny model's image size: images are written at it, so resizing is the identity
 K_TEST = 3
@@ -24,29 +19,18 @@ BAD = 1    # the record whose image bytes are corrupt
 CAPTIONS = [("a red circle", "a small red circle"), ("a blue square", "blue square left of a circle"),
             ("a green triangle", "a triangle"), ("two objects", "a large yellow diamond"),
             ("a yellow square", "two circles left of a square")]
-WORDS = "a red blue green yellow small large circle circles square triangle diamond left of two objects".split()
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(hf_retrieval, tmp_path_factory):
+    hf, model_dir = hf_retrieval("freq2")  # its vocab.txt covers CAPTIONS
     root = tmp_path_factory.mktemp("stage1_retrieval")
-    model_dir = root / "model"
-    torch.manual_seed(0)
-    hf = hf_tiny.redraw_(Blip2ForImageTextRetrieval(hf_tiny.blip2_retrieval_config()), seed=7)
-    hf.save_pretrained(str(model_dir))
-    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
     rng = np.random.default_rng(3)
     arrs = [rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8) for _ in CAPTIONS]
-    blobs = [b"\x89PNG not really" if i == BAD else _png(a) for i, a in enumerate(arrs)]
+    blobs = [b"\x89PNG not really" if i == BAD else image_bytes(a) for i, a in enumerate(arrs)]
     recs = [records.ImageText(b, CAPTIONS[i], str(i), "heldout", "PNG") for i, b in enumerate(blobs)]
     records.write_shard(str(root / records.shard_name("heldout", 0, 1)), recs)
-    return hf, str(model_dir), str(root), arrs
+    return hf, model_dir, str(root), arrs
 
 
 def _reference_recall(hf, model_dir, arrs, captions, k):
@@ -65,8 +49,8 @@ def test_stage1_eval_skips_an_undecodable_image_and_matches_hf(setup):
     good = [i for i in range(len(CAPTIONS)) if i != BAD]
     want = _reference_recall(hf, model_dir, [arrs[i] for i in good], [CAPTIONS[i] for i in good], K_TEST)
 
-    c = stage1_config.get_config()
-    c.data.image_size = SIZE
+    c = tiny_configs.stage1()
+    assert c.data.image_size == SIZE
     c.data.max_text_len = 35
     c.eval.source.update(path=data, prefix="heldout")
     c.eval.batch_size = 2  # 3 batches: the corrupt row and the padding row are both invalid

@@ -8,61 +8,35 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import Blip2ForConditionalGeneration
 
 from flax.traverse_util import flatten_dict as flatten
 from flax.traverse_util import unflatten_dict
 
 from blip2_jax import checkpoint as checkpoint_lib
-from blip2_jax import config_sections
 from blip2_jax import sharding as sharding_lib
 from blip2_jax.spec import model as spec
 from blip2_jax.spec import weights
 from blip2_jax.train import loop, stage2
-from tests import hf_tiny
-from tests.test_blip2_retrieval import torch_pixels
+from tests import tiny_configs
+from tests.toy_task import compile_cache  # noqa: F401  (fixture)
+from tests.hf_tiny import torch_pixels
 
+pytestmark = pytest.mark.usefixtures("compile_cache")
 B, T = 4, 7  # batch, text length
 
 
-def _hf_model(kind, tmp_path_factory):
-    cfg = hf_tiny.blip2_opt_config() if kind == "opt" else hf_tiny.blip2_t5_config()
-    torch.manual_seed(0)
-    hf = hf_tiny.redraw_(Blip2ForConditionalGeneration(cfg), seed=3)
-    root = tmp_path_factory.mktemp(f"hf_{kind}")
-    hf.save_pretrained(str(root / "blip2"))
-    hf.language_model.save_pretrained(str(root / "llm"))  # a standalone OPT / T5 directory
-    return hf, str(root / "blip2"), str(root / "llm")
-
-
 @pytest.fixture(scope="module", params=["opt", "t5"])
-def hf_setup(request, tmp_path_factory):
-    return (request.param,) + _hf_model(request.param, tmp_path_factory)
+def hf_setup(request, hf_blip2):
+    return (request.param,) + hf_blip2(request.param)
 
 
-def _config(kind, hf, blip2_dir, llm_dir, batch_size=B):
-    """A stage-2 config describing the tiny HF model, initialised from its directories."""
-    hc = hf.config
-    c = config_sections.experiment_config("stage2")
-    c.model = config_sections.stage2_model(kind)
-    c.init = config_sections.stage2_init()
-    v, q = hc.vision_config, hc.qformer_config
-    c.model.vision.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                          num_layers=v.num_hidden_layers, num_heads=v.num_attention_heads,
-                          image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps)
-    c.model.qformer.update(hidden_size=q.hidden_size, num_layers=q.num_hidden_layers,
-                           num_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
-                           cross_attention_frequency=q.cross_attention_frequency)
-    c.model.num_query_tokens = hc.num_query_tokens
-    c.model.ln_vision_eps = v.layer_norm_eps
-    c.model.frozen_dtype = "float32"
-    c.init.vision_checkpoint = blip2_dir
-    c.init.stage1_checkpoint = blip2_dir
-    c.init.llm_checkpoint = llm_dir
-    c.data.text_mode = "opt" if kind == "opt" else "t5_prefix"
+def _config(kind, blip2_dir, llm_dir, batch_size=B):
+    """The tiny stage-2 config (the sizes of hf_tiny's default BLIP-2, the model in `blip2_dir`), initialised
+    from its directories."""
+    c = tiny_configs.stage2(kind, batch_size=batch_size)
+    c.init.update(vision_checkpoint=blip2_dir, stage1_checkpoint=blip2_dir, llm_checkpoint=llm_dir)
+    c.data.text_mode = "opt" if kind == "opt" else "t5_prefix"  # as `_batch` writes them
     c.data.max_text_len = T
-    c.data.image_size = v.image_size
-    c.train.batch_size = c.data.global_batch_size = batch_size
     return c
 
 
@@ -133,7 +107,7 @@ def _hf_projection(hf):
 
 def test_loss_parity_with_hf(hf_setup):
     kind, hf, blip2_dir, llm_dir = hf_setup
-    config = _config(kind, hf, blip2_dir, llm_dir)
+    config = _config(kind, blip2_dir, llm_dir)
     mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
     task = stage2.make_task(config, mesh)
     trainable, frozen, fresh = _init_params(task, config, mesh)
@@ -174,7 +148,7 @@ class _Batches:
 
 def test_training_keeps_frozen_towers_and_optimizer_state_trainable_only(hf_setup, tmp_path):
     kind, hf, blip2_dir, llm_dir = hf_setup
-    config = _config(kind, hf, blip2_dir, llm_dir, batch_size=8)
+    config = _config(kind, blip2_dir, llm_dir, batch_size=8)
     config.train.update(total_steps=3, log_every=1, checkpoint_every=0, async_checkpointing=False)
     config.optimizer.update(peak_lr=1e-3, warmup_steps=1, warmup_lr=1e-3, min_lr=1e-3)
     config.mesh.update(data=1, fsdp=2)  # parameters sharded: the frozen trees must survive that too
@@ -231,38 +205,10 @@ def _key_paths(tree):
 
 
 # -- the demo path: text-only LM -> HF dir -> stage 2 from a stage-1 workdir ----------------------
-def _load_config(name, variant):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join("configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
-@pytest.fixture(scope="module")
-def text_lm_run(tmp_path_factory):
-    """A tiny shapes dataset and a 30-step text-LM run of a tiny OPT on its captions."""
-    from blip2_jax.data import shapes
-    from blip2_jax.train import text_lm
-    root = tmp_path_factory.mktemp("demo")
-    shapes.generate(str(root / "shapes"), num_train=300, num_heldout=30, size=64)
-    c = _load_config("text_lm", "demo_opt")
-    c.data.train_sources.shapes.path = c.eval_source.path = str(root / "shapes")
-    c.data.tokenizer_path = str(root / "tokenizer_opt")
-    c.model.text.update(hidden_size=64, word_embed_proj_dim=64, ffn_dim=128)
-    c.train.update(total_steps=30, batch_size=32, log_every=5, async_checkpointing=False)
-    c.data.global_batch_size = 32
-    c.optimizer.update(warmup_steps=5, peak_lr=3e-3)
-    mesh = sharding_lib.make_mesh(c.mesh, jax.devices()[:1])
-    workdir = str(root / "text_lm")
-    out = loop.train(c, text_lm.make_task(c, mesh), text_lm.make_data(c), workdir, mesh=mesh)
-    return root, c, out, workdir
-
-
 def test_text_lm_lowers_the_caption_loss_and_exports_an_hf_model(text_lm_run):
     from transformers import AutoTokenizer, OPTForCausalLM
     from blip2_jax.convert import opt as opt_conv
-    root, c, out, workdir = text_lm_run
+    _, out, workdir = text_lm_run
     tok = AutoTokenizer.from_pretrained(os.path.join(workdir, "hf"))
     import json
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -286,11 +232,11 @@ def test_stage2_demo_config_from_stage1_workdir_and_text_lm(text_lm_run, tmp_pat
     """configs/stage2.py:demo_opt with the text-LM export and a stage-1 workdir checkpoint: the
     query path comes from the workdir (text parts dropped), the projection is fresh, the pipeline's
     batches run through the loss."""
-    root, _, _, workdir = text_lm_run
-    c = _load_config("stage2", "demo_opt")
+    lm_config, _, workdir = text_lm_run
+    c = tiny_configs.load("stage2", "demo_opt")
     c.init.llm_checkpoint = c.data.tokenizer_path = os.path.join(workdir, "hf")
     c.init.stage1_checkpoint = str(tmp_path / "stage1")
-    c.data.train_sources.shapes.path = str(root / "shapes")
+    c.data.train_sources.shapes.path = lm_config.data.train_sources.shapes.path
     c.train.batch_size = c.data.global_batch_size = 4
     mesh = sharding_lib.make_mesh(c.mesh, jax.devices()[:1])
     task = stage2.make_task(c, mesh)
@@ -336,7 +282,7 @@ def test_train_vision_fine_tunes_the_vit_from_its_checkpoint(hf_setup, tmp_path)
     """LAVIS caption fine-tuning (`freeze_vit: False`): the ViT is trainable (float32, in the optimizer
     and the checkpoint), starts from init.vision_checkpoint, and gets gradients; the LLM stays frozen."""
     kind, hf, blip2_dir, llm_dir = hf_setup
-    config = _config(kind, hf, blip2_dir, llm_dir, batch_size=8)
+    config = _config(kind, blip2_dir, llm_dir, batch_size=8)
     config.model.train_vision = True
     config.train.update(total_steps=2, log_every=1, checkpoint_every=0, async_checkpointing=False)
     config.optimizer.update(peak_lr=1e-3, warmup_steps=1, warmup_lr=1e-3, min_lr=1e-3)
@@ -365,7 +311,7 @@ def test_stage2_checkpoint_fine_tunes_a_stage2_model_projection_included(hf_setu
     """`init.stage2_checkpoint` (LAVIS caption fine-tuning from a pretrained BLIP-2): the query path and
     `language_projection` come from the HF Blip2ForConditionalGeneration directory."""
     kind, hf, blip2_dir, llm_dir = hf_setup
-    config = _config(kind, hf, blip2_dir, llm_dir)
+    config = _config(kind, blip2_dir, llm_dir)
     config.init.stage1_checkpoint, config.init.stage2_checkpoint = "", blip2_dir
     mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
     trainable, _, fresh = _init_params(stage2.make_task(config, mesh), config, mesh)

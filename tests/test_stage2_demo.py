@@ -3,11 +3,11 @@
 - `caption_scores` and the eval hook on cases whose answer is known: the hook is fed known generated
   ids (a stand-in for `blip2_jax.generate` that records what it was called with), so the
   prompt, the EOS cut, the LAVIS cleaning and the scores can be checked by hand.
-- A shortened demo: a few text-LM steps of a tiny OPT on a tiny shapes dataset, then a few stage-2
-  steps from its export, both through `main.run`; the final metrics carry the captioning scores, and a
-  second `run` of the finished workdir trains nothing and reports the same scores.
+- A shortened demo: the session's text-LM run of a tiny OPT on the tiny shapes dataset (conftest.py
+  `text_lm_run`), then a few stage-2 steps from its export, both through `main.run`; the final metrics
+  carry the captioning scores, and a second `run` of the finished workdir trains nothing and reports the
+  same scores.
 """
-import importlib.util
 import json
 import os
 
@@ -15,19 +15,14 @@ import numpy as np
 import pytest
 
 from blip2_jax.data import pipeline as data_pipeline
-from blip2_jax.data import shapes
 from blip2_jax.data.text import clean_caption, load_tokenizer
 from blip2_jax.evaluate import caption_eval, captioning
 from blip2_jax.train import stage2
+from tests import tiny_configs
+from tests.toy_task import compile_cache  # noqa: F401  (fixture)
 
-NUM_HELDOUT = 12
-
-
-def _load_config(name, variant):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}_demo", os.path.join("configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+pytestmark = pytest.mark.usefixtures("compile_cache")
+NUM_HELDOUT = 12  # conftest.py's shapes_dir
 
 
 # -- scores on hand-made captions -----------------------------------------------------------------
@@ -47,10 +42,10 @@ def test_caption_scores_by_hand():
 
 
 def test_generation_prompt_follows_training():
-    c = _load_config("stage2", "demo_opt")
+    c = tiny_configs.load("stage2", "demo_opt")
     assert c.data.prompt == "a photo of "
     assert caption_eval.generation_prompt(c) == "a photo of"  # the trailing space belongs to the caption's "Ġa"
-    c = _load_config("stage2", "demo_t5")
+    c = tiny_configs.load("stage2", "demo_t5")
     assert caption_eval.generation_prompt(c) == "a photo of"
     c.data.text_mode = "t5_prefix"
     assert caption_eval.generation_prompt(c) == ""
@@ -58,39 +53,26 @@ def test_generation_prompt_follows_training():
 
 # -- the shortened demo ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """Tiny shapes data, a 20-step text LM (its HF export) and a 6-step stage 2, all via main.run."""
+def demo(shapes_dir, text_lm_run, tmp_path_factory):
+    """The text LM's HF export, then 6 stage-2 steps of the tiny stage-2 config from it via main.run."""
     from blip2_jax import main
-    root = tmp_path_factory.mktemp("s2demo")
-    data = str(root / "shapes")
-    shapes.generate(data, num_train=200, num_heldout=NUM_HELDOUT, size=64, train_shards=1)
-
-    lm = _load_config("text_lm", "demo_opt")
-    lm.data.train_sources.shapes.path = lm.eval_source.path = data
-    lm.data.tokenizer_path = str(root / "tokenizer_opt")
-    lm.model.text.update(hidden_size=64, word_embed_proj_dim=64, ffn_dim=128)
-    lm.train.update(total_steps=20, batch_size=32, log_every=10, async_checkpointing=False)
-    lm.data.global_batch_size = 32
-    lm.optimizer.update(warmup_steps=5, peak_lr=3e-3)
-    lm_out = main.run(lm, str(root / "text_lm"))
-
-    c = _load_config("stage2", "demo_opt")
-    c.init.llm_checkpoint = c.data.tokenizer_path = str(root / "text_lm" / "hf")
-    c.init.stage1_checkpoint = ""  # fresh Q-Former (stage-1 loading: tests/test_stage2.py)
-    c.data.train_sources.shapes.path = c.eval.source.path = data
-    c.model.qformer.update(num_layers=2)
-    c.train.update(total_steps=6, batch_size=16, log_every=3, checkpoint_every=0, async_checkpointing=False)
+    lm, lm_out, lm_workdir = text_lm_run
+    c = tiny_configs.stage2("opt")  # a fresh Q-Former (stage-1 loading: tests/test_stage2.py)
+    c.init.llm_checkpoint = c.data.tokenizer_path = os.path.join(lm_workdir, "hf")
+    c.data.train_sources.shapes.path = c.eval.source.path = shapes_dir
+    c.train.update(total_steps=6, batch_size=16, log_every=3, checkpoint_every=0)
     c.data.global_batch_size = 16
     c.optimizer.warmup_steps = 2
     c.eval.batch_size = 8  # 12 images: the second batch is padded (valid=False rows are skipped)
-    workdir = str(root / "stage2")
+    workdir = str(tmp_path_factory.mktemp("s2demo") / "stage2")
     out = main.run(c, workdir)
-    return root, c, lm_out, out, workdir
+    return lm, lm_out, lm_workdir, c, out, workdir
 
 
 def test_demo_chain_reports_captioning_metrics(demo):
-    root, c, lm_out, out, workdir = demo
-    assert lm_out["step"] == 20 and os.path.exists(root / "text_lm" / "hf" / "model.safetensors")
+    lm, lm_out, lm_workdir, c, out, workdir = demo
+    assert lm_out["step"] == lm.train.total_steps
+    assert os.path.exists(os.path.join(lm_workdir, "hf", "model.safetensors"))
     assert out["step"] == 6 and np.isfinite(out["loss"])
     assert out["num_images"] == NUM_HELDOUT  # every held-out image once, padding rows skipped
     assert 0.0 <= out["caption_exact"] <= 1.0 and 1 / NUM_HELDOUT <= out["top_caption_share"] <= 1.0
@@ -104,7 +86,7 @@ def test_demo_chain_reports_captioning_metrics(demo):
 def test_finished_demo_restarts_nothing(demo):
     """The loop resumes from the last checkpoint: at total_steps it only re-evaluates (deterministic)."""
     from blip2_jax import main
-    _, c, _, out, workdir = demo
+    *_, c, out, workdir = demo
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     again = main.run(c, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
@@ -118,7 +100,7 @@ def test_eval_hook_on_known_generated_ids(demo, monkeypatch):
     """Feed the hook known ids: the right caption for images 0, 3, 4 (one of them capitalised, with a
     period, which LAVIS cleaning removes, one the second reference), a wrong caption for the rest; junk
     after the EOS must be cut. Expected: caption_exact = 3/12; the wrong caption is given to 9 images."""
-    root, c, _, _, _ = demo
+    c = demo[3]
     tok = load_tokenizer(c.data.tokenizer_path)
     eos = tok.encode("\n", add_special_tokens=False)[0]
     refs = data_pipeline.read_captions(c.eval.source)
@@ -160,8 +142,7 @@ def test_text_lm_context_encoder(tmp_path):
     from blip2_jax.data import caption_lm
     cap, other = "a small red circle left of a large blue square", "a large blue square right of a small red circle"
     tok = caption_lm.build_tokenizer([cap, other], str(tmp_path / "opt"), "opt", vocab_size=300)
-    lm = _load_config("text_lm", "demo_opt")
-    lm.data.tokenizer_path = str(tmp_path / "opt")
+    lm = tiny_configs.text_lm(tokenizer_path=str(tmp_path / "opt"))
     lm.data.max_text_len = 64
     base = data_pipeline.make_text_encoder(lm.data)
     enc = caption_lm.WithContext(base, tok, 1.0, 64, is_opt=True, drop_words=("a", "of"),

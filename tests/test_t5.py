@@ -13,10 +13,12 @@ import transformers
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 from blip2_jax.convert import t5 as t5_convert
-from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader, write_safetensors
+from blip2_jax.convert.hf_io import CheckpointReader
 from flax.traverse_util import flatten_dict as flatten
 from blip2_jax.models import t5 as t5_model
 from blip2_jax.models.layers import take_batch_rows
+from tests.helpers import (assert_bad_keys_listed, assert_close, assert_dropout_and_remat, random_params,
+                           read_checkpoint, write_checkpoint)
 
 CONFIGS = {
     # FlanT5 as BLIP-2 runs it: gated GELU with exact "gelu", its own lm_head, no output scaling.
@@ -89,14 +91,6 @@ def _hf(model, ids, mask, dec, dec_mask):
     return out.logits.numpy(), out.encoder_last_hidden_state.numpy()
 
 
-def _check(ours, ref, valid, tol):
-    ours, ref = np.asarray(ours)[valid], ref[valid]
-    err = np.abs(ours - ref).max()
-    bound = tol * max(1.0, np.abs(ref).max())
-    assert err <= bound, f"max |ours - HF| = {err:.3g} > {bound:.3g}"
-    return err
-
-
 def test_relative_position_buckets_match_hf():
     rel = torch.arange(-300, 300)[None, :]
     for bidirectional in (True, False):
@@ -130,9 +124,10 @@ def test_parity_float32(hf_t5):
         return enc, logits, ours.apply(v, embeds, mask, dec, dec_mask)
 
     enc, logits, full = run(params, *map(jnp.asarray, (ids, mask, dec, dec_mask)))
-    enc_err = _check(enc, ref_enc, mask == 1, 1e-4)
+    enc_err = assert_close(np.asarray(enc)[mask == 1], ref_enc[mask == 1])
     assert logits.dtype == jnp.float32 and logits.shape == ref.shape
-    err = _check(logits, ref, dec_mask == 1, 1e-4)
+    valid = dec_mask == 1
+    err = assert_close(np.asarray(logits)[valid], ref[valid])
     np.testing.assert_allclose(np.asarray(full), np.asarray(logits), atol=1e-6, rtol=1e-6)
     print(f"T5 f32 max err logits {err:.2e} (max|HF| {np.abs(ref).max():.2f}), encoder {enc_err:.2e}")
 
@@ -152,7 +147,8 @@ def test_parity_bfloat16_keeps_wo_float32(hf_t5):
     logits = jax.jit(ours.apply)({"params": params}, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
                                  decoder_input_ids=jnp.asarray(dec), decoder_attention_mask=jnp.asarray(dec_mask))
     assert logits.dtype == jnp.float32
-    err = _check(logits, ref, dec_mask == 1, 3e-2)
+    valid = dec_mask == 1
+    err = assert_close(np.asarray(logits)[valid], ref[valid], tol=3e-2)
     print(f"T5 bf16 max err {err:.2e} (max|HF| {np.abs(ref).max():.2f})")
 
 
@@ -183,7 +179,7 @@ def test_incremental_decoding_matches_full_forward(hf_t5):
     assert step._cache_size() == 1  # one compilation for every one-token step
     inc = np.concatenate([np.asarray(p) for p in pieces], axis=1)
     np.testing.assert_allclose(inc, np.asarray(full), atol=1e-5, rtol=1e-5)
-    _check(inc, ref, dec_mask == 1, 1e-4)
+    assert_close(inc[dec_mask == 1], ref[dec_mask == 1])
 
     # Beam reordering (generate's take_batch_rows), cross-attention K/V included.
     order = jnp.array([1, 1, 0])
@@ -216,26 +212,14 @@ def test_save_roundtrip_loads_in_transformers(hf_t5, tmp_path):
 
 def test_tied_copies_ignored_and_bad_keys_listed(hf_t5, tmp_path):
     _, path = hf_t5
-    with CheckpointReader(path) as r:
-        tensors = {k: r.get(k) for k in r.keys()}
-        config = r.config
+    tensors, config = read_checkpoint(path)
     # Files written with the tied copies spelled out still load (documented ignore pattern).
     tensors["encoder.embed_tokens.weight"] = tensors["decoder.embed_tokens.weight"] = tensors["shared.weight"]
-    ok = tmp_path / "copies"
-    ok.mkdir()
-    (ok / "config.json").write_text(json.dumps(config))
-    write_safetensors(str(ok / "model.safetensors"), tensors)
-    t5_convert.load(str(ok))
+    t5_convert.load(write_checkpoint(tmp_path / "copies", tensors, config))
 
-    tensors.pop("decoder.block.1.layer.2.DenseReluDense.wo.weight")
-    tensors["decoder.block.1.layer.2.DenseReluDense.wx.weight"] = np.zeros(2, np.float32)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(config))
-    write_safetensors(str(bad / "model.safetensors"), tensors)
-    with pytest.raises(CheckpointError, match=r"missing \(1\): decoder.block.1.layer.2.DenseReluDense.wo.weight") as e:
-        t5_convert.load(str(bad))
-    assert "unexpected (1): decoder.block.1.layer.2.DenseReluDense.wx.weight" in str(e.value)
+    assert_bad_keys_listed(t5_convert.load, path, tmp_path / "bad",
+                           missing="decoder.block.1.layer.2.DenseReluDense.wo.weight",
+                           unexpected="decoder.block.1.layer.2.DenseReluDense.wx.weight")
 
 
 @pytest.mark.parametrize("saved", [
@@ -264,7 +248,7 @@ def test_dropout_and_remat():
     remat = t5_model.T5ForConditionalGeneration(dataclasses.replace(cfg, remat=True))
     ids, mask, dec, _ = map(jnp.asarray, _inputs(cfg.vocab_size, enc_len=5, dec_len=4, seed=4))
 
-    v = _random_params(lambda: model.init(jax.random.key(1), input_ids=ids, decoder_input_ids=dec))
+    v = random_params(lambda: model.init(jax.random.key(1), input_ids=ids, decoder_input_ids=dec))
 
     @jax.jit
     def run(v, rng):
@@ -272,14 +256,4 @@ def test_dropout_and_remat():
         drop = lambda: model.apply(v, **kw, deterministic=False, rngs={"dropout": rng})  # noqa: E731
         return model.apply(v, **kw), drop(), drop(), remat.apply(v, **kw)
 
-    logits, d1, d2, logits_remat = run(v, jax.random.key(0, impl="rbg"))  # rbg: cheap to compile
-    assert not np.allclose(np.asarray(d1), np.asarray(logits))
-    np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
-    np.testing.assert_allclose(np.asarray(logits_remat), np.asarray(logits), atol=1e-6, rtol=1e-6)
-
-
-def _random_params(init):
-    """Random values for the shapes `init` would create (cheaper than compiling the initializers)."""
-    rng = np.random.default_rng(0)
-    shapes = nn.unbox(jax.eval_shape(init))
-    return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
+    assert_dropout_and_remat(run, v)

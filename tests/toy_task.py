@@ -6,6 +6,7 @@ The data iterator is deterministic: batch i is a function of (seed, i); its stat
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import flax.linen as nn
@@ -19,9 +20,9 @@ from blip2_jax.models.layers import Dense, LayerNorm
 from blip2_jax import config_sections
 from blip2_jax.train.task import Task
 
-@pytest.fixture(scope="module", autouse=False)
-def compile_cache(tmp_path_factory):
-    """A persistent XLA compilation cache for one test module, removed afterwards.
+@contextlib.contextmanager
+def persistent_compile_cache(tmp_path_factory):
+    """A persistent XLA compilation cache in this pytest session's directory, on while in the block.
 
     Every `loop.train` call builds and jits a new step function; with identical HLO the cache turns
     a several-second CPU compile into a lookup (e.g. the resume tests re-run the same program).
@@ -37,10 +38,19 @@ def compile_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)
+        cc.reset_cache()
+
+
+@pytest.fixture(scope="module", autouse=False)
+def compile_cache(tmp_path_factory):
+    """`persistent_compile_cache` for one test module."""
+    with persistent_compile_cache(tmp_path_factory):
+        yield
 
 
 VOCAB, EMBED, MLP, SEQ = 37, 16, 32, 4  # vocab 37: not divisible by tensor=2 (replication fallback)
