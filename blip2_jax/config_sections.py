@@ -60,6 +60,9 @@ def loop_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.weight_decay = 0.05         # not on biases, norms, other 0-/1-D params
     c.optimizer.grad_clip_norm = 0.0        # 0: no clipping (as LAVIS)
+    # < 1: layer-wise LR decay of a trainable ViT (model.train_vision): block i of L gets
+    # lr * decay**(L - i), the embeddings lr * decay**(L + 1) (LAVIS get_optimizer_params); 1 = off.
+    c.optimizer.vit_layer_decay = 1.0
     return c
 
 

@@ -109,6 +109,8 @@ def semantic_errors(config: Any, num_devices: Optional[int]) -> list[str]:
     for name in ("b1", "b2"):
         if not 0 <= oc[name] < 1:
             errors.append(f"optimizer.{name}={oc[name]}: must be in [0, 1)")
+    if not 0 < oc.vit_layer_decay <= 1:
+        errors.append(f"optimizer.vit_layer_decay={oc.vit_layer_decay}: must be in (0, 1] (1 = no decay)")
     if oc.eps <= 0:
         errors.append(f"optimizer.eps={oc.eps}: must be > 0")
     try:

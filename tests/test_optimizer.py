@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
+from blip2_jax import config_sections
 from blip2_jax.train import optimizer
 
 
@@ -96,3 +98,32 @@ def test_adamw_first_step_matches_hand_computation():
         want = -0.1 * (adam + (0.05 * np.asarray(p) if m else 0.0))
         np.testing.assert_allclose(np.asarray(u), np.broadcast_to(want, u.shape), rtol=1e-5)
     assert int(optimizer.update_count(state)) == 1
+
+
+def test_vit_layer_decay_scales_each_block_as_lavis():
+    """LAVIS `get_optimizer_params` + EVA `get_num_layer` with L=3 blocks and decay 0.9: embeddings
+    lr * 0.9**4, block i lr * 0.9**(3 - i), other ViT leaves lr * 0.9; outside the ViT lr. Checked on
+    the actual update (SGD-like: AdamW's first step moves every leaf by -lr * sign(g))."""
+    ones = lambda *s: jnp.ones(s, jnp.float32)  # noqa: E731
+    params = {"vision": {"embeddings": {"patch_kernel": ones(2, 2)}, "layers_0": {"fc1": {"kernel": ones(2, 2)}},
+                         "layers_1": {"fc1": {"kernel": ones(2, 2)}}, "layers_2": {"fc1": {"kernel": ones(2, 2)}},
+                         "post": {"scale": ones(2)}},
+              "qformer": {"kernel": ones(2, 2)}}
+    want = {("vision", "embeddings", "patch_kernel"): 0.9 ** 4, ("vision", "layers_0", "fc1", "kernel"): 0.9 ** 3,
+            ("vision", "layers_1", "fc1", "kernel"): 0.9 ** 2, ("vision", "layers_2", "fc1", "kernel"): 0.9,
+            ("vision", "post", "scale"): 0.9, ("qformer", "kernel"): 1.0}
+    scales = flatten_dict(optimizer.vit_layer_scales(params, 0.9))
+    assert scales == pytest.approx(want, rel=1e-12)
+
+    cfg = config_sections.loop_config().optimizer
+    cfg.update(schedule="constant", peak_lr=1e-3, weight_decay=0.0, vit_layer_decay=0.9)
+    tx, _ = optimizer.make_optimizer(cfg, total_steps=10)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for path, u in flatten_dict(updates).items():
+        np.testing.assert_allclose(np.asarray(u), -1e-3 * want[path], rtol=1e-5, err_msg="/".join(path))
+    cfg.vit_layer_decay = 1.0  # off: every leaf at lr
+    tx, _ = optimizer.make_optimizer(cfg, total_steps=10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for u in jax.tree.leaves(updates):
+        np.testing.assert_allclose(np.asarray(u), -1e-3, rtol=1e-5)

@@ -24,6 +24,7 @@ here; `grad_clip_norm > 0` clips the accumulated gradient by its global norm bef
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -88,9 +89,45 @@ def decay_mask(params: Any) -> Any:
         lambda path, x: bool(jnp.ndim(x) >= 2 and _leaf_name(path) != "bias"), params)
 
 
+def _vit_layer_id(path: tuple[str, ...], num_layers: int) -> int:
+    """EVA's `get_num_layer` on our names: embeddings (and CLIP's pre-LayerNorm) 0, block i i+1, the rest L."""
+    if path[0] in ("embeddings", "pre_layernorm"):
+        return 0
+    if re.fullmatch(r"layers_\d+", path[0]):
+        return int(path[0].split("_")[1]) + 1
+    return num_layers
+
+
+def vit_layer_scales(params: Any, decay: float) -> Any:
+    """Per-leaf learning-rate factors of LAVIS's layer-wise decay (`Blip2Base.get_optimizer_params`):
+    with L ViT blocks, a ViT leaf of layer id k (`_vit_layer_id`) gets `decay ** (L + 1 - k)` (so the
+    embeddings `decay ** (L + 1)`, block i `decay ** (L - i)`); every leaf outside `vision` gets 1."""
+    vision = params.get("vision", {}) if isinstance(params, Mapping) else {}
+    num_layers = sum(1 for k in vision if re.fullmatch(r"layers_\d+", k))
+
+    def scale(path, _):
+        names = tuple(str(getattr(p, "key", p)) for p in path)
+        if names[0] != "vision":
+            return 1.0
+        return float(decay) ** (num_layers + 1 - _vit_layer_id(names[1:], num_layers))
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_by_leaf_factors(factors_fn: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """Multiply each leaf's update by a constant factor `factors_fn(params)` gives (a per-group
+    learning rate, as torch's param groups: applied after AdamW, weight decay included)."""
+    def update(updates, state, params=None):
+        factors = factors_fn(params)
+        return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(opt_config: Mapping[str, Any],
                    total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """`(tx, schedule)`: optional global-norm clipping followed by AdamW with the decay mask."""
+    """`(tx, schedule)`: optional global-norm clipping, AdamW with the decay mask, and (with
+    `vit_layer_decay < 1`) the layer-wise learning-rate decay of a trainable ViT."""
     schedule = make_schedule(opt_config, total_steps)
     parts = []
     if float(opt_config["grad_clip_norm"]) > 0:
@@ -99,6 +136,9 @@ def make_optimizer(opt_config: Mapping[str, Any],
         learning_rate=schedule, b1=float(opt_config["b1"]), b2=float(opt_config["b2"]),
         eps=float(opt_config["eps"]), weight_decay=float(opt_config["weight_decay"]),
         mask=decay_mask))
+    decay = float(opt_config.get("vit_layer_decay", 1.0))
+    if decay != 1.0:
+        parts.append(scale_by_leaf_factors(lambda params: vit_layer_scales(params, decay)))
     return optax.chain(*parts), schedule
 
 
