@@ -8,7 +8,8 @@ token for token:
 - logits processors in HF's order: repetition penalty (every id HF has in its sequence: for OPT the
   image placeholder id, the prompt where its mask has started, and the generated ids; for T5 the
   decoder start id and the generated ids), then the min-new-tokens EOS mask; with sampling,
-  temperature then top-p (HF's `TopPLogitsWarper`, keeping 1 token, or `n_eos + 1` in beam sampling);
+  temperature, top-k, then top-p (HF's `TopKLogitsWarper` and `TopPLogitsWarper`, keeping at least
+  1 token, or `n_eos + 1` in beam sampling);
 - greedy runs on the raw logits, beam search on log-softmax scores;
 - beam search is HF's static-shape `_beam_search`: `max(2, 1 + n_eos) * num_beams` candidates a step,
   finished hypotheses scored `sum_logprobs / generated_len ** length_penalty` (the generated length
@@ -20,8 +21,8 @@ Two `jax.jit` programs: the visual prompt (ViT, Q-Former, projection; compiled o
 shape), then the decoder: a prefill pass through the LLM with a fixed-size key/value cache and a
 `lax.while_loop` of one-token steps that ends when every row is done. The decoder compiles once per
 (model, batch shape, prompt length, max_new_tokens, num_beams, number of EOS ids, which processors are
-on); the EOS and pad ids and the float knobs (penalties, temperature, top_p, length penalty) are traced
-values and do not recompile.
+on, top_k); the EOS and pad ids and the float knobs (penalties, temperature, top_p, length penalty)
+are traced values and do not recompile.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class _Static:
     use_repetition_penalty: bool
     use_min_new_tokens: bool
     use_top_p: bool
+    top_k: int  # 0 = off; static: `lax.top_k` needs a static k
     use_temperature: bool
 
 
@@ -145,6 +147,13 @@ def _top_p_mask(scores, top_p, min_keep: int):
     return jnp.where(remove, -jnp.inf, scores)
 
 
+def _top_k_mask(scores, top_k: int, min_keep: int):
+    """HF `TopKLogitsWarper`: keep the `max(top_k, min_keep)` highest scores (ties with the k-th kept)."""
+    k = min(max(top_k, min_keep), scores.shape[-1])
+    kth = jax.lax.top_k(scores, k)[0][..., -1:]
+    return jnp.where(scores < kth, -jnp.inf, scores)
+
+
 def _process(st: _Static, knobs: dict, scores, seen, t):
     """All processors for new-token index `t` on `scores [N, V]` (float32)."""
     if st.use_repetition_penalty:
@@ -156,8 +165,11 @@ def _process(st: _Static, knobs: dict, scores, seen, t):
     if st.do_sample:
         if st.use_temperature:
             scores = scores / knobs["temperature"]
+        # HF keeps one token more than the EOS ids in beam sampling (a continuation to explore).
+        min_keep = st.n_eos + 1 if st.num_beams > 1 else 1
+        if st.top_k:
+            scores = _top_k_mask(scores, st.top_k, min_keep)
         if st.use_top_p:
-            min_keep = st.n_eos + 1 if st.num_beams > 1 else 1
             scores = _top_p_mask(scores, knobs["top_p"], min_keep)
     return scores
 
@@ -314,7 +326,8 @@ def _ids_tuple(x) -> tuple[int, ...]:
 
 
 def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *, max_new_tokens: int,
-             num_beams: int = 1, do_sample: bool = False, top_p: float = 1.0, temperature: float = 1.0,
+             num_beams: int = 1, do_sample: bool = False, top_k: int = 0, top_p: float = 1.0,
+             temperature: float = 1.0,
              min_new_tokens: int = 0, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
              eos_token_id: Any = None, pad_token_id: Optional[int] = None,
              rng: Optional[jax.Array] = None) -> jax.Array:
@@ -323,7 +336,9 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
     `input_ids` / `attention_mask` `[B, T]`: text prompt ids only (no image placeholders); OPT prompts
     left-padded. Without `input_ids`, OPT starts from its BOS (as HF does) and T5 encodes the visual
     prompt alone. `eos_token_id` (an id or several) and `pad_token_id` default to the text config's.
-    `rng` (a `jax.random.key`/`PRNGKey`) seeds sampling; required when `do_sample`.
+    `rng` (a `jax.random.key`/`PRNGKey`) seeds sampling; required when `do_sample`. Sampling applies
+    HF's warpers in HF's order: temperature, then `top_k` (0 = off), then `top_p`. Note that HF's
+    GenerationConfig samples with top_k=50 unless told otherwise: pass `top_k=50` for HF's default.
     """
     if not isinstance(model, (Blip2OPT, Blip2T5)):
         raise TypeError(f"generate: model must be Blip2OPT or Blip2T5, got {type(model).__name__}")
@@ -335,6 +350,8 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
     if repetition_penalty <= 0 or temperature <= 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: need repetition_penalty > 0, temperature > 0 and 0 < top_p <= 1, got "
                          f"{repetition_penalty}, {temperature}, {top_p}")
+    if top_k < 0:
+        raise ValueError(f"generate: top_k must be >= 0 (0 = off), got {top_k}")
     if do_sample and rng is None:
         raise ValueError("generate: do_sample=True needs rng (e.g. jax.random.key(0))")
     eos = _ids_tuple(text.eos_token_id if eos_token_id is None else eos_token_id)
@@ -372,6 +389,7 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
     st = _Static(max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), do_sample=bool(do_sample),
                  n_eos=len(eos), use_repetition_penalty=repetition_penalty != 1.0,
                  use_min_new_tokens=min_new_tokens > 0, use_top_p=do_sample and top_p < 1.0,
+                 top_k=int(top_k) if do_sample else 0,
                  use_temperature=do_sample and temperature != 1.0)
     # HF divides float32 scores by the Python float `len ** length_penalty`: the same numbers, host-side.
     denoms = np.arange(1, max_new_tokens + 1, dtype=np.float64) ** float(length_penalty)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import jax
+import jax.numpy as jnp
 
 import blip2_jax
 from tests.hf_tiny import torch_pixels
@@ -186,3 +187,40 @@ def test_sampling_seeded_nucleus(opt):
         p = probs[i, nucleus] / probs[i, nucleus].sum()
         freq = np.array([(firsts[:, i] == t).mean() for t in nucleus])
         assert np.abs(freq - p).max() < 0.2, (i, freq, p)
+
+
+def test_top_k_mask_equals_hf_warper():
+    """`_top_k_mask` against transformers' `TopKLogitsWarper` (top_k below, at and above min_keep, and
+    larger than the vocabulary), with tied scores at the k-th place."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    from blip2_jax import decoding
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(4, 23)).astype(np.float32)
+    scores[1, :5] = scores[1, 5]  # ties at the cut
+    for top_k, min_keep in [(1, 1), (3, 1), (1, 3), (5, 2), (40, 1)]:
+        want = TopKLogitsWarper(top_k, min_tokens_to_keep=min_keep)(None, torch.from_numpy(scores.copy())).numpy()
+        got = np.asarray(decoding._top_k_mask(jnp.asarray(scores), top_k, min_keep))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_sampling_top_k(opt):
+    """top_k=1 sampling is greedy (HF's ids); with top_k=3 every first token is one of the 3 most
+    likely under HF's logits."""
+    eos = opt.pick_eos(False)
+    kw = dict(do_sample=True, temperature=1.3, eos_token_id=eos)
+    one = opt.ours(False, top_k=1, rng=jax.random.PRNGKey(5), **kw)
+    ref = opt.hf_generate(False, eos_token_id=eos)
+    for i in range(B):
+        stop = int(np.argmax(ref[i] == eos)) + 1 if (ref[i] == eos).any() else MAX_NEW
+        np.testing.assert_array_equal(one[i, :stop], ref[i, :stop])
+    ids, mask = opt.hf_inputs(False)
+    with torch.no_grad():
+        logits = opt.hf(pixel_values=torch_pixels(opt.pixels), input_ids=ids, attention_mask=mask).logits[:, -1]
+    top3 = torch.topk(logits, 3, dim=-1).indices.numpy()
+    firsts = np.stack([opt.ours(False, top_k=3, rng=jax.random.PRNGKey(s), **kw)[:, 0] for s in range(12)])
+    for i in range(B):
+        assert np.isin(firsts[:, i], top3[i]).all(), (i, firsts[:, i], top3[i])
+    with pytest.raises(ValueError, match="top_k"):
+        opt.ours(False, top_k=-1, rng=jax.random.PRNGKey(0), **kw)
