@@ -189,6 +189,12 @@ def stage1_eval() -> ml_collections.ConfigDict:
     c.source = source_config()  # held-out split (path "" = no evaluation)
     c.batch_size = 32
     c.k_test = 0  # > 0: LAVIS's ITM re-ranking of the top k_test candidates
+    # Zero-shot classification (blip2_jax/evaluate/zero_shot.py), also after training / every eval_every:
+    c.zero_shot = ml_collections.ConfigDict()
+    c.zero_shot.path = ""        # labelled images: a folder of <class>/<images> or a JSONL file; "" = none
+    c.zero_shot.classes = ""     # comma-separated class names; "" = the labels found in `path`
+    c.zero_shot.templates = ()   # prompt templates with "{}"; () = zero_shot.TEMPLATES
+    c.zero_shot.itm_top_k = 0    # > 0: re-rank each image's top k classes by ITM + ITC
     return c
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from blip2_jax import sharding as sharding_lib
 from blip2_jax.data import pipeline as data_pipeline
-from blip2_jax.evaluate import retrieval_eval
+from blip2_jax.evaluate import retrieval_eval, zero_shot
 from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1
 from blip2_jax.spec import model as spec
 from blip2_jax.spec import weights
@@ -70,10 +70,15 @@ def make_task(config, mesh) -> Task:
     rules = sharding_lib.axis_rules(tuple(config.mesh.axis_rules))
     dec_token_id, loss_cfg = built.tokenizer.bos_token_id, config.loss
     train_vision = bool(config.model.train_vision)
-    evaluate = None
+    evaluators = []
     if config.get("eval") is not None and config.eval.source.path:
-        evaluate_params = retrieval_eval.evaluator(config, model, built.tokenizer)
-        evaluate = lambda trainable, frozen, step: evaluate_params({**trainable, **frozen}, step)  # noqa: E731
+        evaluators.append(retrieval_eval.evaluator(config, model, built.tokenizer))
+    if config.get("eval") is not None and config.eval.get("zero_shot") and config.eval.zero_shot.path:
+        evaluators.append(zero_shot.evaluator(config, model, built.tokenizer))
+
+    def evaluate(trainable, frozen, step):
+        params = {**trainable, **frozen}
+        return {k: v for ev in evaluators for k, v in ev(params, step).items()}
 
     def loss_fn(trainable, frozen, batch, rng, train):
         return stage1_losses(model, {**trainable, **frozen}, batch, rng, train=train,
@@ -81,7 +86,7 @@ def make_task(config, mesh) -> Task:
 
     return Task(init_trainable=init_trainable, loss_fn=loss_fn, init_frozen=init_frozen,
                 load_frozen=weights.frozen_loader(config, model, mesh, rules),
-                load_trainable=weights.trainable_loader(config, cfg), evaluate=evaluate,
+                load_trainable=weights.trainable_loader(config, cfg), evaluate=evaluate if evaluators else None,
                 flops_per_example=flops_per_example(cfg, config.data.max_text_len), name="stage1")
 
 
