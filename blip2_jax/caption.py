@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from blip2_jax import checkpoint
+from blip2_jax import checkpoint, compilation_cache
 from blip2_jax.decoding import generate
 from blip2_jax.pretrained import from_pretrained
 from blip2_jax.processor import load_processor
@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8, help="images per generate call (one compilation)")
     p.add_argument("--frozen_dtype", choices=("float32", "bfloat16"), default="float32",
                    help="storage/compute dtype of the frozen ViT and LLM")
+    p.add_argument("--compilation_cache", default=None,
+                   help="persistent XLA cache directory (default: $BLIP2_JAX_COMPILATION_CACHE or "
+                        f"{compilation_cache.DEFAULT_DIRECTORY}; empty = off)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     return p
 
@@ -113,6 +116,7 @@ def main(argv=None) -> int:
             failed += 1
 
     if images:
+        compilation_cache.enable(args.compilation_cache)
         try:
             model, params = from_pretrained(args.model, frozen_dtype=getattr(jnp, args.frozen_dtype))
             processor = load_processor(args.model, tokenizer_path=args.tokenizer)

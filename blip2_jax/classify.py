@@ -16,6 +16,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from blip2_jax import compilation_cache
 from blip2_jax.evaluate import load as load_lib
 from blip2_jax.evaluate import retrieval_eval, zero_shot
 
@@ -50,12 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32, help="images per call (default 32)")
     p.add_argument("--image_size", type=int, default=None, help="default: the model's")
     p.add_argument("--confusion", default="", help="write the confusion matrix to this PNG")
+    p.add_argument("--compilation_cache", default=None,
+                   help="persistent XLA cache directory (default: $BLIP2_JAX_COMPILATION_CACHE or "
+                        f"{compilation_cache.DEFAULT_DIRECTORY}; empty = off)")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    compilation_cache.enable(args.compilation_cache)
     try:
         out = classify_folder(args.model, args.data, classes, templates=tuple(args.template or zero_shot.TEMPLATES),
                               itm_top_k=args.itm_top_k, batch_size=args.batch_size, image_size=args.image_size,

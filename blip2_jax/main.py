@@ -17,7 +17,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from blip2_jax import config_validation, flag_errors, sharding
+from blip2_jax import compilation_cache, config_validation, flag_errors, sharding
 from blip2_jax.train import loop, stage1, stage2, text_lm
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard logs; a run "
                                "resumes from the latest checkpoint found here.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Persistent XLA compilation cache directory (default: "
+    f"$BLIP2_JAX_COMPILATION_CACHE or {compilation_cache.DEFAULT_DIRECTORY}); empty = off.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
                                  "(multi-process runs: TPU pods, GPU clusters).")
 
@@ -55,6 +58,7 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
+    compilation_cache.enable(_COMPILATION_CACHE.value)
     try:
         metrics = run(_CONFIG.value, _WORKDIR.value)
     except config_validation.ConfigError as e:  # one block naming the fields, no traceback

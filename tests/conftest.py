@@ -2,12 +2,15 @@
 models and runs several test modules share, each built once per session (tests/helpers.py has the shared
 helper functions, tests/tiny_configs.py the tiny config of each stage)."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The CLIs' persistent XLA cache (blip2_jax/compilation_cache.py) in a directory of this session, not ~/.cache.
+os.environ.setdefault("BLIP2_JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="blip2_jax_xla_"))
 
 import jax  # noqa: E402
 

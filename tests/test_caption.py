@@ -123,3 +123,36 @@ def test_caption_cli_checks_the_model_path_before_the_images(tmp_path, capsys):
         assert caption.main([f"--model={model}", str(tmp_path / "bad.jpg")]) == 2
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: --model={model}: ") and why in err[0], err
+
+
+def test_caption_cli_second_run_loads_its_programs_from_the_cache(saved, tmp_path):
+    """With `--compilation_cache=DIR` the first run writes its compiled programs there; a second run of
+    the same command compiles nothing new (the cache holds exactly the same entries) and prints the same
+    captions."""
+    hf, tok, path, images, _ = saved
+    cache = tmp_path / "xla"
+    args = [sys.executable, "-m", "blip2_jax.caption", f"--model={path}", "--num_beams=2", "--max_new_tokens=5",
+            f"--compilation_cache={cache}", images[0]]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": REPO}
+    first = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert first.returncode == 0, first.stderr
+    entries = sorted(os.listdir(cache))
+    assert entries, "the first run wrote no compiled program"
+    second = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert second.returncode == 0 and second.stdout == first.stdout, second.stderr
+    assert sorted(os.listdir(cache)) == entries
+
+
+def test_compilation_cache_directory_and_off_switch(tmp_path, monkeypatch):
+    import jax
+
+    from blip2_jax import compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv(compilation_cache.ENV, "off")
+    assert compilation_cache.default_directory() == "" and compilation_cache.enable() == ""
+    assert compilation_cache.enable("") == "" and jax.config.jax_compilation_cache_dir == before
+    monkeypatch.setenv(compilation_cache.ENV, str(tmp_path / "env"))
+    assert compilation_cache.default_directory() == str(tmp_path / "env")
+    monkeypatch.delenv(compilation_cache.ENV)
+    assert compilation_cache.default_directory() == compilation_cache.DEFAULT_DIRECTORY

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from blip2_jax import config_sections
+from blip2_jax import compilation_cache, config_sections
 from blip2_jax import processor as processor_lib
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import records
@@ -235,6 +235,9 @@ def main(argv=None):
     train_flag = config_flags.DEFINE_config_file(
         "train_config", None, "for a workdir model: the config that trained it (configs/stage2.py:demo_opt)")
     out_flag = flags.DEFINE_string("out", None, "results file (default: eval_<variant>.json)")
+    cache_flag = flags.DEFINE_string("compilation_cache", None, "persistent XLA cache directory (default: "
+                                     f"$BLIP2_JAX_COMPILATION_CACHE or {compilation_cache.DEFAULT_DIRECTORY}); "
+                                     "empty = off")
 
     def _main(args):
         if len(args) > 1:
@@ -243,6 +246,7 @@ def main(argv=None):
         if config is None:
             raise app.UsageError("--config=configs/eval.py:VARIANT is required")
         out = out_flag.value or f"eval_{config.get('name', config.task)}.json"
+        compilation_cache.enable(cache_flag.value)
         try:
             summary = evaluate(config, train_config=train_flag.value, out=out)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
