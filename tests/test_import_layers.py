@@ -25,7 +25,8 @@ LAYERS = (
     ("public API", ("blip2_jax", "blip2_jax.pretrained", "blip2_jax.processor", "blip2_jax.decoding")),
     ("evaluate", ("blip2_jax.evaluate",)),
     ("train", ("blip2_jax.train", "blip2_jax.config_validation")),
-    ("entry points", ("blip2_jax.main", "blip2_jax.caption", "blip2_jax.evaluate.run", "blip2_jax.flag_errors")),
+    ("entry points", ("blip2_jax.main", "blip2_jax.caption", "blip2_jax.evaluate.run", "blip2_jax.flag_errors",
+                      "blip2_jax.serve")),
 )
 
 
