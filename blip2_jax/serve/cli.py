@@ -83,9 +83,19 @@ def model_error(path: str):
     return None
 
 
+def _log_to_stderr(level: str) -> None:
+    """The server's own log lines (warm-up progress, failed batches) on stderr at `level`, whatever the
+    libraries did to the root logger."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    _log_to_stderr(args.log_level)
     try:
         settings = settings_from(args)
     except ValueError as e:

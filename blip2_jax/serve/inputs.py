@@ -126,8 +126,10 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Ima
     it has more than `max_pixels` pixels (checked from the header, before decoding)."""
     try:
         im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise RequestError(400, f"field {name!r} is not an image ({', '.join(IMAGE_FORMATS)}): "
+    except UnidentifiedImageError:
+        raise RequestError(400, f"field {name!r} is not an image ({', '.join(IMAGE_FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise RequestError(400, f"field {name!r} is not a readable image ({', '.join(IMAGE_FORMATS)}): "
                               f"{type(e).__name__}: {e}") from None
     except Image.DecompressionBombError as e:
         raise RequestError(413, f"field {name!r}: {e}") from None
