@@ -29,6 +29,16 @@ from blip2_jax.spec import model as spec
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
 
 
+def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows -> `(ids, mask)` int32 `[N, width]`, padded on `side` ("left" or "right")."""
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols], mask[i, cols] = r, 1
+    return ids, mask
+
+
 class Blip2Processor:
     """Preprocessing and decoding around `blip2_jax.generate`."""
 
@@ -71,13 +81,7 @@ class Blip2Processor:
         if pad is None:
             raise ValueError("the tokenizer has no pad token")
         rows = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), pad, np.int32)
-        mask = np.zeros((len(rows), width), np.int32)
-        for i, r in enumerate(rows):
-            sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-            ids[i, sl], mask[i, sl] = r, 1
-        return ids, mask
+        return pad_rows(rows, max(len(r) for r in rows), pad, side)
 
     def decode(self, ids) -> list[str]:
         """Token rows -> text: cut at the first EOS, skip special tokens, strip."""

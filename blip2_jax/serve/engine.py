@@ -35,7 +35,7 @@ from blip2_jax.data import text as data_text
 from blip2_jax.decoding import generate
 from blip2_jax.evaluate import load as load_lib
 from blip2_jax.models.blip2 import Blip2OPT
-from blip2_jax.processor import Blip2Processor, load_processor
+from blip2_jax.processor import Blip2Processor, load_processor, pad_rows
 from blip2_jax.serve.inputs import Field, RequestError, decode_image
 from blip2_jax.serve.settings import Settings, bucket
 from blip2_jax.spec import model as spec
@@ -67,16 +67,6 @@ class CompileCounter:
 
     def close(self) -> None:
         jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
-def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray]:
-    """Token rows -> `(ids, mask)` int32 `[N, width]`, padded on `side` ("left" or "right")."""
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[i, cols], mask[i, cols] = r, 1
-    return ids, mask
 
 
 def fill_batch(items: list, size: int) -> list:
