@@ -22,11 +22,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def build_hf(seed: int = 0):
+def build_hf(seed: int = 0, vocab: int = 8192):
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
 
-    vocab = 8192
     text = OPTConfig(vocab_size=vocab, hidden_size=256, num_hidden_layers=6, ffn_dim=1024, num_attention_heads=4,
                      max_position_embeddings=128, word_embed_proj_dim=256, pad_token_id=1, bos_token_id=2,
                      eos_token_id=3)

@@ -129,18 +129,12 @@ def test_caption_cli_second_run_loads_its_programs_from_the_cache(saved, tmp_pat
     """With `--compilation_cache=DIR` the first run writes its compiled programs there; a second run of
     the same command compiles nothing new (the cache holds exactly the same entries) and prints the same
     captions."""
+    from benchmarks.startup import caption_runs  # the start-up benchmark's runs, at tiny size
+
     hf, tok, path, images, _ = saved
-    cache = tmp_path / "xla"
-    args = [sys.executable, "-m", "blip2_jax.caption", f"--model={path}", "--num_beams=2", "--max_new_tokens=5",
-            f"--compilation_cache={cache}", images[0]]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": REPO}
-    first = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert first.returncode == 0, first.stderr
-    entries = sorted(os.listdir(cache))
-    assert entries, "the first run wrote no compiled program"
-    second = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert second.returncode == 0 and second.stdout == first.stdout, second.stderr
-    assert sorted(os.listdir(cache)) == entries
+    first, second = caption_runs(path, [images[0]], str(tmp_path / "xla"), 2, ("--num_beams=2", "--max_new_tokens=5"))
+    assert first["cache_entries"] > 0, "the first run wrote no compiled program"
+    assert second["cache_entries"] == first["cache_entries"] and second["stdout"] == first["stdout"]
 
 
 def test_compilation_cache_directory_and_off_switch(tmp_path, monkeypatch):
