@@ -7,6 +7,7 @@ before the placeholders, ours between the queries and the text (positions come f
 both give every token the same position). The EOS of a setting is chosen from HF's own output so
 that some rows stop early and others never do.
 """
+import jax
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaConfig
 import blip2_jax
 from blip2_jax.models.blip2 import Blip2DecoderOnly, Blip2OPT
 from blip2_jax.models.decoder import DecoderConfig
+from blip2_jax.train import stage2
 from tests import hf_tiny
 from tests.test_blip2_retrieval import assert_close, torch_pixels
 
@@ -154,3 +156,23 @@ def test_save_pretrained_runs_in_transformers(setup, tmp_path):
     assert_close(setup.hf_logits(again), setup.hf_logits(), tol=1e-6)
     model, params = blip2_jax.from_pretrained(str(tmp_path))
     assert model.config == setup.model.config
+
+
+def test_stage2_loss_matches_hf(setup):
+    """train/stage2's LM loss on a right-padded batch as the pipeline writes it = HF's `labels=` loss."""
+    rng = np.random.default_rng(7)
+    mask = (np.arange(6)[None] < np.array([[6], [4], [5], [3]])).astype(np.int32)
+    ids = np.where(mask == 1, rng.integers(4, VOCAB - 1, size=(B, 6)), PAD).astype(np.int32)
+    labels = np.where(mask == 1, ids, -100).astype(np.int32)
+    labels[:, :2] = -100  # BOS + a one-token prompt
+    batch = {"image": setup.pixels, "input_ids": ids, "attention_mask": mask, "labels": labels}
+    loss, _ = stage2.stage2_loss(setup.model, setup.params, batch, jax.random.PRNGKey(0), train=False)
+    nq, img = setup.cfg.num_query_tokens, setup.cfg.image_token_index
+    hf_in = {"input_ids": np.concatenate([np.full((B, nq), img), ids], 1),
+             "attention_mask": np.concatenate([np.ones((B, nq), np.int32), mask], 1),
+             "labels": np.concatenate([np.full((B, nq), -100), labels], 1)}
+    with torch.no_grad():
+        ref = float(setup.hf(pixel_values=torch_pixels(setup.pixels),
+                             **{k: torch.from_numpy(v).long() for k, v in hf_in.items()}).loss)
+    err = assert_close(float(loss), ref, tol=1e-5)
+    print(f"stage-2 loss {setup.cfg.text_config.model_type}: ours {float(loss):.6f} HF {ref:.6f} err {err:.1e}")
