@@ -329,7 +329,7 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
     `rng` (a `jax.random.key`/`PRNGKey`) seeds sampling; required when `do_sample`.
     """
     if not isinstance(model, (Blip2DecoderOnly, Blip2T5)):
-        raise TypeError(f"generate: model must be Blip2DecoderOnly (Blip2OPT) or Blip2T5, got {type(model).__name__}")
+        raise TypeError(f"generate: model must be Blip2DecoderOnly (e.g. Blip2OPT) or Blip2T5, got {type(model).__name__}")
     text = model.config.text
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -129,7 +129,7 @@ def setup(request, tmp_path_factory):
 
 def test_text_logits_left_padded(setup):
     model, params = setup.model, setup.params
-    assert isinstance(model, Blip2DecoderOnly) and isinstance(model, Blip2OPT)  # the old name still holds
+    assert isinstance(model, Blip2DecoderOnly) and not isinstance(model, Blip2OPT)  # Blip2OPT: OPT only
     assert isinstance(model.config.text, DecoderConfig)
     assert model.config.text.model_type == setup.cfg.text_config.model_type
     ours = np.asarray(model.apply({"params": params}, setup.pixels, setup.ids, setup.mask))

@@ -7,7 +7,7 @@
 - `Blip2DecoderOnly` / `Blip2T5`: ViT + `ln_vision` + the Q-Former's query path + `language_projection`
   + the frozen LLM (Hugging Face `Blip2ForConditionalGeneration`). `Blip2DecoderOnly` holds any
   decoder-only LLM: OPT (`OPTForCausalLM`) or LLaMA / Mistral / Qwen2 / Gemma (`DecoderForCausalLM`),
-  chosen by the type of its text config; `Blip2OPT` is its former name, kept for OPT code.
+  chosen by the type of its text config; with OPT it is the subclass `Blip2OPT` (the name it had).
 
 Top-level parameter names are the frozen/trainable boundary: `vision` (and `language_model` in
 stage 2) are frozen, everything else trains (`ln_vision` included, as in LAVIS).
@@ -244,7 +244,10 @@ class Blip2T5(_Stage2):
         return logits
 
 
-Blip2OPT = Blip2DecoderOnly  # the name from when OPT was the only decoder-only LLM
+class Blip2OPT(Blip2DecoderOnly):
+    """`Blip2DecoderOnly` with OPT: what `build_model` gives for an `OPTConfig`, under its name from before the
+    other decoder-only LLMs. Code that means "any decoder-only LLM" checks `Blip2DecoderOnly` (or "not
+    `Blip2T5`"), never `Blip2OPT`."""
 
 
 def build_model(config: Blip2Config) -> nn.Module:
@@ -252,7 +255,7 @@ def build_model(config: Blip2Config) -> nn.Module:
     if config.text is None:
         return Blip2Stage1(config)
     if is_decoder_only(config.text):
-        return Blip2DecoderOnly(config)
+        return Blip2OPT(config) if isinstance(config.text, opt.OPTConfig) else Blip2DecoderOnly(config)
     kind = type(config.text).__name__
     if kind == "T5Config":
         return Blip2T5(config)
