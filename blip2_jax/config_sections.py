@@ -203,7 +203,9 @@ def stage2_model(llm: str = "opt", **overrides) -> ml_collections.ConfigDict:
     """`config.model` for stage 2 (defaults: the paper's EVA ViT-g + BERT-base Q-Former query path)."""
     s1 = stage1_model()
     m = ml_collections.ConfigDict()
-    m.llm = llm                  # "opt" (decoder-only, Blip2OPT) or "t5" (FlanT5, Blip2T5)
+    # The LLM's HF model_type: "opt", "llama" (Vicuna too), "mistral", "qwen2", "gemma" (decoder-only,
+    # Blip2DecoderOnly; data.text_mode "opt") or "t5" (FlanT5, Blip2T5)
+    m.llm = llm
     m.vision = s1.vision         # the frozen ViT's sizes (as stage 1; see stage1_model)
     q = s1.qformer.to_dict()
     for text_only in ("vocab_size", "pad_token_id", "max_position_embeddings"):
@@ -230,7 +232,9 @@ def stage2_init() -> ml_collections.ConfigDict:
     """`config.init`: where stage 2's pretrained weights come from ("" = fresh / random)."""
     c = ml_collections.ConfigDict()
     c.vision_checkpoint = ""   # HF BLIP-2 dir (EVA ViT-g) or HF CLIPVisionModel dir; "" = random ViT (seed's)
-    c.llm_checkpoint = ""      # HF OPTForCausalLM / T5ForConditionalGeneration dir; "" = random (model.text)
+    # HF OPT / LLaMA / Mistral / Qwen2 / Gemma `...ForCausalLM` or `T5ForConditionalGeneration` directory;
+    # "" = random (model.text)
+    c.llm_checkpoint = ""
     # This project's stage-1 workdir (newest checkpoint) or an HF BLIP-2 dir: ln_vision, queries and
     # the Q-Former's query path; "" = fresh. language_projection starts fresh (unless stage2_checkpoint).
     c.stage1_checkpoint = ""

@@ -1,15 +1,15 @@
-"""Batched decoding for the stage-2 models (`Blip2OPT`, `Blip2T5`): greedy, beam search, nucleus sampling.
+"""Batched decoding for the stage-2 models (`Blip2DecoderOnly`, `Blip2T5`): greedy, beam search, nucleus sampling.
 
 `generate(model, params, pixel_values, input_ids, attention_mask, *, max_new_tokens, ...)` returns the
 new tokens `[B, max_new_tokens]` (int32; T5 without its decoder start token; after a row's first EOS
 the values are `pad_token_id`). Greedy and beam search follow Hugging Face transformers 5.x `generate`
 token for token:
 
-- logits processors in HF's order: repetition penalty (every id HF has in its sequence: for OPT the
-  image placeholder id, the prompt where its mask has started, and the generated ids; for T5 the
-  decoder start id and the generated ids), then the min-new-tokens EOS mask; with sampling,
-  temperature, top-k, then top-p (HF's `TopKLogitsWarper` and `TopPLogitsWarper`, keeping at least
-  1 token, or `n_eos + 1` in beam sampling);
+- logits processors in HF's order: repetition penalty (every id HF has in its sequence: for a
+  decoder-only LLM (OPT, LLaMA, ...) the image placeholder id, the prompt where its mask has started,
+  and the generated ids; for T5 the decoder start id and the generated ids), then the min-new-tokens
+  EOS mask; with sampling, temperature, top-k, then top-p (HF's `TopKLogitsWarper` and
+  `TopPLogitsWarper`, keeping at least 1 token, or `n_eos + 1` in beam sampling);
 - greedy runs on the raw logits, beam search on log-softmax scores;
 - beam search is HF's static-shape `_beam_search`: `max(2, 1 + n_eos) * num_beams` candidates a step,
   finished hypotheses scored `sum_logprobs / generated_len ** length_penalty` (the generated length
@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax.models import opt, t5
-from blip2_jax.models.blip2 import Blip2OPT, Blip2T5
+from blip2_jax.models import t5
+from blip2_jax.models.blip2 import Blip2DecoderOnly, Blip2T5
 from blip2_jax.models.layers import take_batch_rows
+from blip2_jax.models.opt import OPTConfig
 
 NEG = -1.0e9  # HF's "impossible" score in beam search (added, not assigned, so it stays float32-exact)
 
@@ -56,7 +57,7 @@ class _Static:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The language-model side: prefill and one-token step, for OPT and T5.
+# The language-model side: prefill and one-token step, for a decoder-only LLM and for T5.
 # ---------------------------------------------------------------------------------------------------------
 def _visual_prompt(model, params, pixel_values):
     """Projected query outputs `[B, Q, D_llm]`: compiled apart, once per image batch shape, for all settings."""
@@ -66,13 +67,13 @@ def _visual_prompt(model, params, pixel_values):
 _compiled_visual_prompt = jax.jit(_visual_prompt, static_argnums=0)
 
 
-def _prefill_opt(model, params, prompt, input_ids, mask, max_new_tokens):
-    """[visual prompt; text] through OPT once: `(last logits [B, V], cache, step_fn)`."""
+def _prefill_decoder_only(model, params, prompt, input_ids, mask, max_new_tokens):
+    """[visual prompt; text] through the decoder-only LLM once: `(last logits [B, V], cache, step_fn)`."""
     variables = {"params": params}
 
     def run(m, prompt, ids, msk):
         embeds, full_mask = m.prompt_inputs(prompt, ids, msk)
-        cache = opt.init_cache(m.config.text, ids.shape[0], embeds.shape[1] + max_new_tokens)
+        cache = m.init_cache(ids.shape[0], embeds.shape[1] + max_new_tokens)
         return m.language_model(embeds, full_mask, cache=cache)
 
     logits, cache = model.apply(variables, prompt, input_ids, mask, method=run)
@@ -304,7 +305,7 @@ def _beam_search(st: _Static, knobs, logits, cache, step, seen, rng):
 # The compiled program and the public function.
 # ---------------------------------------------------------------------------------------------------------
 def _program(model, st: _Static, params, prompt, input_ids, mask, knobs, rng):
-    prefill = _prefill_t5 if isinstance(model, Blip2T5) else _prefill_opt
+    prefill = _prefill_t5 if isinstance(model, Blip2T5) else _prefill_decoder_only
     logits, cache, step = prefill(model, params, prompt, input_ids, mask, st.max_new_tokens)
     vocab = logits.shape[-1]
     seen = _initial_seen(model, input_ids, mask, vocab) if st.use_repetition_penalty else None
@@ -333,15 +334,16 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
              rng: Optional[jax.Array] = None) -> jax.Array:
     """New token ids `[B, max_new_tokens]` (int32) for images `pixel_values [B, H, W, 3]` (NHWC, normalised).
 
-    `input_ids` / `attention_mask` `[B, T]`: text prompt ids only (no image placeholders); OPT prompts
-    left-padded. Without `input_ids`, OPT starts from its BOS (as HF does) and T5 encodes the visual
-    prompt alone. `eos_token_id` (an id or several) and `pad_token_id` default to the text config's.
+    `input_ids` / `attention_mask` `[B, T]`: text prompt ids only (no image placeholders); prompts of a
+    decoder-only LLM (OPT, LLaMA, ...) left-padded. Without `input_ids`, a decoder-only LLM starts from its
+    BOS (as HF does) and T5 encodes the visual prompt alone. `eos_token_id` (an id or several) and
+    `pad_token_id` default to the text config's.
     `rng` (a `jax.random.key`/`PRNGKey`) seeds sampling; required when `do_sample`. Sampling applies
     HF's warpers in HF's order: temperature, then `top_k` (0 = off), then `top_p`. Note that HF's
     GenerationConfig samples with top_k=50 unless told otherwise: pass `top_k=50` for HF's default.
     """
-    if not isinstance(model, (Blip2OPT, Blip2T5)):
-        raise TypeError(f"generate: model must be Blip2OPT or Blip2T5, got {type(model).__name__}")
+    if not isinstance(model, (Blip2DecoderOnly, Blip2T5)):
+        raise TypeError(f"generate: model must be Blip2DecoderOnly (e.g. Blip2OPT) or Blip2T5, got {type(model).__name__}")
     text = model.config.text
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -366,9 +368,10 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
     if input_ids is None:
         if attention_mask is not None:
             raise ValueError("generate: attention_mask given without input_ids")
-        if isinstance(model, Blip2OPT):
+        if isinstance(model, Blip2DecoderOnly):
             if text.bos_token_id is None:
-                raise ValueError("generate: OPT without a prompt starts from BOS, but the text config has none")
+                raise ValueError("generate: a decoder-only LLM without a prompt starts from BOS, but the text "
+                                 "config has none: pass input_ids")
             input_ids = np.full((b, 1), text.bos_token_id, np.int32)
         else:
             input_ids = np.zeros((b, 0), np.int32)
@@ -379,7 +382,7 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
     if mask.shape != input_ids.shape:
         raise ValueError(f"generate: attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
 
-    if isinstance(model, Blip2OPT):
+    if isinstance(text, OPTConfig):  # learned positions: no row beyond the table (RoPE has no table)
         total = model.config.num_query_tokens + input_ids.shape[1] + max_new_tokens
         if total > text.max_position_embeddings:
             raise ValueError(f"generate: {model.config.num_query_tokens} queries + {input_ids.shape[1]} prompt + "

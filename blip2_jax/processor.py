@@ -2,9 +2,9 @@
 
 - Images: LAVIS `blip_image_eval` / HF `BlipImageProcessor` (bicubic resize to the model's image size,
   `/255`, CLIP mean and std), reusing `blip2_jax.data.image_ops.eval_transform`; NHWC float32 out.
-- Prompts: the directory's tokenizer with its own special tokens (OPT prepends `</s>` as BOS, T5
-  appends `</s>`), padded to the longest prompt: on the left for OPT (decoder-only models continue
-  from the last position), on the right for T5.
+- Prompts: the directory's tokenizer with its own special tokens (OPT prepends `</s>` as BOS, LLaMA
+  `<s>`, T5 appends `</s>`), padded to the longest prompt: on the left for a decoder-only LLM (it
+  continues from the last position), on the right for T5.
 - Decoding: each row is cut at its first EOS (the text config's, e.g. "\\n" for BLIP-2 OPT), special
   tokens are skipped and the text is stripped, as LAVIS's `generate` does.
 
@@ -23,7 +23,7 @@ from PIL import Image
 from blip2_jax import checkpoint, workdir
 from blip2_jax.data import image_ops
 from blip2_jax.data.text import load_tokenizer
-from blip2_jax.models.blip2 import Blip2OPT
+from blip2_jax.models.blip2 import Blip2T5
 from blip2_jax.spec import model as spec
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
@@ -71,15 +71,17 @@ class Blip2Processor:
 
     def tokenize(self, prompts: Sequence[str], padding_side: Optional[str] = None):
         """`(input_ids, attention_mask)` int32 `[N, T]` with the tokenizer's special tokens, padded to the
-        longest prompt on `padding_side` (default: left for OPT, right for T5)."""
+        longest prompt on `padding_side` (default: left for a decoder-only LLM, right for T5)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
         pad = self.tokenizer.pad_token_id
+        if pad is None:  # LLaMA's tokenizers have none; the padded positions are masked anyway
+            pad = self.tokenizer.eos_token_id
         if pad is None:
-            raise ValueError("the tokenizer has no pad token")
+            raise ValueError("the tokenizer has no pad token and no EOS token")
         rows = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
         return pad_rows(rows, max(len(r) for r in rows), pad, side)
 
@@ -127,7 +129,7 @@ def load_processor(path: str, *, tokenizer_path: Optional[str] = None,
                                 f"{tok_dir!r}; pass tokenizer_path=")
     tokenizer = load_tokenizer(tok_dir)
     return Blip2Processor(tokenizer, image_size, eos_token_id=text.get("eos_token_id"),
-                          padding_side="right" if kind == "t5" else "left",
+                          padding_side=_padding_side(kind),
                           image_mean=pre.get("image_mean", image_ops.CLIP_MEAN),
                           image_std=pre.get("image_std", image_ops.CLIP_STD))
 
@@ -140,13 +142,18 @@ def _workdir_processor(path: str, tokenizer_path: Optional[str], image_size: Opt
     text = spec.text_config(config)
     return Blip2Processor(load_tokenizer(tokenizer_path or config.data.tokenizer_path),
                           image_size or config.data.image_size, eos_token_id=text.eos_token_id,
-                          padding_side="left" if config.model.llm == "opt" else "right",
+                          padding_side=_padding_side(config.model.llm),
                           image_mean=tuple(config.data.get("image_mean", image_ops.CLIP_MEAN)),
                           image_std=tuple(config.data.get("image_std", image_ops.CLIP_STD)))
 
 
 def for_model(model, tokenizer, image_size: int) -> Blip2Processor:
     """The processor of a stage-2 `model` with `tokenizer`: its LLM's EOS, prompts padded on the left
-    for OPT (a decoder-only model continues from the last position) and on the right for T5."""
+    for a decoder-only LLM (it continues from the last position) and on the right for T5."""
     return Blip2Processor(tokenizer, image_size, eos_token_id=model.config.text.eos_token_id,
-                          padding_side="left" if isinstance(model, Blip2OPT) else "right")
+                          padding_side="right" if isinstance(model, Blip2T5) else "left")
+
+
+def _padding_side(model_type: str) -> str:
+    """Right for T5 (an encoder reads the prompt), left for every decoder-only LLM."""
+    return "right" if model_type == "t5" else "left"

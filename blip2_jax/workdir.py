@@ -18,7 +18,7 @@ import numpy as np
 
 from blip2_jax import checkpoint as checkpoint_lib
 from blip2_jax import sharding as sharding_lib
-from blip2_jax.models.blip2 import Blip2OPT, Blip2Stage1
+from blip2_jax.models.blip2 import Blip2Stage1, Blip2T5
 from blip2_jax.spec import model as spec
 from blip2_jax.spec import weights
 
@@ -38,14 +38,15 @@ class Loaded:
 
     @property
     def llm(self) -> str:
-        """"opt", "t5", or "" for a stage-1 (retrieval) model."""
+        """The LLM's HF model type ("opt", "llama", "qwen2", ..., "t5"), or "" for a stage-1 (retrieval) model."""
         return llm_kind(self.model)
 
 
 def llm_kind(model: nn.Module) -> str:
+    """The LLM's HF model type, "" for a stage-1 model."""
     if isinstance(model, Blip2Stage1):
         return ""
-    return "opt" if isinstance(model, Blip2OPT) else "t5"
+    return "t5" if isinstance(model, Blip2T5) else model.config.text.to_hf()["model_type"]
 
 
 def run_config(path: str, frozen_dtype: Optional[Any] = None):

@@ -12,6 +12,11 @@ steps; frozen towers in bfloat16):
              first token and the middle: prefix to the encoder after the visual prompt, suffix as the
              decoder target); exact-GELU FFN as LAVIS.
   flant5xxl  FlanT5-XXL, batch 1520.
+  llama3.2-1b  the paper's OPT recipe (batch 1920, LM loss on `BOS caption "\\n"`) with LLaMA 3.2 1B
+             as the frozen LLM (`checkpoints/Llama-3.2-1B`: HF `LlamaForCausalLM` + tokenizer). Not a
+             paper setting: LAVIS has no LLaMA stage-2 pretraining.
+  qwen2.5-1.5b  the same with Qwen2.5 1.5B (`checkpoints/Qwen2.5-1.5B`, HF `Qwen2ForCausalLM`; its
+             tokenizer has no BOS: `caption "\\n"`).
   opt2.7b_coco_ft  LAVIS caption_coco_ft: a pretrained BLIP-2 OPT-2.7B (`init.stage2_checkpoint`, HF
              dir) fine-tuned on COCO Karpathy-train captions with the ViT unfrozen (`model.train_vision`),
              364 px, prompt "a photo of ", LR 1e-5 -> 0 after 1k warmup, 5 epochs at global batch 128.
@@ -36,6 +41,8 @@ VARIANTS = {  # variant -> (llm, LLM checkpoint dir, global batch)
     "opt6.7b": ("opt", "checkpoints/opt-6.7b", 1920),
     "flant5xl": ("t5", "checkpoints/flan-t5-xl", 1520),
     "flant5xxl": ("t5", "checkpoints/flan-t5-xxl", 1520),
+    "llama3.2-1b": ("llama", "checkpoints/Llama-3.2-1B", 1920),
+    "qwen2.5-1.5b": ("qwen2", "checkpoints/Qwen2.5-1.5B", 1920),
     "opt2.7b_coco_ft": ("opt", "checkpoints/opt-2.7b", 128),
     "demo_opt": ("opt", DEMO_LLM["opt"], 48),
     "demo_t5": ("t5", DEMO_LLM["t5"], 48),
@@ -52,7 +59,7 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
     c.model = sections.stage2_model(llm)
     c.init = sections.stage2_init()
     c.eval = sections.stage2_eval()  # captioning of a held-out split; source "" = none
-    c.data.text_mode = "opt" if llm == "opt" else "t5_prefix"
+    c.data.text_mode = "t5_prefix" if llm == "t5" else "opt"  # "opt": every decoder-only LLM
     c.data.max_text_len = 32
     c.data.image_size = 224
     c.data.tokenizer_path = llm_dir  # HF LLM dirs carry their tokenizer files

@@ -2,8 +2,10 @@
 
 Checkpoints handled (`config.json` + safetensors, single or sharded):
 - `Blip2ForImageTextRetrieval` -> `Blip2Stage1` (no `temp` / ITG head in the file: they start fresh);
-- `Blip2ForConditionalGeneration` with an OPT or T5 text config -> `Blip2OPT` / `Blip2T5`.
-The LLM key maps come from `convert/opt.py` and `convert/t5.py`, under the `language_model.` prefix.
+- `Blip2ForConditionalGeneration` with an OPT, LLaMA, Mistral, Qwen2 or Gemma text config ->
+  `Blip2DecoderOnly`, with a T5 one -> `Blip2T5`.
+The LLM key maps come from `convert/opt.py`, `convert/decoder.py` and `convert/t5.py`, under the
+`language_model.` prefix.
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax.convert import opt, t5
+from blip2_jax.convert import decoder, opt, t5
 from blip2_jax.convert.hf_io import CheckpointReader, write_hf_dir
 from blip2_jax.convert.merge import merge_params
 from blip2_jax.convert.rules import (CONV, IDENTITY, Rule, check_keys, embedding, layer_norm, linear, load_rules,
                                      prefixed, reshape, save_rules)
-from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, abstract_params, build_model
+from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, abstract_params, build_model, is_decoder_only
+from blip2_jax.models.decoder import FAMILIES
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.vit import VisionConfig
 
@@ -71,21 +74,24 @@ def qformer_config_to_hf(c: QFormerConfig) -> dict:
                 model_type="blip_2_qformer")
 
 
+# HF text `model_type` -> the converter of that LLM.
+TEXT_CONVERTERS = {"opt": opt, "t5": t5, **{kind: decoder for kind in FAMILIES}}
+
+
 def text_converter(text_config_dict_or_config):
-    """`convert/opt.py` or `convert/t5.py` for a text config (HF dict or ours)."""
+    """`convert/opt.py`, `convert/decoder.py` or `convert/t5.py` for a text config (HF dict or ours)."""
     if isinstance(text_config_dict_or_config, dict):
         kind = text_config_dict_or_config.get("model_type", "opt")
     else:
         kind = {"OPTConfig": "opt", "T5Config": "t5"}.get(type(text_config_dict_or_config).__name__)
-    if kind == "opt":
-        return opt
-    if kind == "t5":
-        return t5
-    raise ValueError(f"text_config.model_type {kind!r} is not supported (opt or t5)")
+        kind = kind or getattr(text_config_dict_or_config, "model_type", None)
+    if kind not in TEXT_CONVERTERS:
+        raise ValueError(f"text_config.model_type {kind!r} is not supported ({', '.join(TEXT_CONVERTERS)})")
+    return TEXT_CONVERTERS[kind]
 
 
 def text_config_from_hf(d: dict, keys=(), dtype=jnp.float32):
-    """OPTConfig or T5Config for a Blip2 `text_config` dict and the keys present in the file
+    """OPTConfig, DecoderConfig or T5Config for a Blip2 `text_config` dict and the keys present in the file
     (whether the file stores its own LM head decides tying)."""
     return text_converter(d).config_for_checkpoint(d, keys, hf_prefix="language_model.", dtype=dtype,
                                                    param_dtype=dtype)
@@ -209,7 +215,7 @@ def config_to_hf(config: Blip2Config) -> dict:
     else:
         d["architectures"] = ["Blip2ForConditionalGeneration"]
         d["text_config"] = config.text.to_hf()
-        d["use_decoder_only_language_model"] = type(config.text).__name__ == "OPTConfig"
+        d["use_decoder_only_language_model"] = is_decoder_only(config.text)
         # transformers 5.x scatters the queries into image-token positions: it needs the id.
         index = config.image_token_index
         if index is None:

@@ -11,8 +11,9 @@ dimension is the per-process batch size B = config.global_batch_size // process_
   text_mode "stage1" (Q-Former: BERT uncased + [DEC]):
     "input_ids"      int32   [B, L]        [CLS] caption [SEP] [PAD]..., L = config.max_text_len (32)
     "attention_mask" int32   [B, L]
-  text_mode "opt" (stage 2, OPT):
-    "input_ids"      int32   [B, L]        </s> prompt caption "\n" then pad (right padding)
+  text_mode "opt" (stage 2, any decoder-only LLM: OPT, LLaMA, Mistral, Qwen2, Gemma):
+    "input_ids"      int32   [B, L]        BOS prompt caption "\n" then pad (right padding; OPT's BOS
+                                           is </s>; no BOS with a tokenizer that has none, as Qwen2's)
     "attention_mask" int32   [B, L]
     "labels"         int32   [B, L]        = input_ids, -100 at padding and at BOS + prompt
                                            (the loss shifts: logits[:, t] predict labels[:, t + 1])

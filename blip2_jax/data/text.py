@@ -109,24 +109,26 @@ class Stage1Text:
 
 
 class OPTText:
-    """Caption -> {"input_ids", "attention_mask", "labels"} for OPT (LAVIS blip2_opt.forward)."""
+    """Caption -> {"input_ids", "attention_mask", "labels"} for a decoder-only LLM (LAVIS blip2_opt.forward):
+    `BOS prompt caption "\n"`. BOS only where the tokenizer has one (OPT `</s>`, LLaMA `<s>`; Qwen2 none);
+    padding with the pad token, or EOS where there is none (LLaMA; padded positions are masked)."""
 
     def __init__(self, tokenizer, max_len: int = 32, prompt: str = ""):
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.prompt = prompt
-        self.bos = tokenizer.bos_token_id
-        self.pad = tokenizer.pad_token_id
-        if self.bos is None or self.pad is None:
-            raise ValueError("the OPT tokenizer needs bos_token and pad_token")
-        self.prompt_len = 1 + len(self._encode(prompt)) if prompt else 0
+        self.bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad is None:
+            raise ValueError("the LLM's tokenizer needs a pad_token or an eos_token")
+        self.prompt_len = len(self.bos) + len(self._encode(prompt)) if prompt else 0
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def __call__(self, caption: str, rng: np.random.Generator | None = None) -> dict:
         del rng
-        ids = [self.bos] + self._encode(self.prompt + caption + "\n")
+        ids = self.bos + self._encode(self.prompt + caption + "\n")
         input_ids, mask = _pad(ids, self.max_len, self.pad)
         labels = np.where(mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
         labels[: self.prompt_len] = IGNORE_INDEX

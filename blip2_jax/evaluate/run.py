@@ -82,11 +82,13 @@ def record_ids(source, n: int) -> list:
 
 
 def generation_kwargs(config, llm: str) -> dict:
-    """`generate` settings of `config.generation` for this LLM (prompt padding included)."""
+    """`generate` settings of `config.generation` for this LLM (prompt padding included); a decoder-only
+    LLM without its own `length_penalty` entry (LLaMA, Qwen2, ...) takes OPT's."""
     g = config.generation
+    length_penalty = g.length_penalty[llm if llm in g.length_penalty or llm == "t5" else "opt"]
     return dict(num_beams=int(g.num_beams), max_new_tokens=int(g.max_new_tokens),
                 min_new_tokens=int(g.min_new_tokens), repetition_penalty=float(g.repetition_penalty),
-                length_penalty=float(g.length_penalty[llm]), pad_multiple=int(g.prompt_pad_multiple))
+                length_penalty=float(length_penalty), pad_multiple=int(g.prompt_pad_multiple))
 
 
 def generate_texts(loaded, processor, pixels: np.ndarray, prompts: Optional[Sequence[str]], config) -> list[str]:

@@ -4,8 +4,10 @@
   ITG LM head with its decoder tied to the word embeddings, the ITC temperature). It is also the
   model behind Hugging Face's `Blip2ForImageTextRetrieval` checkpoints (which lack `temp` and the
   ITG head; those start as in a fresh stage 1).
-- `Blip2OPT` / `Blip2T5`: ViT + `ln_vision` + the Q-Former's query path + `language_projection` +
-  the frozen LLM (Hugging Face `Blip2ForConditionalGeneration`).
+- `Blip2DecoderOnly` / `Blip2T5`: ViT + `ln_vision` + the Q-Former's query path + `language_projection`
+  + the frozen LLM (Hugging Face `Blip2ForConditionalGeneration`). `Blip2DecoderOnly` holds any
+  decoder-only LLM: OPT (`OPTForCausalLM`) or LLaMA / Mistral / Qwen2 / Gemma (`DecoderForCausalLM`),
+  chosen by the type of its text config; with OPT it is the subclass `Blip2OPT` (the name it had).
 
 Top-level parameter names are the frozen/trainable boundary: `vision` (and `language_model` in
 stage 2) are frozen, everything else trains (`ln_vision` included, as in LAVIS).
@@ -19,9 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blip2_jax.models import layers
+from blip2_jax.models import decoder, layers, opt
 from blip2_jax.models.layers import Dense, LayerNorm
-from blip2_jax.models.opt import OPTForCausalLM
 from blip2_jax.models.qformer import QFormer, QFormerConfig, attention_mask
 from blip2_jax.models.t5 import T5ForConditionalGeneration
 from blip2_jax.models.vit import VisionConfig, VisionTransformer
@@ -33,7 +34,7 @@ FROZEN_KEYS = ("vision", "language_model")
 class Blip2Config:
     vision: VisionConfig = VisionConfig()
     qformer: QFormerConfig = QFormerConfig()
-    text: Any = None  # OPTConfig / T5Config for stage 2, None for stage 1
+    text: Any = None  # OPTConfig / DecoderConfig / T5Config for stage 2, None for stage 1
     num_query_tokens: int = 32
     image_text_hidden_size: int = 256
     ln_vision_eps: float = 1e-5  # LAVIS ln_vision uses torch's default; HF checkpoints say 1e-6
@@ -51,7 +52,8 @@ class Blip2Config:
 
 
 def llm_width(text_config) -> int:
-    """The LLM's embedding width (OPT `word_embed_proj_dim`-aware `embed_dim`, T5 `d_model`)."""
+    """The LLM's embedding width (OPT `word_embed_proj_dim`-aware `embed_dim`, T5 `d_model`, the
+    others' `hidden_size`)."""
     for name in ("embed_dim", "d_model", "hidden_size"):
         if hasattr(text_config, name):
             return getattr(text_config, name)
@@ -188,12 +190,30 @@ class _Stage2(_ImageQueries):
         return embeds, jnp.concatenate([ones, text_mask.astype(jnp.int32)], axis=1)
 
 
-class Blip2OPT(_Stage2):
-    """`__call__(pixel_values, input_ids, attention_mask)` -> text logits `[B, T, V]` (float32)."""
+# The decoder-only LLMs: text config type -> (causal LM module, its `init_cache(config, batch, max_len)`).
+CAUSAL_LMS = {
+    opt.OPTConfig: (opt.OPTForCausalLM, opt.init_cache),
+    decoder.DecoderConfig: (decoder.DecoderForCausalLM, decoder.init_cache),
+}
+
+
+def is_decoder_only(text_config) -> bool:
+    """Whether a text config describes a decoder-only LLM (OPT, LLaMA & co.), not an encoder-decoder (T5)."""
+    return type(text_config) in CAUSAL_LMS
+
+
+class Blip2DecoderOnly(_Stage2):
+    """BLIP-2 with a decoder-only LLM (`CAUSAL_LMS`): `__call__(pixel_values, input_ids, attention_mask)`
+    -> text logits `[B, T, V]` (float32), the visual prompt in front of the text."""
 
     def setup(self):
         super().setup()
-        self.language_model = OPTForCausalLM(self.config.text, name="language_model")
+        module, _ = CAUSAL_LMS[type(self.config.text)]
+        self.language_model = module(self.config.text, name="language_model")
+
+    def init_cache(self, batch: int, max_len: int):
+        """An empty KV cache of the LLM for `max_len` positions (queries + prompt + new tokens)."""
+        return CAUSAL_LMS[type(self.config.text)][1](self.config.text, batch, max_len)
 
     def __call__(self, pixel_values, input_ids, attention_mask, deterministic: bool = True):
         prompt = self.visual_prompt(pixel_values, deterministic)
@@ -224,16 +244,22 @@ class Blip2T5(_Stage2):
         return logits
 
 
+class Blip2OPT(Blip2DecoderOnly):
+    """`Blip2DecoderOnly` with OPT: what `build_model` gives for an `OPTConfig`, under its name from before the
+    other decoder-only LLMs. Code that means "any decoder-only LLM" checks `Blip2DecoderOnly` (or "not
+    `Blip2T5`"), never `Blip2OPT`."""
+
+
 def build_model(config: Blip2Config) -> nn.Module:
     """The composition a config describes (stage 2 when it has a text config)."""
     if config.text is None:
         return Blip2Stage1(config)
+    if is_decoder_only(config.text):
+        return Blip2OPT(config) if isinstance(config.text, opt.OPTConfig) else Blip2DecoderOnly(config)
     kind = type(config.text).__name__
-    if kind == "OPTConfig":
-        return Blip2OPT(config)
     if kind == "T5Config":
         return Blip2T5(config)
-    raise ValueError(f"Blip2Config.text must be an OPTConfig or T5Config, got {kind}")
+    raise ValueError(f"Blip2Config.text must be an OPTConfig, DecoderConfig or T5Config, got {kind}")
 
 
 def dummy_inputs(model: nn.Module, batch: int = 1, text_len: int = 4, *, abstract: bool = False) -> tuple:

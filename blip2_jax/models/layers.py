@@ -159,22 +159,28 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """T5's LayerNorm: no mean subtraction, no bias, computed in float32."""
+    """T5's and LLaMA's LayerNorm: no mean subtraction, no bias, computed in float32.
+
+    `scale_offset` 1.0 is Gemma's `(1 + weight)` form: the stored scale starts at 0 and the norm
+    multiplies by `1 + scale`.
+    """
 
     epsilon: float = 1e-6
     axis_name: str = "embed"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scale_offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            "scale", nn.with_logical_partitioning(nn.initializers.constant(1.0 - self.scale_offset),
+                                                  (self.axis_name,)),
             (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        return (y * (self.scale_offset + scale.astype(jnp.float32))).astype(self.dtype)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -206,9 +212,14 @@ def dot_product_attention(
 ) -> jax.Array:
     """Softmax attention with float32 scores.
 
-    q: `[B, Tq, H, D]`, k and v: `[B, Tk, H, D]`; `bias` broadcasts to `[B, H, Tq, Tk]` and is added to
-    the scaled scores. `scale` defaults to `D**-0.5` (T5 passes 1.0). Returns `[B, Tq, H, D]` in `dtype`.
+    q: `[B, Tq, H, D]`, k and v: `[B, Tk, H, D]`, or `[B, Tk, KV, D]` with H a multiple of KV (grouped-query
+    attention: query head h reads K/V head h // (H / KV), as HF's `repeat_kv`); `bias` broadcasts to
+    `[B, H, Tq, Tk]` and is added to the scaled scores. `scale` defaults to `D**-0.5` (T5 passes 1.0).
+    Returns `[B, Tq, H, D]` in `dtype`.
     """
+    if k.shape[-2] != q.shape[-2]:
+        groups = q.shape[-2] // k.shape[-2]
+        k, v = jnp.repeat(k, groups, axis=-2), jnp.repeat(v, groups, axis=-2)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
@@ -228,7 +239,7 @@ def causal_mask(length: int) -> jax.Array:
     return jnp.tril(jnp.ones((length, length), dtype=bool))
 
 
-# -- The fixed-size key/value cache of the decoders (OPT, the T5 decoder) ---------------------------
+# -- The fixed-size key/value cache of the decoders (OPT, LLaMA & co., the T5 decoder) ---------------
 # `{"index": int32[], "mask": int32[B, max_len], "layers": ({"k", "v"}: [B, max_len, H, D], ...)}`:
 # fixed shapes, so one jit serves the prefill and every one-token step. `mask` remembers the
 # attention mask of the positions written so far (1 = token, 0 = padding or not yet written).
@@ -286,6 +297,15 @@ def decoder_mask(attention_mask: jax.Array, cache: Optional[KVCache]) -> Decoder
     k_pos = jnp.arange(key_mask.shape[1])
     allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask[:, None, :].astype(bool)
     return DecoderMask(index, key_mask, q_pos, k_pos, allowed)
+
+
+def mask_positions(mask: DecoderMask, padding: int = -1) -> jax.Array:
+    """`[B, T]` positions of the new tokens of `mask`, counted over the tokens before them:
+    `cumsum(mask) - 1` over every key so far, so left padding shifts positions as HF does; padding gets
+    `padding` (OPT: -1, HF `generate`'s `masked_fill(mask == 0, 0)`: 0)."""
+    key_mask = mask.key_mask
+    positions = jnp.where(key_mask == 1, jnp.cumsum(key_mask, axis=1) - 1, padding)
+    return jax.lax.dynamic_slice_in_dim(positions, mask.index, mask.q_pos.shape[0], 1)
 
 
 def advance_kv_cache(cache: KVCache, mask: DecoderMask, layers: Sequence[dict]) -> KVCache:

@@ -34,7 +34,7 @@ from blip2_jax.data import image_ops
 from blip2_jax.data import text as data_text
 from blip2_jax.decoding import generate
 from blip2_jax.evaluate import load as load_lib
-from blip2_jax.models.blip2 import Blip2OPT
+from blip2_jax.models.blip2 import Blip2DecoderOnly
 from blip2_jax.processor import Blip2Processor, load_processor, pad_rows
 from blip2_jax.serve.inputs import Field, RequestError, decode_image
 from blip2_jax.serve.settings import Settings, bucket
@@ -49,7 +49,7 @@ VQA_FIELDS = {"image": Field(bytes, True), "question": Field(str, True), **DECOD
 ITM_FIELDS = {"image": Field(bytes, True), "text": Field(str, True)}
 EMBED_FIELDS = {"image": Field(bytes), "text": Field(str)}
 # LAVIS's zero-shot VQA length penalty per LLM (configs/eval.py); captions use 1.0.
-VQA_LENGTH_PENALTY = {"opt": 0.0, "t5": -1.0}
+VQA_LENGTH_PENALTY = {"decoder": 0.0, "t5": -1.0}  # LAVIS: OPT (every decoder-only LLM) 0, FlanT5 -1
 
 
 class CompileCounter:
@@ -136,26 +136,27 @@ class Prompted:
 
 
 class GenerationEngine(_Engine):
-    """Captions and VQA answers of a `Blip2OPT` / `Blip2T5` (see the module docstring)."""
+    """Captions and VQA answers of a `Blip2DecoderOnly` (OPT, LLaMA, ...) / `Blip2T5` (see the module docstring)."""
 
     kind = "generation"
     routes = {"caption": CAPTION_FIELDS, "vqa": VQA_FIELDS}
 
     def __init__(self, model, params, processor: Blip2Processor, settings: Settings):
         super().__init__(model, params, processor, settings)
-        self.llm = "opt" if isinstance(model, Blip2OPT) else "t5"
+        self.llm = "decoder" if isinstance(model, Blip2DecoderOnly) else "t5"
         text = model.config.text
-        # Without a prompt OPT starts from its BOS and T5 encodes the visual prompt alone (as `generate`).
-        self.empty_prompt = [text.bos_token_id] if self.llm == "opt" else []
+        # Without a prompt a decoder-only LLM starts from its BOS and T5 encodes the visual prompt alone
+        # (as `generate`).
+        self.empty_prompt = [text.bos_token_id] if self.llm == "decoder" else []
         self.pad_id = processor.tokenizer.pad_token_id
         if self.pad_id is None:
             raise ValueError("the tokenizer has no pad token")
-        if self.llm == "opt":
+        if self.llm == "decoder":
             longest = model.config.num_query_tokens + max(settings.prompt_lens) + max(settings.max_new_tokens)
             if longest > text.max_position_embeddings:
                 raise ValueError(f"{model.config.num_query_tokens} queries + the longest prompt bucket "
                                  f"{max(settings.prompt_lens)} + the largest budget {max(settings.max_new_tokens)} "
-                                 f"exceed OPT's max_position_embeddings {text.max_position_embeddings}")
+                                 f"exceed the LLM's max_position_embeddings {text.max_position_embeddings}")
 
     def buckets(self) -> list[tuple]:
         s = self.settings
@@ -231,7 +232,7 @@ class GenerationEngine(_Engine):
 
     def describe(self) -> dict:
         s = self.settings
-        return {**super().describe(), "llm": self.llm, "prompt_lens": list(s.prompt_lens),
+        return {**super().describe(), "llm": workdir.llm_kind(self.model), "prompt_lens": list(s.prompt_lens),
                 "num_beams": list(s.num_beams), "max_new_tokens": list(s.max_new_tokens),
                 "repetition_penalty": s.repetition_penalty, "vqa_prompt": s.vqa_prompt,
                 "per_request": ["prompt/question", "num_beams", "max_new_tokens", "min_new_tokens", "length_penalty"]}

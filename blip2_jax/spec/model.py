@@ -4,7 +4,8 @@ Everything that needs "the model this config describes" comes here: the training
 (`blip2_jax.train`), a workdir's reload (`blip2_jax.workdir`), the processor and evaluation.
 
 - `build(config) -> Built(model, tokenizer)` for `config.task` "stage1" (`Blip2Stage1`), "stage2"
-  (`Blip2OPT` / `Blip2T5`) or "text_lm" (the demo's `OPTForCausalLM` / `T5ForConditionalGeneration`);
+  (`Blip2DecoderOnly` for OPT, LLaMA, Mistral, Qwen2, Gemma / `Blip2T5`) or "text_lm" (the demo's
+  `OPTForCausalLM` / `T5ForConditionalGeneration`);
   `model_of(config[, tokenizer])` when the tokenizer is not needed (stage 2 at paper scale);
 - `frozen_keys(config)`: the top-level parameter names the run keeps frozen;
 - `init_fns(config, model)`: the two halves of `model.init` (trainable, frozen);
@@ -28,6 +29,7 @@ from blip2_jax.convert.hf_io import CheckpointReader
 from blip2_jax.data import text as data_text
 from blip2_jax.models.blip2 import Blip2Config, build_model, dummy_inputs
 from blip2_jax.models.blip2 import init_fns as split_init_fns
+from blip2_jax.models.decoder import FAMILIES
 from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.t5 import T5Config, T5ForConditionalGeneration
@@ -35,7 +37,8 @@ from blip2_jax.models.vit import VisionConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TASKS = ("stage1", "stage2", "text_lm")
-LLMS = ("opt", "t5")
+LLMS = ("opt", "t5", *FAMILIES)  # `model.llm`: the LLM's HF model_type (stage 2)
+TEXT_LM_LLMS = ("opt", "t5")  # the demo's text LM
 
 
 def dtype(name: str, field: str = "model.frozen_dtype"):
@@ -139,8 +142,9 @@ def read_hf_config(path: str) -> dict:
 
 
 def text_config(config):
-    """The frozen LLM's `OPTConfig` / `T5Config`: from `init.llm_checkpoint`'s config.json (and which
-    weights the file holds: an `lm_head.weight` unties the head), else from `model.text` (HF names)."""
+    """The frozen LLM's `OPTConfig` / `DecoderConfig` / `T5Config`: from `init.llm_checkpoint`'s
+    config.json (and which weights the file holds: an `lm_head.weight` unties the head), else from
+    `model.text` (HF names)."""
     m = config.model
     frozen = dtype(m.frozen_dtype)
     path = config.init.llm_checkpoint
@@ -193,4 +197,4 @@ def text_lm_config(config, tok):
     if m.llm == "t5":  # an untied head (as FlanT5) unless the fields say tied
         return T5Config.from_hf(fields, dtype=dt, param_dtype=dt,
                                 tie_word_embeddings=fields.get("tie_word_embeddings", True) is not False)
-    raise ValueError(f"config.model.llm must be one of {LLMS}, got {m.llm!r}")
+    raise ValueError(f"config.model.llm must be one of {TEXT_LM_LLMS} for the text LM, got {m.llm!r}")

@@ -8,7 +8,8 @@ of its workdir (they are never checkpointed):
   (`spec.model.run_keys`), which for the same seed and vision sizes is the very ViT stage 1 drew
   (Flax derives a parameter's random numbers from its path), so the stage-2 demo sees the stage-1
   demo's image features.
-- `init.llm_checkpoint` (stage 2): an HF `OPTForCausalLM` / `T5ForConditionalGeneration` directory.
+- `init.llm_checkpoint` (stage 2): an HF `OPTForCausalLM`, LLaMA / Mistral / Qwen2 / Gemma
+  `...ForCausalLM` or `T5ForConditionalGeneration` directory.
   Empty: random.
 
 Trainable tree (`trainable_loader`), read on a fresh start only (a resume restores its checkpoint):
@@ -72,7 +73,7 @@ def load_vision(path: str, cfg: Blip2Config) -> dict:
 
 
 def load_llm(path: str, cfg: Blip2Config) -> dict:
-    """`{"language_model": ...}` as numpy from a standalone OPT / T5 directory."""
+    """`{"language_model": ...}` as numpy from a standalone LLM directory (OPT, LLaMA & co., T5)."""
     conv = hf_blip2.text_converter(cfg.text)
     rules = prefixed(conv.rules(cfg.text), "", ("language_model",))
     with CheckpointReader(path) as reader:

@@ -1,4 +1,4 @@
-"""Stage 2: generative pretraining with a frozen LLM (OPT or FlanT5) behind the Q-Former's queries.
+"""Stage 2: generative pretraining with a frozen LLM (OPT, LLaMA & co., or FlanT5) behind the Q-Former's queries.
 
 `make_task(config, mesh)` gives the train loop its `Task`; `make_data(config)` its data factory.
 The frozen tree is `{"vision", "language_model"}` (bfloat16 by default, `config.model.frozen_dtype`);
@@ -7,8 +7,9 @@ text FFNs) and `language_projection` train. The ViT features are computed outsid
 the gradient flows through the frozen LLM's activations into the projection and the Q-Former.
 
 Losses (the data pipeline's batch contract, `blip2_jax/data/pipeline.py`):
-- OPT: `losses.lm_loss(text logits, labels)`, HF `Blip2ForConditionalGeneration`'s shifted CE; the
-  labels are -100 at BOS, prompt and padding, and the query positions are not in the text logits.
+- decoder-only LLMs (OPT, LLaMA, Mistral, Qwen2, Gemma; `data.text_mode = "opt"`):
+  `losses.lm_loss(text logits, labels)`, HF `Blip2ForConditionalGeneration`'s shifted CE; the labels
+  are -100 at BOS, prompt and padding, and the query positions are not in the text logits.
 - T5: CE of the decoder logits against `labels` (-100 ignored), not shifted (the pipeline's
   `decoder_input_ids` are the labels shifted right behind the start token).
 Dropout: the Q-Former's as configured; the frozen LLM's own dropout is active in training when
@@ -26,13 +27,13 @@ import jax.numpy as jnp
 from blip2_jax import sharding as sharding_lib
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.evaluate import caption_eval
-from blip2_jax.models.blip2 import Blip2Config, Blip2OPT
+from blip2_jax.models.blip2 import Blip2Config, Blip2T5
 from blip2_jax.spec import model as spec
 from blip2_jax.spec import weights
 from blip2_jax.train import losses
 from blip2_jax.train.task import Task
 
-TEXT_MODES = {"opt": ("opt",), "t5": ("t5_prefix", "t5_prompt")}
+TEXT_MODES = {"opt": ("opt",), "t5": ("t5_prefix", "t5_prompt")}  # every other (decoder-only) LLM: "opt"
 
 
 # -- loss ---------------------------------------------------------------------------------------
@@ -45,13 +46,13 @@ def stage2_loss(model, params, batch, rng, *, train: bool, llm_dropout: bool = T
     vit = model.apply({"params": params}, batch["image"], method="vit_features")
     if not train_vision:
         vit = jax.lax.stop_gradient(vit)  # frozen: no gradient reaches (or is computed for) the ViT
-    is_opt = isinstance(model, Blip2OPT)
+    decoder_only = not isinstance(model, Blip2T5)
 
     def forward(m):
         hidden, _ = m.query_outputs(m.image_embeds(vit), qformer_det)
         prompt = m.language_projection(hidden).astype(m.config.text.dtype)
         embeds, mask = m.prompt_inputs(prompt, batch["input_ids"], batch["attention_mask"])
-        if is_opt:
+        if decoder_only:
             logits, _ = m.language_model(embeds, mask, deterministic=llm_det)
             return losses.lm_loss(logits, batch["labels"]), logits[:, prompt.shape[1]:]
         encoded = m.language_model.encode(embeds, mask, deterministic=llm_det)
@@ -61,8 +62,8 @@ def stage2_loss(model, params, batch, rng, *, train: bool, llm_dropout: bool = T
 
     loss, logits = model.apply({"params": params}, method=forward, rngs={"dropout": rng})
     # Token accuracy over the positions that count (logits aligned with the labels they predict).
-    labels = batch["labels"][:, 1:] if is_opt else batch["labels"]
-    logits = logits[:, :-1] if is_opt else logits
+    labels = batch["labels"][:, 1:] if decoder_only else batch["labels"]
+    logits = logits[:, :-1] if decoder_only else logits
     valid = labels != losses.IGNORE_INDEX
     correct = (jnp.argmax(logits, -1) == labels) & valid
     accuracy = correct.sum() / jnp.maximum(valid.sum(), 1)
@@ -74,9 +75,10 @@ def make_task(config, mesh) -> Task:
     """Stage 2's hooks for the train loop: the model and tokenizer of `config`, its pretrained weights
     (`config.init`), the LM loss, and held-out captioning on `config.eval.source`."""
     mode = config.data.text_mode
-    if mode not in TEXT_MODES.get(config.model.llm, ()):
+    modes = TEXT_MODES.get(config.model.llm, TEXT_MODES["opt"])
+    if mode not in modes:
         raise ValueError(f"config.data.text_mode {mode!r} does not fit config.model.llm {config.model.llm!r} "
-                         f"(expected one of {TEXT_MODES.get(config.model.llm, ())})")
+                         f"(expected one of {modes})")
     model = spec.model_of(config)  # the tokenizer is read only for the held-out captioning
     cfg = model.config
     init_trainable, init_frozen = spec.init_fns(config, model)
@@ -115,6 +117,10 @@ def flops_per_example(cfg: Blip2Config, text_len: int, train_vision: bool = Fals
         llm_params = t.num_hidden_layers * (4 * t.hidden_size ** 2 + 2 * t.hidden_size * t.ffn_dim)
         llm_params += t.vocab_size * t.embed_dim
         llm = 2 * (nq + text_len) * llm_params
+    elif type(t).__name__ == "DecoderConfig":
+        attn = t.hidden_size * t.head_dim * 2 * (t.num_attention_heads + t.num_key_value_heads)
+        llm_params = t.num_hidden_layers * (attn + 3 * t.hidden_size * t.intermediate_size)
+        llm = 2 * (nq + text_len) * (llm_params + t.vocab_size * t.hidden_size)
     else:
         enc = t.num_layers * (4 * t.d_model * t.inner_dim + 3 * t.d_model * t.d_ff)
         dec = t.num_decoder_layers * (8 * t.d_model * t.inner_dim + 3 * t.d_model * t.d_ff)
