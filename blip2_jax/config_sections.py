@@ -132,7 +132,7 @@ def layer_stack_fields() -> dict:
     """How every tower of `config.model` runs its layers (`blip2_jax.models.layers`)."""
     return dict(
         # True: each tower's layers are one nn.scan (parameters stacked on a leading "layers" axis; one
-        # compiled block: the paper-scale step compiles in a fraction of the unrolled time). Checkpoints
+        # compiled block: the paper-scale step compiles in about half the unrolled time). Checkpoints
         # of either layout load into the other (blip2_jax.models.stacking); the Q-Former scans groups of
         # cross_attention_frequency layers, so its num_layers must be a multiple of it.
         scan_layers=False,
