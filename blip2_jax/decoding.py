@@ -27,7 +27,7 @@ are traced values and do not recompile.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ import numpy as np
 
 from blip2_jax.models import t5
 from blip2_jax.models.blip2 import Blip2DecoderOnly, Blip2T5
-from blip2_jax.models.layers import take_batch_rows
+from blip2_jax.models.layers import map_batch, take_batch_rows
 from blip2_jax.models.opt import OPTConfig
 
 NEG = -1.0e9  # HF's "impossible" score in beam search (added, not assigned, so it stays float32-exact)
@@ -107,11 +107,6 @@ def _prefill_t5(model, params, prompt, input_ids, mask, max_new_tokens):
         return lg[:, -1], cache
 
     return logits[:, -1], cache, step
-
-
-def _batch_map(fn: Callable, cache):
-    """Apply `fn` to every cache array that has a batch axis (the scalar index is shared)."""
-    return jax.tree.map(lambda x: fn(x) if x.ndim > 0 else x, cache)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,8 +235,8 @@ def _beam_search(st: _Static, knobs, logits, cache, step, seen, rng):
     keep = max(2, 1 + st.n_eos) * k
     eos = knobs["eos"]
     denoms = knobs["length_denominators"]  # [n]: float32((t + 1) ** length_penalty), computed on the host
-    expand = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
-    cache = _batch_map(expand, cache)
+    expand = lambda x, axis=0: jnp.repeat(x, k, axis=axis)  # noqa: E731
+    cache = map_batch(expand, cache)  # the batch axis of a scanned decoder's stacked cache is 1
     logits = expand(logits)
     seen = None if seen is None else expand(seen)
 

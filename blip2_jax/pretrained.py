@@ -16,7 +16,8 @@ from blip2_jax import checkpoint, workdir
 from blip2_jax.convert import blip2 as hf_blip2
 
 
-def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Optional[Any] = None):
+def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Optional[Any] = None,
+                    scan_layers: Optional[bool] = None):
     """`(model, params)` for a Hugging Face BLIP-2 directory or a workdir of this project.
 
     HF directory: `dtype` is the parameter/compute dtype of the trainable part, `frozen_dtype`
@@ -26,11 +27,13 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Option
     (`run_config.json`) describes, the newest checkpoint's trainable parameters, and the frozen towers
     re-read from where the run read them (or re-drawn from its seed when it had none); the frozen
     towers in `frozen_dtype` if given, else the run's `model.frozen_dtype`.
+    `scan_layers`: every tower's layers scanned (True) or unrolled (False); default: unrolled for an HF
+    directory, the run's layout for a workdir. Either layout loads from either.
     """
     if checkpoint.is_workdir(path):
-        loaded = workdir.load(path, frozen_dtype=frozen_dtype)
+        loaded = workdir.load(path, frozen_dtype=frozen_dtype, scan_layers=scan_layers)
         return loaded.model, loaded.params
-    return hf_blip2.load(path, dtype=dtype, frozen_dtype=frozen_dtype)
+    return hf_blip2.load(path, dtype=dtype, frozen_dtype=frozen_dtype, scan_layers=bool(scan_layers))
 
 
 def save_pretrained(model: nn.Module, params: dict, path: str, *, dtype: Any = np.float32) -> None:

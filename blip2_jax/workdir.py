@@ -18,7 +18,8 @@ import numpy as np
 
 from blip2_jax import checkpoint as checkpoint_lib
 from blip2_jax import sharding as sharding_lib
-from blip2_jax.models.blip2 import Blip2Stage1, Blip2T5
+from blip2_jax.models.blip2 import Blip2Stage1, Blip2T5, layer_stacks
+from blip2_jax.models.stacking import match_layout
 from blip2_jax.spec import model as spec
 from blip2_jax.spec import weights
 
@@ -61,15 +62,21 @@ def run_config(path: str, frozen_dtype: Optional[Any] = None):
     return config
 
 
-def load(path: str, *, config=None, frozen_dtype: Optional[Any] = None, tokenizer_path: str = "") -> Loaded:
+def load(path: str, *, config=None, frozen_dtype: Optional[Any] = None, tokenizer_path: str = "",
+         scan_layers: Optional[bool] = None) -> Loaded:
     """The stage-1 or stage-2 model of workdir `path` (see the module docstring).
 
     `config`: the run's config when the workdir predates `run_config.json` (e.g.
-    `get_config("demo_opt")` of configs/stage2.py); `tokenizer_path`: another tokenizer directory.
+    `get_config("demo_opt")` of configs/stage2.py); `tokenizer_path`: another tokenizer directory;
+    `scan_layers`: build the model with its layers scanned (True) or unrolled (False) whatever the run
+    used (the checkpoint's tree is moved to that layout: `models.stacking.match_layout`).
     """
     if not checkpoint_lib.is_workdir(path):
         raise FileNotFoundError(f"{path}: not a workdir of this project (no {checkpoint_lib.CHECKPOINTS}/)")
     config = run_config(path, frozen_dtype) if config is None else config
+    if scan_layers is not None:
+        with config.unlocked():
+            config.model.scan_layers = bool(scan_layers)
     if config.get("task", "") not in TASKS:
         raise ValueError(f"{path}: a {config.get('task', '')!r} workdir; only stage-1 and stage-2 workdirs hold "
                          "a BLIP-2 model")
@@ -79,4 +86,5 @@ def load(path: str, *, config=None, frozen_dtype: Optional[Any] = None, tokenize
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         frozen = weights.frozen_tree(config, built.model, mesh, rules)
     step, trainable = checkpoint_lib.latest_params(path)
+    trainable = match_layout(trainable, layer_stacks(built.model.config))  # a run of either layout
     return Loaded(built.model, {**trainable, **frozen}, built.tokenizer, config, step)

@@ -11,6 +11,7 @@ Variants:
          364 px, ITC soft targets over same-image pairs, LR 1e-5 -> 0 (no layer-wise LR decay).
   demo   a tiny model on the bundled shapes data that trains on 2 CPU cores in minutes; its frozen
          ViT is randomly initialised (random frozen patch features carry colour and position).
+The paper-scale variants scan each tower's layers (`model.scan_layers=True`); the demo unrolls them.
 Every field is documented where it is defined: blip2_jax/config_sections.py.
 """
 import ml_collections
@@ -46,6 +47,7 @@ def get_config(arg: str = "vit_g") -> ml_collections.ConfigDict:
     c.data.num_workers = 16
     c.init.qformer_checkpoint = "checkpoints/bert-base-uncased"
     c.mesh.data = -1
+    c.model.scan_layers = True  # paper scale: one compiled block per tower (the demo stays unrolled)
 
     if arg == "vit_g":
         c.train.batch_size = 1680
@@ -131,3 +133,4 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.eval.batch_size = 50
     c.init.vision_checkpoint = ""
     c.init.qformer_checkpoint = ""
+    c.model.scan_layers = False

@@ -27,6 +27,7 @@ steps; frozen towers in bfloat16):
 Initialisation: `init.stage1_checkpoint` (a stage-1 workdir of this project, or an HF BLIP-2 dir)
 gives ln_vision, the queries and the Q-Former; `init.llm_checkpoint` the LLM (and its config);
 `init.vision_checkpoint` the ViT; language_projection starts fresh.
+The paper-scale variants scan each tower's layers (`model.scan_layers=True`); the demos unroll them.
 Every field is documented where it is defined: blip2_jax/config_sections.py.
 """
 import ml_collections
@@ -81,6 +82,7 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
     c.init.vision_checkpoint = "checkpoints/blip2-itm-vit-g"
     c.init.stage1_checkpoint = "workdirs/stage1_vit_g"  # this project's stage-1 run (or an HF BLIP-2 dir)
     c.model.llm_remat = True
+    c.model.scan_layers = True  # paper scale: one compiled block per tower (the demos stay unrolled)
     c.mesh.data = -1
     c.mesh.fsdp = 1
     if arg.startswith("demo"):
@@ -129,6 +131,7 @@ def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
     c.model.num_query_tokens = 8
     c.model.frozen_dtype = "float32"
     c.model.llm_remat = False
+    c.model.scan_layers = False
     c.model.llm_dropout = False  # the tiny LLM is fitted to the captions; its dropout only adds noise here
     c.train.total_steps = 1600
     c.train.log_every = 100

@@ -35,9 +35,9 @@ import numpy as np
 from blip2_jax.convert import standalone
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader
 from blip2_jax.convert.merge import merge_params
-from blip2_jax.convert.rules import Rule, Transform, layer_norm, linear, prefixed
+from blip2_jax.convert.rules import Rule, Transform, layer_norm, linear, prefixed, stack_rules
 from blip2_jax.models.blip2 import Blip2Config
-from blip2_jax.models.qformer import QFormerConfig
+from blip2_jax.models.qformer import QFormerConfig, layer_stacks
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def rules(config: QFormerConfig, *, dec_row: np.ndarray, hf_prefix: str = "bert.
             rs += linear(hf + "intermediate.dense", ours + (ffn, "intermediate"))
             rs += linear(hf + "output.dense", ours + (ffn, "output", "dense"))
             rs += layer_norm(hf + "output.LayerNorm", ours + (ffn, "output", "LayerNorm"))
-    rs = prefixed(rs, hf_prefix)
+    rs = prefixed(stack_rules(rs, layer_stacks(config, q)), hf_prefix)
     if lm_head:
         rs += linear("cls.predictions.transform.dense", ("lm_transform",))
         rs += layer_norm("cls.predictions.transform.LayerNorm", ("lm_transform_ln",))

@@ -20,7 +20,8 @@ from blip2_jax.convert import decoder, opt, t5
 from blip2_jax.convert.hf_io import CheckpointReader, write_hf_dir
 from blip2_jax.convert.merge import merge_params
 from blip2_jax.convert.rules import (CONV, IDENTITY, Rule, check_keys, embedding, layer_norm, linear, load_rules,
-                                     prefixed, reshape, save_rules)
+                                     prefixed, reshape, save_rules, stack_rules)
+from blip2_jax.models import qformer as qformer_model, vit as vit_model
 from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, abstract_params, build_model, is_decoder_only
 from blip2_jax.models.decoder import FAMILIES
 from blip2_jax.models.qformer import QFormerConfig
@@ -90,11 +91,11 @@ def text_converter(text_config_dict_or_config):
     return TEXT_CONVERTERS[kind]
 
 
-def text_config_from_hf(d: dict, keys=(), dtype=jnp.float32):
+def text_config_from_hf(d: dict, keys=(), dtype=jnp.float32, **overrides):
     """OPTConfig, DecoderConfig or T5Config for a Blip2 `text_config` dict and the keys present in the file
     (whether the file stores its own LM head decides tying)."""
     return text_converter(d).config_for_checkpoint(d, keys, hf_prefix="language_model.", dtype=dtype,
-                                                   param_dtype=dtype)
+                                                   param_dtype=dtype, **overrides)
 
 
 def architecture(d: dict) -> str:
@@ -107,21 +108,24 @@ def architecture(d: dict) -> str:
                      "(Blip2ForConditionalGeneration or Blip2ForImageTextRetrieval)")
 
 
-def config_from_hf(d: dict, keys=(), *, dtype=jnp.float32, frozen_dtype=None) -> Blip2Config:
+def config_from_hf(d: dict, keys=(), *, dtype=jnp.float32, frozen_dtype=None, scan_layers: bool = False) -> Blip2Config:
     """Our `Blip2Config` from a Hugging Face `config.json` dict.
 
     `dtype` is the storage/compute dtype of the trainable part; `frozen_dtype` (default `dtype`) that
-    of the frozen towers (ViT and LLM).
+    of the frozen towers (ViT and LLM); `scan_layers` builds every tower with its layers scanned.
     """
     frozen_dtype = frozen_dtype or dtype
     nq = d.get("num_query_tokens", 32)
-    vision = vision_config_from_hf(d.get("vision_config", {}), dtype=frozen_dtype, param_dtype=frozen_dtype)
+    vision = vision_config_from_hf(d.get("vision_config", {}), dtype=frozen_dtype, param_dtype=frozen_dtype,
+                                   scan_layers=scan_layers)
     kind = architecture(d)
     qcfg = d.get("qformer_config", {})
     if kind == "generation":
         qcfg = {**qcfg, "use_qformer_text_input": False}
-    qformer = qformer_config_from_hf(qcfg, nq, dtype=dtype, param_dtype=dtype)
-    text = text_config_from_hf(d["text_config"], keys, frozen_dtype) if kind == "generation" else None
+    qformer = qformer_config_from_hf(qcfg, nq, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+    text = None
+    if kind == "generation":
+        text = text_config_from_hf(d["text_config"], keys, frozen_dtype, scan_layers=scan_layers)
     return Blip2Config(vision=vision, qformer=qformer, text=text, num_query_tokens=nq,
                        image_text_hidden_size=d.get("image_text_hidden_size", 256),
                        ln_vision_eps=vision.layer_norm_eps, with_lm_head=False,
@@ -150,7 +154,7 @@ def vision_rules(c: VisionConfig, hf_prefix: str = "vision_model.", ln_vision: b
         rules += layer_norm(hf + "layer_norm2", ours + ("norm2",))
         rules += linear(hf + "mlp.fc1", ours + ("fc1",))
         rules += linear(hf + "mlp.fc2", ours + ("fc2",))
-    rules = prefixed(rules, hf_prefix, ("vision",))
+    rules = prefixed(stack_rules(rules, vit_model.layer_stacks(c)), hf_prefix, ("vision",))
     if ln_vision:
         rules += layer_norm(hf_prefix + "post_layernorm", ("ln_vision",))
     return rules
@@ -179,7 +183,7 @@ def qformer_rules(c: QFormerConfig, hf_prefix: str = "qformer.", embeddings_pref
             rules += linear(f"{hf}{hf_in}.dense", ours + (our, "intermediate"))
             rules += linear(f"{hf}{hf_out}.dense", ours + (our, "output", "dense"))
             rules += layer_norm(f"{hf}{hf_out}.LayerNorm", ours + (our, "output", "LayerNorm"))
-    return rules
+    return stack_rules(rules, qformer_model.layer_stacks(c, ("qformer",)))
 
 
 def text_rules(text_config: Any, hf_prefix: str = "language_model.") -> list[Rule]:
@@ -227,14 +231,17 @@ def config_to_hf(config: Blip2Config) -> dict:
 
 
 # -- whole directories ----------------------------------------------------------------------------
-def load(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Any = None) -> tuple[nn.Module, dict]:
+def load(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Any = None,
+         scan_layers: bool = False) -> tuple[nn.Module, dict]:
     """`(model, params)` of a Hugging Face BLIP-2 directory, read tensor by tensor from safetensors.
 
     `dtype`: parameters/compute of the trainable part; `frozen_dtype` (default `dtype`): the frozen
-    ViT and LLM. A retrieval checkpoint carries no ITC temperature: it starts at its init value.
+    ViT and LLM; `scan_layers`: every tower's layers scanned (stacked parameters, the same rules).
+    A retrieval checkpoint carries no ITC temperature: it starts at its init value.
     """
     with CheckpointReader(path) as reader:
-        config = config_from_hf(reader.config, reader.keys(), dtype=dtype, frozen_dtype=frozen_dtype)
+        config = config_from_hf(reader.config, reader.keys(), dtype=dtype, frozen_dtype=frozen_dtype,
+                                scan_layers=scan_layers)
         model = build_model(config)
         rs = rules(config)
         check_keys(rs, reader.keys(), ignore=IGNORED_HF_KEYS, source=path)

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from blip2_jax.convert import standalone
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader
 from blip2_jax.convert.merge import merge_params
-from blip2_jax.convert.rules import CONV, Rule, layer_norm, linear, prefixed, reshape
-from blip2_jax.models.vit import VisionConfig, VisionTransformer
+from blip2_jax.convert.rules import CONV, Rule, layer_norm, linear, prefixed, reshape, stack_rules
+from blip2_jax.models.vit import VisionConfig, VisionTransformer, layer_stacks
 
 _CLIP_MODEL_EXTRAS = (r"text_model\..*", r"text_projection\..*", r"visual_projection\..*", r"logit_scale")
 
@@ -71,7 +71,7 @@ def rules(config: VisionConfig, hf_prefix: str = "") -> list[Rule]:
         out += layer_norm(hf + "layer_norm2", ours + ("norm2",))
         out += linear(hf + "mlp.fc1", ours + ("fc1",))
         out += linear(hf + "mlp.fc2", ours + ("fc2",))
-    return prefixed(out, hf_prefix)
+    return prefixed(stack_rules(out, layer_stacks(config)), hf_prefix)
 
 
 def ignore_patterns(config: VisionConfig, hf_prefix: str = "") -> tuple[str, ...]:

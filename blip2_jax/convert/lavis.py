@@ -61,7 +61,8 @@ from blip2_jax.convert import blip2 as hf_blip2
 from blip2_jax.convert.hf_io import CheckpointError, CheckpointReader, SafetensorsFile, write_safetensors
 from blip2_jax.convert.merge import merge_params
 from blip2_jax.convert.rules import (CONV, IDENTITY, LINEAR, Rule, check_keys, layer_norm, linear, load_rules,
-                                     prefixed, reshape, save_rules)
+                                     prefixed, reshape, save_rules, stack_rules)
+from blip2_jax.models import vit as vit_model
 from blip2_jax.models.blip2 import Blip2Config, Blip2Stage1, abstract_params
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.vit import VisionConfig
@@ -180,13 +181,13 @@ def vision_rules(c: VisionConfig) -> list[Rule]:
         rs += layer_norm(hf + "norm2", ours + ("norm2",))
         rs += linear(hf + "mlp.fc1", ours + ("fc1",))
         rs += linear(hf + "mlp.fc2", ours + ("fc2",))
-    return prefixed(rs, "visual_encoder.", ("vision",))
+    return prefixed(stack_rules(rs, vit_model.layer_stacks(c)), "visual_encoder.", ("vision",))
 
 
 def qformer_rules(c: QFormerConfig) -> list[Rule]:
     """LAVIS `Qformer.bert.*` <-> our `qformer/...`: the HF map (convert/blip2.py) under LAVIS's names,
     i.e. the inverse of the renames HF's converter applies."""
-    return [dataclasses.replace(r, hf_key=_lavis_qformer_key(r.hf_key)) for r in hf_blip2.qformer_rules(c)]
+    return [r.renamed(_lavis_qformer_key) for r in hf_blip2.qformer_rules(c)]
 
 
 def _lavis_qformer_key(hf_key: str) -> str:

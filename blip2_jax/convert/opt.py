@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax.convert import standalone
-from blip2_jax.convert.rules import Rule, embedding, layer_norm, linear
-from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
+from blip2_jax.convert.rules import Rule, embedding, layer_norm, linear, stack_rules
+from blip2_jax.models.opt import OPTConfig, OPTForCausalLM, layer_stacks
 
 
 def ignore_patterns(hf_prefix: str = "") -> list[str]:
@@ -50,7 +50,7 @@ def rules(config: OPTConfig, hf_prefix: str = "") -> list[Rule]:
         out += linear(hf + "fc2", ours + ("fc2",), bias=bias)
     if not config.tie_word_embeddings:
         out += linear(f"{hf_prefix}lm_head", ("lm_head",), bias=False)
-    return out
+    return stack_rules(out, layer_stacks(config))
 
 
 def config_for_checkpoint(hf_config: dict, keys, hf_prefix: str = "", **overrides) -> OPTConfig:
@@ -61,14 +61,15 @@ def config_for_checkpoint(hf_config: dict, keys, hf_prefix: str = "", **override
     return cfg
 
 
-def load(path: str, dtype=jnp.float32, *, remat: bool = False) -> tuple[OPTForCausalLM, dict]:
+def load(path: str, dtype=jnp.float32, *, remat: bool = False, scan_layers: bool = False
+         ) -> tuple[OPTForCausalLM, dict]:
     """An `OPTForCausalLM` directory (config.json + safetensors) -> `(model, params)`.
 
-    `dtype` is both the storage and the compute dtype of the tower. Missing or unexpected keys
-    raise `CheckpointError` listing both.
+    `dtype` is both the storage and the compute dtype of the tower; `remat`, `scan_layers` as in
+    `TowerConfig`. Missing or unexpected keys raise `CheckpointError` listing both.
     """
     return standalone.load(path, OPTForCausalLM, config_for_checkpoint, rules, ignore=ignore_patterns(),
-                           dtype=dtype, remat=remat)
+                           dtype=dtype, remat=remat, scan_layers=scan_layers)
 
 
 def save(params: dict, config: OPTConfig, path: str, dtype=np.float32) -> None:

@@ -22,8 +22,8 @@ import numpy as np
 from flax import traverse_util
 
 from blip2_jax.convert import standalone
-from blip2_jax.convert.rules import Rule, embedding, linear
-from blip2_jax.models.t5 import T5Config, T5ForConditionalGeneration
+from blip2_jax.convert.rules import Rule, embedding, linear, stack_rules
+from blip2_jax.models.t5 import T5Config, T5ForConditionalGeneration, layer_stacks
 
 _IGNORE = (
     r"encoder\.embed_tokens\.weight",
@@ -71,7 +71,7 @@ def rules(config: T5Config, hf_prefix: str = "") -> list[Rule]:
         out += _rms(f"{hs}.final_layer_norm.weight", (stack, "final_layer_norm"))
     if not config.tie_word_embeddings:
         out += linear(f"{hf_prefix}lm_head", ("lm_head",), bias=False)
-    return out
+    return stack_rules(out, layer_stacks(config))
 
 
 def config_for_checkpoint(hf_config: dict, keys, hf_prefix: str = "", **overrides) -> T5Config:
@@ -85,14 +85,15 @@ def keep_wo_float32(params: dict) -> dict:
     return traverse_util.path_aware_map(lambda path, x: x.astype(np.float32) if "wo" in path else x, params)
 
 
-def load(path: str, dtype=jnp.float32, *, remat: bool = False) -> tuple[T5ForConditionalGeneration, dict]:
+def load(path: str, dtype=jnp.float32, *, remat: bool = False, scan_layers: bool = False
+         ) -> tuple[T5ForConditionalGeneration, dict]:
     """A `T5ForConditionalGeneration` directory (config.json + safetensors) -> `(model, params)`.
 
-    `dtype` is the storage and compute dtype of the tower, except `wo` (float32). Missing or
-    unexpected keys raise `CheckpointError` listing both.
+    `dtype` is the storage and compute dtype of the tower, except `wo` (float32); `remat`,
+    `scan_layers` as in `TowerConfig`. Missing or unexpected keys raise `CheckpointError` listing both.
     """
     model, params = standalone.load(path, T5ForConditionalGeneration, config_for_checkpoint, rules,
-                                    ignore=ignore_patterns(), dtype=dtype, remat=remat)
+                                    ignore=ignore_patterns(), dtype=dtype, remat=remat, scan_layers=scan_layers)
     return model, keep_wo_float32(params)
 
 

@@ -21,13 +21,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blip2_jax.models import decoder, layers, opt
+from blip2_jax.models import decoder, layers, opt, qformer as qformer_lib, t5, vit as vit_lib
 from blip2_jax.models.layers import Dense, LayerNorm
 from blip2_jax.models.qformer import QFormer, QFormerConfig, attention_mask
+from blip2_jax.models.stacking import LayerStack, stack_layers
 from blip2_jax.models.t5 import T5ForConditionalGeneration
 from blip2_jax.models.vit import VisionConfig, VisionTransformer
 
 FROZEN_KEYS = ("vision", "language_model")
+# The modern decoders (models/decoder.py) are always unrolled: no stack to move between layouts.
+_LLM_STACKS = {"OPTConfig": opt.layer_stacks, "T5Config": t5.layer_stacks,
+               "DecoderConfig": lambda config, prefix: []}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +266,15 @@ def build_model(config: Blip2Config) -> nn.Module:
     raise ValueError(f"Blip2Config.text must be an OPTConfig, DecoderConfig or T5Config, got {kind}")
 
 
+def layer_stacks(config: Blip2Config) -> list[LayerStack]:
+    """Every layer stack of the composition `config` describes, where its tree keeps it (`vision`,
+    `qformer`, `language_model`), each in the layout its tower config says (`models.stacking`)."""
+    stacks = vit_lib.layer_stacks(config.vision, ("vision",)) + qformer_lib.layer_stacks(config.qformer, ("qformer",))
+    if config.text is not None:
+        stacks += _LLM_STACKS[type(config.text).__name__](config.text, ("language_model",))
+    return stacks
+
+
 def dummy_inputs(model: nn.Module, batch: int = 1, text_len: int = 4, *, abstract: bool = False) -> tuple:
     """Inputs of the right kinds for `model.init` (pixels, ids, mask[, decoder ids, decoder mask])."""
     size = model.config.vision.image_size
@@ -276,15 +289,33 @@ def dummy_inputs(model: nn.Module, batch: int = 1, text_len: int = 4, *, abstrac
 
 def abstract_params(model: nn.Module) -> dict:
     """Shapes and dtypes of the model's parameters (nothing is allocated), unboxed."""
-    variables = jax.eval_shape(lambda *a: model.init(jax.random.PRNGKey(0), *a), *dummy_inputs(model, abstract=True))
-    return nn.unbox(variables["params"])
+    params = jax.eval_shape(lambda *a: init_params(model, jax.random.PRNGKey(0), *a), *dummy_inputs(model, abstract=True))
+    return nn.unbox(params)
+
+
+def with_scan_layers(config: Blip2Config, scan_layers: bool) -> Blip2Config:
+    """`config` with every tower's layers scanned (True) or unrolled (False)."""
+    def tower(c):
+        return None if c is None else dataclasses.replace(c, scan_layers=scan_layers)
+
+    return dataclasses.replace(config, vision=tower(config.vision), qformer=tower(config.qformer),
+                               text=tower(config.text))
+
+
+def init_params(model: nn.Module, rng: jax.Array, *inputs) -> dict:
+    """`model.init`'s (boxed) parameters, drawn as the unrolled model draws them whatever the layout: a
+    scanned stack gets the unrolled layers' values stacked, so a seed gives the same weights in both
+    layouts (a scanned `init` would split its RNG per layer instead), random frozen towers included."""
+    twin = type(model)(with_scan_layers(model.config, False))
+    params = twin.init({"params": rng, "dropout": rng}, *inputs)["params"]
+    return stack_layers(params, [s for s in layer_stacks(model.config) if s.scanned])
 
 
 def init_fns(model: nn.Module, *inputs, frozen_keys: tuple[str, ...] = FROZEN_KEYS):
-    """`(init_trainable, init_frozen)`: the two halves of `model.init(rng, *inputs)` (see `split_frozen`),
-    each a pure `rng -> params` that the train loop runs under `eval_shape` and `jit`."""
+    """`(init_trainable, init_frozen)`: the two halves of `init_params(model, rng, *inputs)` (see
+    `split_frozen`), each a pure `rng -> params` that the train loop runs under `eval_shape` and `jit`."""
     def init_all(rng):
-        return model.init({"params": rng, "dropout": rng}, *inputs)["params"]
+        return init_params(model, rng, *inputs)
 
     return (lambda rng: split_frozen(init_all(rng), frozen_keys)[0]), \
         (lambda rng: split_frozen(init_all(rng), frozen_keys)[1])

@@ -1,5 +1,5 @@
 """Building blocks shared by the towers: the config base, dense, embedding, LayerNorm, attention, the
-decoders' KV cache.
+layer stacks (unrolled or `nn.scan`ned, remat policies), the decoders' KV cache.
 
 Conventions (see docs/architecture.md):
 - Every parameter is created through `nn.with_logical_partitioning` with logical axis names
@@ -11,7 +11,7 @@ Conventions (see docs/architecture.md):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -23,13 +23,20 @@ Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a rematerialised block keeps from its forward pass (`jax.checkpoint` policies): "full" keeps
+# nothing but its inputs (the least memory), "save_dots" keeps the outputs of the weight matmuls
+# (dots without batch dimensions) and recomputes attention, activations and norms.
+REMAT_POLICIES = {"none": None, "full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @dataclasses.dataclass(frozen=True)
 class TowerConfig:
     """What every tower's config (ViT, Q-Former, OPT, T5) carries besides its architecture.
 
-    `dtype` computes, `param_dtype` stores, `remat` recomputes each block in the backward pass.
+    `dtype` computes, `param_dtype` stores. `remat` recomputes each block in the backward pass: False
+    (or "none"), True (or "full"), or "save_dots" (`REMAT_POLICIES`). `scan_layers` runs the blocks as
+    one `nn.scan`: their parameters stacked along a leading "layers" axis (`stacking.LayerStack` names
+    both layouts), one compiled block instead of one per layer.
     Keyword-only, so a subclass's own fields keep their positions; dtype names ("bfloat16", as
     in a JSON config) become jnp dtypes.
     """
@@ -37,12 +44,23 @@ class TowerConfig:
     _: dataclasses.KW_ONLY
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Union[bool, str] = False
+    scan_layers: bool = False
 
     def __post_init__(self):
         for k in ("dtype", "param_dtype"):
             if isinstance(getattr(self, k), str):
                 object.__setattr__(self, k, DTYPES[getattr(self, k)])
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"{type(self).__name__}: remat={self.remat!r}; expected a bool or one of "
+                             f"{tuple(REMAT_POLICIES)}")
+
+    @property
+    def remat_policy(self) -> str:
+        """`remat` as a policy name: "none", "full" or "save_dots"."""
+        if isinstance(self.remat, str):
+            return self.remat
+        return "full" if self.remat else "none"
 
     def _check_heads(self, hidden_size: int, num_heads: int) -> None:
         if hidden_size % num_heads:
@@ -52,11 +70,11 @@ class TowerConfig:
     @classmethod
     def _hf_fields(cls, d: dict, model_type: str, exclude: Sequence[str] = ()) -> dict:
         """The entries of a Hugging Face config dict that are fields of `cls` (not the precision
-        knobs, not `exclude`), lists made tuples so the config stays hashable (several EOS ids)."""
+        and layer-stack knobs, not `exclude`), lists made tuples so the config stays hashable (several EOS ids)."""
         if d.get("model_type", model_type) != model_type:
             raise ValueError(f"{cls.__name__}.from_hf: model_type is {d.get('model_type')!r}, "
                              f"expected {model_type!r}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat", *exclude}
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat", "scan_layers", *exclude}
         return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
 
 
@@ -239,22 +257,57 @@ def causal_mask(length: int) -> jax.Array:
     return jnp.tril(jnp.ones((length, length), dtype=bool))
 
 
+# -- Layer stacks: a block repeated, unrolled or scanned --------------------------------------------
+def remat_block(block: type[nn.Module], config: TowerConfig, static_argnums: tuple[int, ...] = ()):
+    """`block` recomputed in the backward pass under `config.remat_policy`; `block` itself for "none".
+
+    `static_argnums` index `__call__`'s arguments with `self` as 0 (the Python bools and ints).
+    """
+    policy = config.remat_policy
+    if policy == "none":
+        return block
+    # Inside a scan CSE cannot merge the recomputation with the forward pass: no barrier needed.
+    return nn.remat(block, static_argnums=static_argnums, policy=REMAT_POLICIES[policy],
+                    prevent_cse=not config.scan_layers)
+
+
+def scan_blocks(block: type[nn.Module], config: TowerConfig, length: int, *, in_axes: tuple,
+                static_argnums: tuple[int, ...] = ()):
+    """`block` applied `length` times as one `nn.scan` (remat per step, as `remat_block`).
+
+    `block.__call__(carry, *args) -> (carry, out)`; `in_axes` gives per argument `nn.broadcast` (the
+    same for every step) or 0 (sliced per step: a per-layer cache). Parameters are stacked on a
+    leading axis named "layers" (replicated by `sharding.DEFAULT_AXIS_RULES`); the init and dropout
+    RNGs are split per step; the outputs come back stacked.
+    """
+    return nn.scan(remat_block(block, config, static_argnums), variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=length,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+
+
 # -- The fixed-size key/value cache of the decoders (OPT, LLaMA & co., the T5 decoder) ---------------
 # `{"index": int32[], "mask": int32[B, max_len], "layers": ({"k", "v"}: [B, max_len, H, D], ...)}`:
 # fixed shapes, so one jit serves the prefill and every one-token step. `mask` remembers the
 # attention mask of the positions written so far (1 = token, 0 = padding or not yet written).
+# A scanned decoder keeps its layers stacked instead: `"layers": {"k", "v"}: [L, B, max_len, H, D]`
+# (the batch on axis 1: `map_batch` knows).
 KVCache = dict
+STACKED_ENTRIES = ("layers", "cross")  # cache entries that hold one {"k", "v"} per layer
 
 
 def init_kv_cache(batch: int, max_len: int, num_layers: int, num_heads: int, head_dim: int,
-                  dtype: Dtype) -> KVCache:
-    """An empty cache for `max_len` positions of `num_layers` attention layers."""
+                  dtype: Dtype, *, stacked: bool = False) -> KVCache:
+    """An empty cache for `max_len` positions of `num_layers` attention layers (`stacked`: for a
+    scanned decoder, one `[L, B, max_len, H, D]` array each for K and V)."""
     shape = (batch, max_len, num_heads, head_dim)
-    layer = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # noqa: E731
+    if stacked:
+        layers = {"k": jnp.zeros((num_layers,) + shape, dtype), "v": jnp.zeros((num_layers,) + shape, dtype)}
+    else:
+        layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(num_layers))
     return {
         "index": jnp.zeros((), jnp.int32),
         "mask": jnp.zeros((batch, max_len), jnp.int32),
-        "layers": tuple(layer() for _ in range(num_layers)),
+        "layers": layers,
     }
 
 
@@ -311,12 +364,25 @@ def mask_positions(mask: DecoderMask, padding: int = -1) -> jax.Array:
 def advance_kv_cache(cache: KVCache, mask: DecoderMask, layers: Sequence[dict]) -> KVCache:
     """`cache` after the new tokens of `mask`: index moved past them, their mask and K/V stored."""
     return {**cache, "index": cache["index"] + mask.q_pos.shape[0], "mask": mask.key_mask,
-            "layers": tuple(layers)}
+            "layers": layers if isinstance(layers, dict) else tuple(layers)}
 
 
-def take_batch_rows(tree, indices: jax.Array):
-    """Rows `indices` of every array with a batch axis (axis 0); scalars stay (beam-search cache reorder)."""
-    return jax.tree.map(lambda x: jnp.take(x, indices, axis=0) if x.ndim > 0 else x, tree)
+def map_batch(fn: Callable[[jax.Array, int], jax.Array], cache):
+    """`fn(x, axis)` on every array of a decoder cache that has a batch axis, `axis` being where it is:
+    1 under a stacked per-layer entry (`[L, B, ...]`), else 0; scalars (the index) stay."""
+    def one(path, x):
+        if x.ndim == 0:
+            return x
+        top = getattr(path[0], "key", None) if path else None
+        stacked = isinstance(cache, dict) and top in STACKED_ENTRIES and isinstance(cache[top], dict)
+        return fn(x, 1 if stacked else 0)
+
+    return jax.tree_util.tree_map_with_path(one, cache)
+
+
+def take_batch_rows(cache, indices: jax.Array):
+    """Rows `indices` of every array with a batch axis; scalars stay (beam-search cache reorder)."""
+    return map_batch(lambda x, axis: jnp.take(x, indices, axis=axis), cache)
 
 
 def logically_constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:

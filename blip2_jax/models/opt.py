@@ -12,7 +12,8 @@ Semantics follow Hugging Face `OPTForCausalLM` (transformers 5.x):
 Precision: parameters in `param_dtype`, matmuls in `dtype`; LayerNorm, softmax and logits in float32.
 
 Cache: `init_cache(config, batch, max_len, dtype)` returns a pytree
-`{"index": int32[], "mask": int32[B, max_len], "layers": ({"k", "v"}: [B, max_len, H, D], ...)}`.
+`{"index": int32[], "mask": int32[B, max_len], "layers": ({"k", "v"}: [B, max_len, H, D], ...)}`
+(with `scan_layers`, `"layers": {"k", "v"}: [L, B, max_len, H, D]`, scanned with the layers).
 With a cache, `attention_mask` covers only the new tokens; the cache remembers the mask of the
 earlier ones, so positions and padding stay exact across prefill and one-token steps.
 """
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 
 from blip2_jax.models.layers import (Dense, Embed, KVCache, LayerNorm, TowerConfig, activation, advance_kv_cache,
                                      decoder_mask, dot_product_attention, init_kv_cache, mask_to_bias,
-                                     merge_heads, split_heads, write_kv)
+                                     merge_heads, remat_block, scan_blocks, split_heads, write_kv)
+from blip2_jax.models.stacking import LayerStack
 
 Dtype = Any
 Cache = KVCache
@@ -106,7 +108,12 @@ class OPTConfig(TowerConfig):
 def init_cache(config: OPTConfig, batch: int, max_len: int, dtype: Dtype = None) -> Cache:
     """An empty cache for `max_len` positions (prompt + generated); fixed shapes, so one jit serves all steps."""
     return init_kv_cache(batch, max_len, config.num_hidden_layers, config.num_attention_heads, config.head_dim,
-                         dtype or config.dtype)
+                         dtype or config.dtype, stacked=config.scan_layers)
+
+
+def layer_stacks(config: OPTConfig, at: tuple[str, ...] = ()) -> list[LayerStack]:
+    """The decoder layers: `layers_{i}` unrolled, `layers` scanned."""
+    return [LayerStack(at, "layers_", config.num_hidden_layers, config.scan_layers)]
 
 
 def _norm(cfg: OPTConfig, name: str):
@@ -197,8 +204,13 @@ class OPTForCausalLM(nn.Module):
                                     dtype=cfg.dtype, param_dtype=cfg.param_dtype)
             self.project_out = Dense(cfg.embed_dim, axes=("embed", None), use_bias=False,
                                      dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        layer_cls = nn.remat(OPTDecoderLayer, static_argnums=(5,)) if cfg.remat else OPTDecoderLayer
-        self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        if cfg.scan_layers:
+            b = nn.broadcast
+            self.layers = scan_blocks(OPTDecoderLayer, cfg, cfg.num_hidden_layers, in_axes=(b, 0, b, b),
+                                      static_argnums=(5,))(cfg)
+        else:
+            layer_cls = remat_block(OPTDecoderLayer, cfg, static_argnums=(5,))
+            self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
         if cfg.has_final_layer_norm:
             self.final_layer_norm = _norm(cfg, "final_layer_norm")
         if not cfg.tie_word_embeddings:
@@ -240,12 +252,7 @@ class OPTForCausalLM(nn.Module):
         x = x + self.embed_positions(positions + POSITION_OFFSET)
         # (HF OPT applies no dropout to the embeddings.)
 
-        new_layers = []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, new_layer_cache = layer(x, bias, layer_cache, mask.index, deterministic)
-            new_layers.append(new_layer_cache)
-
+        x, new_layers = self._layers(x, bias, None if cache is None else cache["layers"], mask.index, deterministic)
         if self.config.has_final_layer_norm:
             x = self.final_layer_norm(x)
         if self.config.embed_dim != self.config.hidden_size:
@@ -257,3 +264,15 @@ class OPTForCausalLM(nn.Module):
 
         new_cache = None if cache is None else advance_kv_cache(cache, mask, new_layers)
         return logits.astype(jnp.float32), new_cache
+
+    def _layers(self, x, bias, layer_caches, index, deterministic):
+        """Every decoder layer, unrolled or scanned: `(hidden, the layers' new caches)` (None without a
+        cache; stacked arrays when scanned)."""
+        if self.config.scan_layers:
+            return self.layers(x, bias, layer_caches, index, deterministic)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            x, new_layer_cache = layer(x, bias, None if layer_caches is None else layer_caches[i], index,
+                                       deterministic)
+            new_layers.append(new_layer_cache)
+        return x, new_layers

@@ -6,7 +6,8 @@ One forward pass runs over `[queries; text]` (either part may be absent):
 - every layer: self-attention over all positions with an additive mask (see `attention_mask`),
   optionally in front of cached query keys/values; cross-attention to the image features for the
   query positions only, every `cross_attention_frequency` layers (layers 0, f, 2f, ...); then the
-  query positions go through the query FFN, the text positions through the text FFN.
+  query positions go through the query FFN, the text positions through the text FFN. With
+  `scan_layers` the layers run as one `nn.scan` over groups of f layers (`QFormerGroup`).
 Post-LN blocks as BERT: `LN(x + dropout(dense(sublayer(x))))`.
 
 The three BLIP-2 masks are all expressed by `attention_mask(kind, ...)`:
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 from blip2_jax.models import layers
 from blip2_jax.models.layers import Dense, Embed, LayerNorm, TowerConfig
+from blip2_jax.models.stacking import LayerStack
 
 MASK_FILL = -10000.0  # BERT/LAVIS additive mask value (not finfo.min)
 KV = tuple[jax.Array, jax.Array]  # (keys, values), each [B, T, H, Dh]
@@ -56,6 +58,9 @@ class QFormerConfig(TowerConfig):
         self._check_heads(self.hidden_size, self.num_heads)
         if self.cross_attention_frequency < 1:
             raise ValueError(f"QFormerConfig.cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
+        if self.scan_layers and self.num_layers % self.cross_attention_frequency:
+            raise ValueError(f"QFormerConfig: scan_layers scans groups of cross_attention_frequency="
+                             f"{self.cross_attention_frequency} layers; num_layers={self.num_layers} is not a multiple")
 
     def has_cross_attention(self, layer: int) -> bool:
         return layer % self.cross_attention_frequency == 0
@@ -160,6 +165,39 @@ class QFormerLayer(nn.Module):
         return layers.logically_constrain(out, ("batch", "length", "embed")), kv
 
 
+class QFormerGroup(nn.Module):
+    """`cross_attention_frequency` consecutive layers, the first with cross-attention: one step of the
+    scanned Q-Former. Returns `(hidden, per-layer (k, v) of the group)`."""
+
+    config: QFormerConfig
+
+    @nn.compact
+    def __call__(self, x, num_queries: int, self_bias, image_embeds, past: Optional[Sequence[KV]], deterministic: bool):
+        kvs = []
+        for j in range(self.config.cross_attention_frequency):
+            x, kv = QFormerLayer(self.config, j == 0, name=f"layer_{j}")(
+                x, num_queries, self_bias, image_embeds, None if past is None else past[j], deterministic)
+            kvs.append(kv)
+        return x, tuple(kvs)
+
+
+def layer_stacks(config: QFormerConfig, at: tuple[str, ...] = ()) -> list[LayerStack]:
+    """The Q-Former's layers: `layer_{i}` unrolled; scanned, `layers/layer_{j}` in groups of
+    `cross_attention_frequency` (layer i = group i // k, member i % k)."""
+    return [LayerStack(at, "layer_", config.num_layers, config.scan_layers, period=config.cross_attention_frequency)]
+
+
+def _kvs_by_group(kvs: Sequence[KV], period: int) -> tuple[KV, ...]:
+    """Per-layer (k, v) -> per group member j, (k, v) stacked over the groups (the scan's layout)."""
+    return tuple(tuple(jnp.stack([kv[part] for kv in kvs[j::period]]) for part in (0, 1)) for j in range(period))
+
+
+def _kvs_by_layer(grouped: Sequence[KV], num_layers: int) -> list[KV]:
+    """The inverse of `_kvs_by_group`."""
+    period = len(grouped)
+    return [(grouped[i % period][0][i // period], grouped[i % period][1][i // period]) for i in range(num_layers)]
+
+
 class QFormer(nn.Module):
     """The Q-Former encoder with its embeddings (no heads; those live in `blip2.py`).
 
@@ -179,8 +217,13 @@ class QFormer(nn.Module):
                                              dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="position_embeddings")
         self.layernorm = LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="layernorm")
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
-        layer_cls = nn.remat(QFormerLayer, static_argnums=(2, 6)) if cfg.remat else QFormerLayer
-        self.layers = [layer_cls(cfg, cfg.has_cross_attention(i), name=f"layer_{i}") for i in range(cfg.num_layers)]
+        if cfg.scan_layers:
+            b = nn.broadcast
+            self.layers = layers.scan_blocks(QFormerGroup, cfg, cfg.num_layers // cfg.cross_attention_frequency,
+                                             in_axes=(b, b, b, 0, b), static_argnums=(2, 6))(cfg)
+        else:
+            layer_cls = layers.remat_block(QFormerLayer, cfg, static_argnums=(2, 6))
+            self.layers = [layer_cls(cfg, cfg.has_cross_attention(i), name=f"layer_{i}") for i in range(cfg.num_layers)]
 
     def embed(self, query_embeds: Optional[jax.Array], input_ids: Optional[jax.Array],
               deterministic: bool = True) -> jax.Array:
@@ -202,6 +245,15 @@ class QFormer(nn.Module):
         bias = None if self_mask is None else layers.mask_to_bias(self_mask, MASK_FILL)[:, None]
         if image_embeds is not None:
             image_embeds = image_embeds.astype(self.config.dtype)
+        return self._layers(x, num_queries, bias, image_embeds, past, deterministic)
+
+    def _layers(self, x, num_queries, bias, image_embeds, past, deterministic):
+        """Every layer, unrolled or scanned; `(hidden, per-layer (k, v))` either way."""
+        cfg = self.config
+        if cfg.scan_layers:
+            grouped = None if past is None else _kvs_by_group(past, cfg.cross_attention_frequency)
+            x, kvs = self.layers(x, num_queries, bias, image_embeds, grouped, deterministic)
+            return x, _kvs_by_layer(kvs, cfg.num_layers)
         kvs = []
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, num_queries, bias, image_embeds, None if past is None else past[i], deterministic)

@@ -17,7 +17,8 @@ self-attention (`{"index": int32[], "mask": int32[B, max_len], "layers": ({"k", 
 d_kv], ...)}`) plus `"cross": None, "encoder_mask": None`. The first `decode` with a cache whose
 `"cross"` is None computes every layer's cross-attention K/V from the encoder output once and stores
 them (with the encoder mask); later steps reuse them and need no encoder arguments. With a cache,
-`decoder_attention_mask` covers only the new tokens.
+`decoder_attention_mask` covers only the new tokens. With `scan_layers` the per-layer entries are
+stacked instead (`"layers"` and `"cross"`: `{"k", "v"}: [L, B, ...]`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import numpy as np
 
 from blip2_jax.models.layers import (Dense, Embed, KVCache, RMSNorm, TowerConfig, activation, advance_kv_cache,
                                      decoder_mask, dot_product_attention, init_kv_cache, mask_to_bias, merge_heads,
-                                     split_heads, write_kv)
+                                     remat_block, scan_blocks, split_heads, write_kv)
+from blip2_jax.models.stacking import LayerStack
 
 Dtype = Any
 Cache = KVCache
@@ -163,8 +165,26 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, 
 def init_cache(config: T5Config, batch: int, max_len: int, dtype: Dtype = None) -> Cache:
     """An empty decoder cache for `max_len` decoder positions; cross-attention K/V are filled by `decode`."""
     self_attention = init_kv_cache(batch, max_len, config.num_decoder_layers, config.num_heads, config.d_kv,
-                                   dtype or config.dtype)
+                                   dtype or config.dtype, stacked=config.scan_layers)
     return {**self_attention, "cross": None, "encoder_mask": None}
+
+
+def layer_stacks(config: T5Config, at: tuple[str, ...] = ()) -> list[LayerStack]:
+    """The encoder's and the decoder's blocks: `blocks_{i}` unrolled, `blocks` scanned."""
+    return [LayerStack(at + (stack,), "blocks_", n, config.scan_layers, stacked="blocks")
+            for stack, n in (("encoder", config.num_layers), ("decoder", config.num_decoder_layers))]
+
+
+def _cross_kvs(cross) -> Any:
+    """The cache's cross-attention entry as the blocks take it: per layer (k, v), or (k, v) stacked."""
+    if isinstance(cross, dict):
+        return cross["k"], cross["v"]
+    return tuple((layer["k"], layer["v"]) for layer in cross)
+
+
+def _cross_entry(kvs, stacked: bool) -> Any:
+    """The inverse of `_cross_kvs`."""
+    return {"k": kvs[0], "v": kvs[1]} if stacked else tuple({"k": k, "v": v} for k, v in kvs)
 
 
 class T5Attention(nn.Module):
@@ -240,7 +260,7 @@ class T5Block(nn.Module):
             x = x + self.dropout(self.cross_attn(h, *cross_kv, cross_bias, deterministic),
                                  deterministic=deterministic)
         x = x + self.dropout(self.mlp(self.mlp_norm(x), deterministic), deterministic=deterministic)
-        return x, new_cache, cross_kv
+        return x, (new_cache, cross_kv)
 
 
 class T5Stack(nn.Module):
@@ -252,8 +272,13 @@ class T5Stack(nn.Module):
     def setup(self):
         c = self.config
         n = c.num_decoder_layers if self.is_decoder else c.num_layers
-        block_cls = nn.remat(T5Block, static_argnums=(8,)) if c.remat else T5Block
-        self.blocks = [block_cls(c, self.is_decoder, name=f"blocks_{i}") for i in range(n)]
+        if c.scan_layers:
+            b = nn.broadcast
+            self.blocks = scan_blocks(T5Block, c, n, in_axes=(b, 0, b, b, b, 0, b), static_argnums=(8,))(
+                c, self.is_decoder)
+        else:
+            block_cls = remat_block(T5Block, c, static_argnums=(8,))
+            self.blocks = [block_cls(c, self.is_decoder, name=f"blocks_{i}") for i in range(n)]
         # HF keeps this table in block 0's self-attention; every block of the stack uses its bias.
         self.relative_attention_bias = Embed(c.relative_attention_num_buckets, c.num_heads, axes=(None, "heads"),
                                              dtype=jnp.float32, param_dtype=c.param_dtype)
@@ -272,14 +297,26 @@ class T5Stack(nn.Module):
         """`allowed` `[B, Tq, Tk]` boolean self-attention mask; returns (hidden, new caches, cross K/V)."""
         self_bias = self.position_bias(q_pos, k_pos) + mask_to_bias(allowed)[:, None]
         x = self.dropout(x, deterministic=deterministic)
+        args = (self_bias, index, cross_bias, encoder_hidden_states)
+        x, new_caches, new_cross = self._blocks(x, caches, cross_kvs, args, deterministic)
+        x = self.dropout(self.final_layer_norm(x), deterministic=deterministic)
+        return x, new_caches, new_cross
+
+    def _blocks(self, x, caches, cross_kvs, args, deterministic):
+        """Every block, unrolled or scanned: `(hidden, new self-attention caches, cross K/V)`; per-layer
+        tuples unrolled, arrays stacked on the layer axis scanned."""
+        self_bias, index, cross_bias, encoder_hidden_states = args
+        if self.config.scan_layers:
+            x, (new_caches, new_cross) = self.blocks(x, self_bias, caches, index, cross_bias, encoder_hidden_states,
+                                                     cross_kvs, deterministic)
+            return x, new_caches, new_cross
         new_caches, new_cross = [], []
         for i, block in enumerate(self.blocks):
-            x, layer_cache, kv = block(x, self_bias, None if caches is None else caches[i], index, cross_bias,
-                                       encoder_hidden_states, None if cross_kvs is None else cross_kvs[i],
-                                       deterministic)
+            x, (layer_cache, kv) = block(x, self_bias, None if caches is None else caches[i], index, cross_bias,
+                                         encoder_hidden_states, None if cross_kvs is None else cross_kvs[i],
+                                         deterministic)
             new_caches.append(layer_cache)
             new_cross.append(kv)
-        x = self.dropout(self.final_layer_norm(x), deterministic=deterministic)
         return x, tuple(new_caches), tuple(new_cross)
 
 
@@ -329,7 +366,7 @@ class T5ForConditionalGeneration(nn.Module):
         decoder_attention_mask = decoder_attention_mask.astype(jnp.int32)
         cross_kvs = None
         if cache is not None and cache["cross"] is not None:
-            cross_kvs = tuple((layer["k"], layer["v"]) for layer in cache["cross"])
+            cross_kvs = _cross_kvs(cache["cross"])
             encoder_attention_mask = cache["encoder_mask"]
         elif encoder_hidden_states is None:
             raise ValueError("T5 decode: encoder_hidden_states is required until the cache holds cross K/V")
@@ -352,7 +389,7 @@ class T5ForConditionalGeneration(nn.Module):
         new_cache = None
         if cache is not None:
             new_cache = {**advance_kv_cache(cache, mask, new_self),
-                         "cross": tuple({"k": k, "v": v} for k, v in new_cross),
+                         "cross": _cross_entry(new_cross, c.scan_layers),
                          "encoder_mask": encoder_attention_mask}
         return logits.astype(jnp.float32), new_cache
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from blip2_jax.models import layers
 from blip2_jax.models.layers import Dense, LayerNorm, TowerConfig
+from blip2_jax.models.stacking import LayerStack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +155,12 @@ class Block(nn.Module):
                   name="fc1")(norm("norm2")(x))
         h = layers.activation(cfg.hidden_act)(h)
         h = Dense(cfg.hidden_size, ("mlp", "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc2")(h)
-        return layers.logically_constrain(x + h, ("batch", "length", "embed"))
+        return layers.logically_constrain(x + h, ("batch", "length", "embed")), None  # (carry, nothing per layer)
+
+
+def layer_stacks(config: VisionConfig, at: tuple[str, ...] = ()) -> list[LayerStack]:
+    """The ViT's blocks: `layers_{i}` unrolled, `layers` scanned."""
+    return [LayerStack(at, "layers_", config.num_layers, config.scan_layers)]
 
 
 class VisionTransformer(nn.Module):
@@ -168,7 +174,11 @@ class VisionTransformer(nn.Module):
         x = Embeddings(cfg, name="embeddings")(pixel_values)
         if cfg.style == "clip":
             x = LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="pre_layernorm")(x)
-        block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
+        if cfg.scan_layers:
+            blocks = layers.scan_blocks(Block, cfg, cfg.num_layers, in_axes=(nn.broadcast,), static_argnums=(2,))
+            x, _ = blocks(cfg, name="layers")(x, deterministic)
+            return x
+        block = layers.remat_block(Block, cfg, static_argnums=(2,))
         for i in range(cfg.num_layers):
-            x = block(cfg, name=f"layers_{i}")(x, deterministic)
+            x, _ = block(cfg, name=f"layers_{i}")(x, deterministic)
         return x

@@ -30,6 +30,7 @@ from blip2_jax.data import text as data_text
 from blip2_jax.models.blip2 import Blip2Config, build_model, dummy_inputs
 from blip2_jax.models.blip2 import init_fns as split_init_fns
 from blip2_jax.models.decoder import FAMILIES
+from blip2_jax.models.layers import REMAT_POLICIES
 from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.t5 import T5Config, T5ForConditionalGeneration
@@ -110,10 +111,23 @@ def init_fns(config, model: nn.Module):
 
 
 # -- model configs ------------------------------------------------------------------------------
+def layer_knobs(config, remat: bool) -> dict:
+    """A tower's layer-stack fields from `config.model`: `scan_layers`, and `remat` as the policy
+    `model.remat_policy` when the tower's own switch `remat` is on (False otherwise). Configs recorded
+    before these fields existed read as unrolled, "full"."""
+    m = config.model
+    policy = m.get("remat_policy", "full")
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat_policy={policy!r}: expected one of {tuple(REMAT_POLICIES)}")
+    return dict(scan_layers=bool(m.get("scan_layers", False)), remat=policy if remat else False)
+
+
 def _vision(config) -> VisionConfig:
     m = config.model
     vision_dtype = jnp.float32 if m.train_vision else dtype(m.frozen_dtype)  # a trained ViT: float32
-    return VisionConfig(**dict(m.vision.items()), dtype=vision_dtype, param_dtype=vision_dtype)
+    fields = dict(m.vision.items())
+    fields.update(layer_knobs(config, fields.pop("remat", False)))
+    return VisionConfig(**fields, dtype=vision_dtype, param_dtype=vision_dtype)
 
 
 def stage1_config(config, vocab_size: int | None = None) -> Blip2Config:
@@ -126,7 +140,7 @@ def stage1_config(config, vocab_size: int | None = None) -> Blip2Config:
             raise ValueError("config.model.qformer.vocab_size = 0 needs the tokenizer (config.data.tokenizer_path)")
         q["vocab_size"] = vocab_size
     qformer = QFormerConfig(**q, num_query_tokens=m.num_query_tokens, encoder_hidden_size=vision.hidden_size,
-                            remat=m.remat)
+                            **layer_knobs(config, m.remat))
     return Blip2Config(vision=vision, qformer=qformer, num_query_tokens=m.num_query_tokens,
                        image_text_hidden_size=m.embed_dim, ln_vision_eps=m.ln_vision_eps,
                        temperature_init=m.temperature_init, with_lm_head=True)
@@ -160,7 +174,9 @@ def text_config(config):
     if kind != m.llm:
         raise ValueError(f"config.model.llm is {m.llm!r} but the LLM config ({path or 'config.model.text'}) "
                          f"has model_type {kind!r}")
-    overrides = dict(dtype=frozen, param_dtype=frozen, remat=m.llm_remat)
+    overrides = dict(dtype=frozen, param_dtype=frozen, **layer_knobs(config, m.llm_remat))
+    if kind in FAMILIES:  # the modern decoders' blocks are uniform (scan-ready) but not scanned yet
+        overrides["scan_layers"] = False
     if not path and hf.get("tie_word_embeddings") is False:
         overrides["tie_word_embeddings"] = False  # a checkpoint says so by holding lm_head.weight
     if kind == "t5" and m.t5_dense_act_fn:
@@ -175,7 +191,8 @@ def stage2_config(config) -> Blip2Config:
         raise ValueError(f"config.model.llm must be one of {LLMS}, got {m.llm!r}")
     vision = _vision(config)
     qformer = QFormerConfig(**dict(m.qformer.items()), num_query_tokens=m.num_query_tokens,
-                            encoder_hidden_size=vision.hidden_size, use_text_input=False, remat=m.remat)
+                            encoder_hidden_size=vision.hidden_size, use_text_input=False,
+                            **layer_knobs(config, m.remat))
     return Blip2Config(vision=vision, qformer=qformer, text=text_config(config),
                        num_query_tokens=m.num_query_tokens, ln_vision_eps=m.ln_vision_eps, with_lm_head=False)
 
@@ -188,13 +205,13 @@ def text_lm_config(config, tok):
     if not fields.get("vocab_size"):
         fields["vocab_size"] = len(tok)
     dt = dtype(m.dtype, "model.dtype")
+    knobs = dict(dtype=dt, param_dtype=dt, **layer_knobs(config, False))
     if m.llm == "opt":
         newline = tok.encode("\n", add_special_tokens=False)
         if len(newline) != 1:
             raise ValueError(f"{config.data.tokenizer_path}: '\\n' must be one token, got {newline}")
         fields["eos_token_id"] = newline[0]
-        return OPTConfig.from_hf(fields, dtype=dt, param_dtype=dt)
+        return OPTConfig.from_hf(fields, **knobs)
     if m.llm == "t5":  # an untied head (as FlanT5) unless the fields say tied
-        return T5Config.from_hf(fields, dtype=dt, param_dtype=dt,
-                                tie_word_embeddings=fields.get("tie_word_embeddings", True) is not False)
+        return T5Config.from_hf(fields, **knobs, tie_word_embeddings=fields.get("tie_word_embeddings", True) is not False)
     raise ValueError(f"config.model.llm must be one of {TEXT_LM_LLMS} for the text LM, got {m.llm!r}")

@@ -21,7 +21,9 @@ Trainable tree (`trainable_loader`), read on a fresh start only (a resume restor
   workdir: the projection too);
 - with `model.train_vision`, the ViT from `vision_checkpoint`.
 What no checkpoint provides keeps its fresh initialisation, and the log lists it
-(`blip2_jax.convert.merge.merge_params`).
+(`blip2_jax.convert.merge.merge_params`). Every tree read here comes in the model's layer layout
+(`model.scan_layers`): Hugging Face and LAVIS files through their rules (`convert.rules.stack_rules`),
+this project's workdirs, written in either layout, through `models.stacking.match_layout`.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ from blip2_jax.convert import clip, lavis
 from blip2_jax.convert.hf_io import CheckpointReader
 from blip2_jax.convert.merge import merge_params
 from blip2_jax.convert.rules import Rule, check_keys, linear, load_rules, prefixed
-from blip2_jax.models.blip2 import Blip2Config
+from blip2_jax.models.blip2 import Blip2Config, layer_stacks
+from blip2_jax.models.stacking import match_layout
 from blip2_jax.spec.model import frozen_keys, init_fns, read_hf_config, run_keys
 
 log = logging.getLogger(__name__)
@@ -61,10 +64,10 @@ def load_vision(path: str, cfg: Blip2Config) -> dict:
             raise ValueError(f"{path}: its checkpoint (step {step}) holds no trained ViT (`vision`); "
                              "init.vision_checkpoint takes a workdir of a run with model.train_vision=True")
         log.info("ViT from %s, step %d", path, step)
-        return {"vision": params["vision"]}
+        return match_layout({"vision": params["vision"]}, layer_stacks(cfg))
     hf = read_hf_config(path)
     if hf.get("model_type") in ("clip_vision_model", "clip") or cfg.vision.style == "clip":
-        tower, params = clip.load(path)
+        tower, params = clip.load(path, scan_layers=cfg.vision.scan_layers)
         clip.check_matches(tower.config, dataclasses.replace(cfg.vision, dtype=jnp.float32,
                                                              param_dtype=jnp.float32))
         return {"vision": jax.tree.map(np.asarray, params)}
@@ -141,14 +144,14 @@ def _stage1_from_dir(path: str, cfg: Blip2Config) -> dict:
     """The trainable stage-1 leaves a checkpoint directory provides (numpy)."""
     hf = read_hf_config(path)
     if os.path.exists(os.path.join(path, lavis.EXTRA_FILE)) or hf.get("lavis"):
-        _, tree = lavis.load_stage1(path, cfg)
-        tree.pop("vision", None)
-        return tree
+        _, tree = lavis.load_stage1(path)  # unrolled: the layout its converter writes
+        return match_layout({k: v for k, v in tree.items() if k != "vision"}, layer_stacks(cfg))
     if hf_blip2.architecture(hf) != "retrieval":
         raise ValueError(f"{path}: init.stage1_checkpoint must be a Blip2ForImageTextRetrieval or LAVIS stage-1 "
                          f"directory, found {hf.get('architectures')}")
+    config = hf_blip2.config_from_hf(hf, scan_layers=cfg.qformer.scan_layers)
     with CheckpointReader(path) as reader:
-        rules = [r for r in hf_blip2.rules(hf_blip2.config_from_hf(hf)) if r.path[0] != "vision"]
+        rules = [r for r in hf_blip2.rules(config) if r.path[0] != "vision"]
         return load_rules(reader.get, rules, source=path)
 
 
@@ -200,7 +203,7 @@ def read_query_path(path: str, cfg: Blip2Config, with_projection: bool = False) 
     if checkpoint_lib.is_workdir(path):
         step, params = checkpoint_lib.latest_params(path)
         log.info("checkpoint: %s, step %d", path, step)
-        return params
+        return match_layout(params, layer_stacks(cfg))
     return _query_path_from_hf(path, cfg, with_projection)
 
 

@@ -1,9 +1,10 @@
 """Optimizer and learning-rate schedules from `config.optimizer`.
 
 AdamW over the trainable tree only (frozen weights live outside the train state, so they never get
-Adam moments). Weight decay applies to parameters with ndim >= 2 whose name is not `bias`; biases,
-norm scales, the temperature and every other 0-/1-D parameter are not decayed (LAVIS
-`get_optimizer_params`: `p.ndim == 1 or name.endswith(".bias")` -> no decay).
+Adam moments). Weight decay applies to parameters with ndim >= 2 whose name is not `bias` or `scale`;
+biases, norm scales, the temperature and every other 0-/1-D parameter are not decayed (LAVIS
+`get_optimizer_params`: `p.ndim == 1 or name.endswith(".bias")` -> no decay). The names matter for a
+scanned tower (`model.scan_layers`), whose biases and norm scales carry a leading layer axis.
 
 Schedules (`config.optimizer.schedule`):
 - `"warmup_cosine"` (the paper's; optax's `warmup_cosine_decay_schedule`): linear warmup from
@@ -84,9 +85,10 @@ def _leaf_name(path) -> str:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for leaves that get weight decay: ndim >= 2 and not named `bias`."""
+    """True for leaves that get weight decay: ndim >= 2 and not named `bias` or `scale` (a norm scale;
+    2-D only in a scanned stack, as its biases)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: bool(jnp.ndim(x) >= 2 and _leaf_name(path) != "bias"), params)
+        lambda path, x: bool(jnp.ndim(x) >= 2 and _leaf_name(path) not in ("bias", "scale")), params)
 
 
 def _vit_layer_id(path: tuple[str, ...], num_layers: int) -> int:
