@@ -43,10 +43,10 @@ from tests import test_generate as generate_tests
 from tests import test_opt as opt_tests
 from tests import test_stage1 as stage1_tests
 from tests import test_t5 as t5_tests
+from tests import tiny_configs
 from tests.test_blip2_generation import opt_model as blip2_opt  # noqa: F401  (fixture)
 from tests.test_blip2_retrieval import retrieval  # noqa: F401  (fixture)
 from tests.test_opt import hf_opt  # noqa: F401  (fixture)
-from tests.test_stage1 import shapes_dir  # noqa: F401  (fixture)
 from tests.test_t5 import hf_t5  # noqa: F401  (fixture)
 from tests.toy_task import compile_cache, losses  # noqa: F401  (fixture)
 
@@ -285,9 +285,9 @@ def test_t5_parity_and_save_scanned(hf_t5, scanned_loaders, tmp_path):  # noqa: 
 
 
 @pytest.fixture(scope="module", params=["opt", "t5"])
-def scanned_setup(request, tmp_path_factory):
+def scanned_setup(request, hf_blip2):
     """test_generate's tiny HF model and ours, ours moved to the scanned layout."""
-    setup = generate_tests.Setup(request.param, tmp_path_factory)
+    setup = generate_tests.Setup(request.param, hf_blip2)
     setup.model = type(setup.model)(with_scan_layers(setup.model.config, True))
     setup.params = match_layout(setup.params, layer_stacks(setup.model.config))
     assert "layers" in setup.params["language_model"] or "blocks" in setup.params["language_model"]["decoder"]
@@ -302,7 +302,7 @@ def test_generate_scanned_matches_hf_token_for_token(scanned_setup):
 # -- training and workdirs --------------------------------------------------------------------------------
 @pytest.mark.usefixtures("compile_cache")
 def test_scanned_stage1_resumes_exactly_and_its_workdir_loads_unrolled(shapes_dir, tmp_path):  # noqa: F811
-    cfg = stage1_tests.tiny_config(shapes_dir, total_steps=2, checkpoint_every=1)
+    cfg = tiny_configs.stage1(shapes_dir, total_steps=2, checkpoint_every=1)
     cfg.model.scan_layers = True
     cfg.model.remat, cfg.model.remat_policy = True, "save_dots"
     one = jax.devices()[:1]
@@ -324,7 +324,8 @@ def test_scanned_stage1_resumes_exactly_and_its_workdir_loads_unrolled(shapes_di
     assert "layers" in scanned.params["qformer"] and "layer_1" in plain.params["qformer"]
     # A stage-2 run (or anyone) reading this stage-1 workdir gets its model's layout.
     assert "layer_0" in weights.read_query_path(path, plain.model.config)["qformer"]
-    pixels = normal(7, (2, 32, 32, 3))
+    size = cfg.data.image_size
+    pixels = normal(7, (2, size, size, 3))
     ids, mask = jnp.asarray([[2, 5, 6, 3], [2, 7, 3, 0]]), jnp.asarray([[1, 1, 1, 1], [1, 1, 1, 0]])
     for method in ("itm", "itc"):  # the random frozen ViT is re-drawn alike in both layouts
         assert_close(scanned.model.apply({"params": scanned.params}, pixels, ids, mask, method=method),
