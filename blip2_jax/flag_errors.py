@@ -23,14 +23,15 @@ from absl import flags
 USAGE_EXIT_CODE = 2
 
 
-def parse_flags(argv: Sequence[str], config_flag: str = "config") -> list[str]:
-    """`absl.flags.FLAGS(argv)`, exiting with one `error: ...` line on stderr when it fails."""
+def parse_flags(argv: Sequence[str], config_flag: str = "config",
+                example: str = "configs/stage1.py:demo") -> list[str]:
+    """`absl.flags.FLAGS(argv)`, exiting with one `error: ...` line on stderr when it fails (`example`:
+    a config file to name when `--config` is missing)."""
     try:
         rest = flags.FLAGS(list(argv))
         config = flags.FLAGS[config_flag].value
         if config is None:
-            raise flags.Error(f"--{config_flag} is required (a config file, e.g. "
-                              f"--{config_flag}=configs/stage1.py:demo)")
+            raise flags.Error(f"--{config_flag} is required (a config file, e.g. --{config_flag}={example})")
         _touch(config)
     except (flags.Error, AttributeError, KeyError, OSError) as e:
         message = flag_error_message(argv, e, config_flag)

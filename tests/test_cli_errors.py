@@ -1,5 +1,6 @@
 """Command-line mistakes end in one `error: ...` line on stderr and a non-zero exit, before any compute
-(no traceback): `blip2_jax.main`'s flags and `--config.x=y` overrides (blip2_jax/flag_errors.py)."""
+(no traceback): the flags and `--config.x=y` overrides of `blip2_jax.main` and `blip2_jax.evaluate.run`
+(blip2_jax/flag_errors.py)."""
 import os
 import subprocess
 import sys
@@ -60,3 +61,16 @@ def test_a_bug_in_get_config_keeps_its_traceback(tmp_path):
 def test_unknown_field_message_suggests_the_close_field(path, want):
     got = flag_errors.unknown_field_message(config_sections.loop_config(), path)
     assert got == want if want is None else want in got, got
+
+
+@pytest.mark.parametrize("args, want", [
+    (["--config=configs/eval.py:demo_caption", "--config.generation.num_beam=2"],
+     "did you mean generation.num_beams?"),
+    ([], "--config is required (a config file, e.g. --config=configs/eval.py:demo_caption)"),
+])
+def test_evaluation_cli_flag_mistakes_are_one_line(args, want):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-m", "blip2_jax.evaluate.run", *args], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and want in lines[0], out.stderr[-2000:]

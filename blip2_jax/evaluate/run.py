@@ -23,7 +23,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from blip2_jax import compilation_cache, config_sections
+from blip2_jax import compilation_cache, config_sections, flag_errors
 from blip2_jax import processor as processor_lib
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import records
@@ -257,7 +257,8 @@ def main(argv=None):
         sys.stderr.flush()
         print(json.dumps(summary), flush=True)
 
-    app.run(_main, argv=argv)
+    # A bad flag or --config.x=y override: one `error: ...` line and exit status 2, no traceback.
+    app.run(_main, argv=argv, flags_parser=lambda a: flag_errors.parse_flags(a, example="configs/eval.py:demo_caption"))
 
 
 if __name__ == "__main__":
