@@ -22,6 +22,20 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def spread_weights_(model, seed: int) -> None:
+    """Redraw `model`'s weights spread out (norm scales near 1, the rest ~ 0.5 / sqrt(fan-in)), so that
+    decoding is not a sequence of near-ties."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else 0.1))
+
+
 def build_hf(seed: int = 0, vocab: int = 8192):
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
@@ -37,13 +51,7 @@ def build_hf(seed: int = 0, vocab: int = 8192):
         text_config=text.to_dict(), num_query_tokens=16, image_token_index=vocab - 1)
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # spread-out weights, so that decoding is not a sequence of near-ties
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else 0.1))
+    spread_weights_(model, seed)
     return model.eval()
 
 

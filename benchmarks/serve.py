@@ -65,6 +65,7 @@ def build_model(size: str, out_dir: str) -> None:
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
 
+    from benchmarks.generate import spread_weights_
     from blip2_jax.data.testing import make_tiny_opt_tokenizer
 
     tok = make_tiny_opt_tokenizer(out_dir)
@@ -76,13 +77,7 @@ def build_model(size: str, out_dir: str) -> None:
                       text_config=text.to_dict(), num_query_tokens=s["queries"], image_token_index=vocab - 1)
     torch.manual_seed(0)
     model = Blip2ForConditionalGeneration(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # spread-out weights, so that decoding is not a sequence of near-ties
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else 0.1))
+    spread_weights_(model, 0)
     model.eval().save_pretrained(out_dir)
 
 
