@@ -30,13 +30,16 @@ from blip2_jax.data import text as data_text
 from blip2_jax.models.blip2 import Blip2Config, build_model, dummy_inputs
 from blip2_jax.models.blip2 import init_fns as split_init_fns
 from blip2_jax.models.decoder import FAMILIES
+from blip2_jax.models import layers
 from blip2_jax.models.layers import REMAT_POLICIES
 from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.t5 import T5Config, T5ForConditionalGeneration
 from blip2_jax.models.vit import VisionConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The dtype names a config may give a tower: `layers.DTYPES` (the one table) without float16, which
+# FlanT5 and the frozen towers do not tolerate.
+DTYPES = {name: layers.DTYPES[name] for name in ("float32", "bfloat16")}
 TASKS = ("stage1", "stage2", "text_lm")
 LLMS = ("opt", "t5", *FAMILIES)  # `model.llm`: the LLM's HF model_type (stage 2)
 TEXT_LM_LLMS = ("opt", "t5")  # the demo's text LM
