@@ -20,6 +20,13 @@ import ml_collections
 # CLIP's normalisation (LAVIS blip_image_train / eval, HF BlipImageProcessor).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The TF EfficientNet-Lite models' normalisation: (x/255 - mean) / std == (x - 127) / 128.
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+# The demo with a pretrained frozen encoder (`demo_effnet` variants): scenes of all four shapes and the
+# ImageNet-trained EfficientNet-Lite0, both written by launch/demo.sh.
+EFFNET_DEMO_DATA = "demo_data/shapes4"  # python -m blip2_jax.data.shapes --out demo_data/shapes4 --num_heldout 100
+EFFNET_DEMO_WEIGHTS = "demo_data/efficientnet_lite0"  # python -m blip2_jax.convert.efficientnet --out ...
 
 
 def loop_config() -> ml_collections.ConfigDict:
@@ -295,3 +302,15 @@ def text_lm_model(llm: str = "opt") -> ml_collections.ConfigDict:
             dropout_rate=0.1, feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=False,
             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     return m
+
+
+def use_efficientnet(c: ml_collections.ConfigDict, checkpoint: str = EFFNET_DEMO_WEIGHTS,
+                     image_size: int = 128) -> None:
+    """Makes `c` (stage 1 or 2) use the ImageNet-trained EfficientNet-Lite0 as its frozen encoder:
+    `model.vision`, `init.vision_checkpoint`, and the data's image size and normalisation. At 128 px its
+    1280-wide head gives a 4 x 4 grid (16 tokens for the Q-Former to cross-attend to)."""
+    c.model.vision = ml_collections.ConfigDict(dict(style="efficientnet_lite0", image_size=image_size,
+                                                    with_head=True))
+    c.init.vision_checkpoint = checkpoint
+    c.data.image_size = image_size
+    c.data.image_mean, c.data.image_std = LITE_MEAN, LITE_STD

@@ -23,8 +23,8 @@ DEMO_DATA = "demo_data/shapes"  # written by `python -m blip2_jax.data.shapes --
 
 def get_config(arg: str = "vit_g") -> ml_collections.ConfigDict:
     arg = arg or "vit_g"
-    if arg not in ("vit_g", "vit_l", "vit_g_coco_ft", "demo"):
-        raise ValueError(f"configs/stage1.py: unknown variant {arg!r} (vit_g, vit_l, vit_g_coco_ft, demo)")
+    if arg not in ("vit_g", "vit_l", "vit_g_coco_ft", "demo", "demo_effnet"):
+        raise ValueError(f"configs/stage1.py: unknown variant {arg!r} (vit_g, vit_l, vit_g_coco_ft, demo, demo_effnet)")
     c = sections.experiment_config("stage1")
     c.seed = 42
     c.model = sections.stage1_model()
@@ -62,6 +62,8 @@ def get_config(arg: str = "vit_g") -> ml_collections.ConfigDict:
         c.init.vision_checkpoint = "checkpoints/clip-vit-large-patch14"
     else:
         _demo(c)
+        if arg == "demo_effnet":
+            _effnet(c)
     return c
 
 
@@ -134,3 +136,14 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.init.vision_checkpoint = ""
     c.init.qformer_checkpoint = ""
     c.model.scan_layers = False
+
+
+
+def _effnet(c: ml_collections.ConfigDict) -> None:
+    """The demo with a pretrained frozen encoder: EfficientNet-Lite0 (ImageNet) instead of the random
+    ViT, on scenes of all four shapes (what launch/demo.sh runs)."""
+    sections.use_efficientnet(c)
+    data = sections.EFFNET_DEMO_DATA
+    c.data.train_sources.shapes = sections.source_config(data, prefix="train")
+    c.data.tokenizer_path = data + "/tokenizer"
+    c.eval.source = sections.source_config(data, prefix="heldout")

@@ -23,6 +23,9 @@ steps; frozen towers in bfloat16):
   demo_opt   tiny, 2 CPU cores: the stage-1 demo's ViT/Q-Former sizes (its checkpoint loads), the
              tiny OPT trained on the captions by `configs/text_lm.py:demo_opt`, the shapes data; with
              the fixed prompt "a photo of " (set `data.prompt=""` for none).
+  demo_opt_effnet  demo_opt with the ImageNet-trained EfficientNet-Lite0 as the frozen encoder on the
+             scenes of all four shapes (after `configs/stage1.py:demo_effnet` and
+             `configs/text_lm.py:demo_opt_effnet`): what launch/demo.sh runs.
   demo_t5    the same with the tiny T5 of `configs/text_lm.py:demo_t5`, "a photo of" -> caption.
 Initialisation: `init.stage1_checkpoint` (a stage-1 workdir of this project, or an HF BLIP-2 dir)
 gives ln_vision, the queries and the Q-Former; `init.llm_checkpoint` the LLM (and its config);
@@ -36,7 +39,9 @@ from blip2_jax import config_sections as sections
 
 DEMO_DATA = "demo_data/shapes"  # written by `python -m blip2_jax.data.shapes --out demo_data/shapes`
 DEMO_STAGE1 = "workdirs/demo_stage1"  # workdir of `configs/stage1.py:demo`
-DEMO_LLM = {"opt": "workdirs/demo_text_lm_opt/hf", "t5": "workdirs/demo_text_lm_t5/hf"}  # configs/text_lm.py
+DEMO_LLM = {"opt": "workdirs/demo_text_lm_opt/hf", "t5": "workdirs/demo_text_lm_t5/hf",
+            "opt_effnet": "workdirs/demo_effnet_text_lm_opt/hf"}  # configs/text_lm.py
+DEMO_EFFNET_STAGE1 = "workdirs/demo_effnet_stage1"  # workdir of `configs/stage1.py:demo_effnet`
 VARIANTS = {  # variant -> (llm, LLM checkpoint dir, global batch)
     "opt2.7b": ("opt", "checkpoints/opt-2.7b", 1920),
     "opt6.7b": ("opt", "checkpoints/opt-6.7b", 1920),
@@ -47,6 +52,7 @@ VARIANTS = {  # variant -> (llm, LLM checkpoint dir, global batch)
     "opt2.7b_coco_ft": ("opt", "checkpoints/opt-2.7b", 128),
     "demo_opt": ("opt", DEMO_LLM["opt"], 48),
     "demo_t5": ("t5", DEMO_LLM["t5"], 48),
+    "demo_opt_effnet": ("opt", DEMO_LLM["opt_effnet"], 48),
 }
 
 
@@ -87,6 +93,8 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     if arg.startswith("demo"):
         _demo(c, llm)
+        if arg.endswith("_effnet"):
+            _effnet(c)
     elif arg.endswith("_coco_ft"):
         _caption_finetune(c)
     return c
@@ -162,3 +170,12 @@ def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
     c.eval.source = sections.source_config(DEMO_DATA, prefix="heldout")
     c.eval.batch_size = 50
     c.eval.max_new_tokens = 20  # a shapes caption is 13 tokens + "\n" (EOS)
+
+
+def _effnet(c: ml_collections.ConfigDict) -> None:
+    """The demo with EfficientNet-Lite0 (ImageNet) as the frozen encoder, on all four shapes."""
+    sections.use_efficientnet(c)
+    data = sections.EFFNET_DEMO_DATA
+    c.init.stage1_checkpoint = DEMO_EFFNET_STAGE1
+    c.data.train_sources.shapes = sections.source_config(data, prefix="train")
+    c.eval.source = sections.source_config(data, prefix="heldout")

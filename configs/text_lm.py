@@ -6,6 +6,8 @@ Variants:
   demo_opt  a 2-layer OPT (d=128) on `</s> a photo of caption "\\n"` (causal LM, EOS "\\n", the prompt
             out of the loss), half of the sequences with a context in front (`context_prob`),
             400 steps, batch 64;
+  demo_opt_effnet  demo_opt on the scenes of all four shapes (`demo_data/shapes4`): the LLM of the
+            EfficientNet demo (configs/stage2.py:demo_opt_effnet).
   demo_t5   a 2+2-layer T5 (d=128, gated GELU, untied head) on "a photo of" -> caption (the stage-2
             demo's captioning form), 400 steps, batch 64.
 At the end the LM and its tokenizer are written to `<workdir>/hf` (a Hugging Face directory), which
@@ -25,16 +27,17 @@ PROMPTS = {"opt": "a photo of ", "t5": "a photo of"}
 
 def get_config(arg: str = "demo_opt") -> ml_collections.ConfigDict:
     arg = arg or "demo_opt"
-    if arg not in ("demo_opt", "demo_t5"):
-        raise ValueError(f"configs/text_lm.py: unknown variant {arg!r} (demo_opt, demo_t5)")
+    if arg not in ("demo_opt", "demo_t5", "demo_opt_effnet"):
+        raise ValueError(f"configs/text_lm.py: unknown variant {arg!r} (demo_opt, demo_t5, demo_opt_effnet)")
     llm = arg.split("_")[1]
+    data = sections.EFFNET_DEMO_DATA if arg.endswith("_effnet") else DEMO_DATA
     c = sections.experiment_config("text_lm")
     c.seed = 7
     c.model = sections.text_lm_model(llm)
     c.build_tokenizer = True      # train a byte-level BPE on the training captions if data.tokenizer_path is missing
     c.tokenizer_vocab_size = 384  # its vocabulary size (256 bytes + specials + merges)
     c.export_dir = ""             # where the final HF directory goes; "" = <workdir>/hf
-    c.eval_source = sections.source_config(DEMO_DATA, prefix="heldout")  # held-out LM loss ("" path: none)
+    c.eval_source = sections.source_config(data, prefix="heldout")  # held-out LM loss ("" path: none)
     c.eval_max_captions = 256     # held-out captions in that one evaluation batch
     # Fraction of training sequences that carry the caption's content words as context in front (where
     # stage 2 puts the visual prompt), so the frozen LM learns to follow what precedes its text
@@ -42,11 +45,11 @@ def get_config(arg: str = "demo_opt") -> ml_collections.ConfigDict:
     c.context_prob = 0.5
     c.context_drop_words = "a an the of"  # words left out of that context (space-separated)
 
-    c.data.train_sources.shapes = sections.source_config(DEMO_DATA, prefix="train")
+    c.data.train_sources.shapes = sections.source_config(data, prefix="train")
     c.data.text_mode = "opt" if llm == "opt" else "t5_prompt"
     c.data.prompt = PROMPTS[llm]
     c.data.max_text_len = 24  # room for the context: 7 words "\n" + </s> prompt caption "\n" (23 tokens)
-    c.data.tokenizer_path = f"{DEMO_DATA}/tokenizer_{llm}"
+    c.data.tokenizer_path = f"{data}/tokenizer_{llm}"
     c.data.caption_index = 0  # the canonical caption, as the stage-2 demo (configs/stage2.py)
 
     c.train.batch_size = 64

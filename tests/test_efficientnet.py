@@ -180,3 +180,70 @@ def test_reading_a_non_efficientnet_dir_says_so(tmp_path):
     other = write_checkpoint(tmp_path / "bert", {"w": np.zeros(2, np.float32)}, {"model_type": "bert"})
     with pytest.raises(CheckpointError, match="model_type is 'bert', expected 'efficientnet_lite'"):
         convert_effnet.read_params(other, efficientnet.EfficientNetConfig())
+
+
+# -- the pluggable encoder inside BLIP-2 ---------------------------------------------------------
+def _effnet_stage1(shapes_dir, lite0_dir, **train):
+    from ml_collections import ConfigDict
+
+    from blip2_jax import config_sections
+    from tests import tiny_configs
+
+    cfg = tiny_configs.stage1(shapes_dir, **train)
+    cfg.model.vision = ConfigDict(dict(style="efficientnet_lite0", image_size=40, with_head=True))
+    cfg.init.vision_checkpoint = lite0_dir
+    cfg.data.image_size = 40  # a 2 x 2 grid of 1280-wide features
+    cfg.data.image_mean, cfg.data.image_std = config_sections.LITE_MEAN, config_sections.LITE_STD
+    return cfg
+
+
+def test_stage1_with_efficientnet_reads_the_pretrained_features_and_trains(shapes_dir, lite0_dir, lite0, tmp_path):
+    """The stage-1 model's frozen encoder is the converted Lite0 (its features equal the standalone
+    tower's, which equals the torch reference above), the loop loads it frozen and trains the rest."""
+    from blip2_jax import sharding
+    from blip2_jax.spec import model as spec_model
+    from blip2_jax.spec import weights
+    from blip2_jax.train import loop, stage1
+
+    cfg = _effnet_stage1(shapes_dir, lite0_dir, total_steps=2, batch_size=8)
+    built = spec_model.build(cfg)
+    vision = weights.load_vision(lite0_dir, built.model.config)["vision"]
+    images = np.random.default_rng(1).normal(size=(2, 40, 40, 3)).astype(np.float32)
+    import flax.linen as nn
+
+    from blip2_jax.models.blip2 import dummy_inputs, init_params
+    full = nn.unbox(init_params(built.model, jax.random.PRNGKey(0), *dummy_inputs(built.model)))
+    ours = built.model.apply({"params": {**full, "vision": vision}}, images, method="vit_features")
+    params, _, features = lite0
+    assert ours.shape == (2, 4, 1280)
+    assert_close(ours, features(params, images), tol=1e-5)  # jit vs eager rounding only
+
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    seen = {}
+
+    def capture(trainable, frozen, step):
+        seen["frozen"] = jax.tree.map(np.asarray, frozen)
+        return {}
+
+    import dataclasses
+    task = dataclasses.replace(stage1.make_task(cfg, mesh), evaluate=capture)
+    out = loop.train(cfg, task, stage1.make_data(cfg), str(tmp_path), mesh=mesh)
+    assert out["step"] == 2 and np.isfinite(out["loss"])
+    assert set(seen["frozen"]) == {"vision"}
+    np.testing.assert_array_equal(seen["frozen"]["vision"]["blocks_7"]["depthwise_conv"]["kernel"],
+                                  vision["blocks_7"]["depthwise_conv"]["kernel"])
+
+
+def test_a_vit_config_refuses_an_efficientnet_checkpoint(shapes_dir, lite0_dir):
+    from blip2_jax.spec import model as spec_model
+    from blip2_jax.spec import weights
+    from tests import tiny_configs
+
+    cfg = tiny_configs.stage1(shapes_dir)
+    cfg.init.vision_checkpoint = lite0_dir
+    with pytest.raises(ValueError, match="holds a 'efficientnet_lite' tower but model.vision.style is 'eva'"):
+        weights.load_vision(lite0_dir, spec_model.stage1_config(cfg, vocab_size=99))
+    cfg = _effnet_stage1(shapes_dir, lite0_dir)
+    cfg.model.train_vision = True
+    with pytest.raises(ValueError, match="EfficientNet-Lite0 is a frozen-only encoder"):
+        spec_model.stage1_config(cfg, vocab_size=99)

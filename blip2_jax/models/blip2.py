@@ -1,5 +1,10 @@
 """The BLIP-2 compositions.
 
+The frozen image encoder is pluggable: anything that maps `pixel_values [B, H, W, 3]` to a grid of
+feature vectors `[B, N, D]`. `image_encoder` picks it by the type of `Blip2Config.vision`: the EVA /
+CLIP ViT (`VisionConfig`, the paper's) or the ImageNet-trained EfficientNet-Lite0
+(`EfficientNetConfig`, the demo's). "ViT" below means whichever it is.
+
 - `Blip2Stage1`: ViT + `ln_vision` + Q-Former + the stage-1 heads (ITC projections, ITM head, the
   ITG LM head with its decoder tied to the word embeddings, the ITC temperature). It is also the
   model behind Hugging Face's `Blip2ForImageTextRetrieval` checkpoints (which lack `temp` and the
@@ -15,13 +20,14 @@ stage 2) are frozen, everything else trains (`ln_vision` included, as in LAVIS).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from blip2_jax.models import decoder, layers, opt, qformer as qformer_lib, t5, vit as vit_lib
+from blip2_jax.models.efficientnet import EfficientNetConfig, EfficientNetLite
 from blip2_jax.models.layers import Dense, LayerNorm
 from blip2_jax.models.qformer import QFormer, QFormerConfig, attention_mask
 from blip2_jax.models.stacking import LayerStack, stack_layers
@@ -36,7 +42,7 @@ _LLM_STACKS = {"OPTConfig": opt.layer_stacks, "T5Config": t5.layer_stacks,
 
 @dataclasses.dataclass(frozen=True)
 class Blip2Config:
-    vision: VisionConfig = VisionConfig()
+    vision: Union[VisionConfig, EfficientNetConfig] = VisionConfig()  # the frozen image encoder
     qformer: QFormerConfig = QFormerConfig()
     text: Any = None  # OPTConfig / DecoderConfig / T5Config for stage 2, None for stage 1
     num_query_tokens: int = 32
@@ -70,6 +76,15 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def image_encoder(config: Union[VisionConfig, EfficientNetConfig], name: str = "vision") -> nn.Module:
+    """The frozen image encoder `config` describes: `pixel_values -> [B, N, hidden_size]`."""
+    if isinstance(config, VisionConfig):
+        return VisionTransformer(config, name=name)
+    if isinstance(config, EfficientNetConfig):
+        return EfficientNetLite(config, name=name)
+    raise ValueError(f"Blip2Config.vision must be a VisionConfig or EfficientNetConfig, got {type(config).__name__}")
+
+
 class _ImageQueries(nn.Module):
     """Shared front: frozen ViT -> ln_vision -> learned queries through the Q-Former."""
 
@@ -77,7 +92,7 @@ class _ImageQueries(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.vision = VisionTransformer(cfg.vision, name="vision")
+        self.vision = image_encoder(cfg.vision)
         self.ln_vision = LayerNorm(cfg.ln_vision_eps, name="ln_vision")
         self.query_tokens = self.param(
             "query_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "queries", "embed")),
@@ -269,7 +284,9 @@ def build_model(config: Blip2Config) -> nn.Module:
 def layer_stacks(config: Blip2Config) -> list[LayerStack]:
     """Every layer stack of the composition `config` describes, where its tree keeps it (`vision`,
     `qformer`, `language_model`), each in the layout its tower config says (`models.stacking`)."""
-    stacks = vit_lib.layer_stacks(config.vision, ("vision",)) + qformer_lib.layer_stacks(config.qformer, ("qformer",))
+    stacks = qformer_lib.layer_stacks(config.qformer, ("qformer",))
+    if isinstance(config.vision, VisionConfig):  # EfficientNet's blocks differ in shape: never stacked
+        stacks = vit_lib.layer_stacks(config.vision, ("vision",)) + stacks
     if config.text is not None:
         stacks += _LLM_STACKS[type(config.text).__name__](config.text, ("language_model",))
     return stacks

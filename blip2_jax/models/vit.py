@@ -51,6 +51,18 @@ class VisionConfig(TowerConfig):
     def num_positions(self) -> int:
         return (self.image_size // self.patch_size) ** 2 + 1
 
+    @property
+    def num_tokens(self) -> int:
+        """The tokens it returns (patches + class token): what the Q-Former cross-attends to."""
+        return self.num_positions
+
+    @property
+    def forward_flops(self) -> float:
+        """Forward FLOPs of one image: 2 per multiply-add of the blocks' weight matmuls (the train
+        loop's MFU count; attention scores and the patch embedding are left out)."""
+        d = self.hidden_size
+        return float(2 * self.num_tokens * self.num_layers * (4 * d * d + 2 * d * self.intermediate_size))
+
 
 def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
     """Keys cubic convolution weights for the 4 taps at offsets -1, 0, 1, 2 (torch's a = -0.75)."""

@@ -30,6 +30,7 @@ from blip2_jax.data import text as data_text
 from blip2_jax.models.blip2 import Blip2Config, build_model, dummy_inputs
 from blip2_jax.models.blip2 import init_fns as split_init_fns
 from blip2_jax.models.decoder import FAMILIES
+from blip2_jax.models.efficientnet import EfficientNetConfig
 from blip2_jax.models import layers
 from blip2_jax.models.layers import REMAT_POLICIES
 from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
@@ -125,10 +126,17 @@ def layer_knobs(config, remat: bool) -> dict:
     return dict(scan_layers=bool(m.get("scan_layers", False)), remat=policy if remat else False)
 
 
-def _vision(config) -> VisionConfig:
+def _vision(config) -> VisionConfig | EfficientNetConfig:
+    """The frozen image encoder's config: a ViT (`model.vision.style` "eva" / "clip") or EfficientNet-Lite0
+    (`style="efficientnet_lite0"`, with only `image_size` and `with_head` to choose)."""
     m = config.model
     vision_dtype = jnp.float32 if m.train_vision else dtype(m.frozen_dtype)  # a trained ViT: float32
     fields = dict(m.vision.items())
+    if fields.get("style") == EfficientNetConfig.style:
+        if m.train_vision:  # its BatchNorm statistics are fixed: fine-tuning it needs a train mode
+            raise ValueError("config.model.train_vision=True: EfficientNet-Lite0 is a frozen-only encoder here")
+        fields.pop("remat", None)  # a frozen, forward-only tower: nothing to rematerialise
+        return EfficientNetConfig(**fields, dtype=vision_dtype, param_dtype=vision_dtype)
     fields.update(layer_knobs(config, fields.pop("remat", False)))
     return VisionConfig(**fields, dtype=vision_dtype, param_dtype=vision_dtype)
 

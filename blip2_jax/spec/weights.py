@@ -4,7 +4,8 @@ Frozen towers (`frozen_loader`, `frozen_tree`), read on every start of a run and
 of its workdir (they are never checkpointed):
 - `init.vision_checkpoint`: the ViT from an HF BLIP-2 directory (EVA ViT-g), an HF `CLIPVisionModel`
   directory (CLIP ViT-L, `model.vision.style = "clip"`), or a workdir of this project whose checkpoint
-  trained the ViT (`model.train_vision`). Empty: the random ViT drawn from the run's frozen key
+  trained the ViT (`model.train_vision`), or an EfficientNet-Lite0 directory written by
+  `python -m blip2_jax.convert.efficientnet` (`model.vision.style = "efficientnet_lite0"`). Empty: the random ViT drawn from the run's frozen key
   (`spec.model.run_keys`), which for the same seed and vision sizes is the very ViT stage 1 drew
   (Flax derives a parameter's random numbers from its path), so the stage-2 demo sees the stage-1
   demo's image features.
@@ -41,11 +42,12 @@ from blip2_jax import checkpoint as checkpoint_lib
 from blip2_jax import sharding as sharding_lib
 from blip2_jax.convert import bert as bert_conv
 from blip2_jax.convert import blip2 as hf_blip2
-from blip2_jax.convert import clip, lavis
+from blip2_jax.convert import clip, efficientnet, lavis
 from blip2_jax.convert.hf_io import CheckpointReader
 from blip2_jax.convert.merge import merge_params
 from blip2_jax.convert.rules import Rule, check_keys, linear, load_rules, prefixed
 from blip2_jax.models.blip2 import Blip2Config, layer_stacks
+from blip2_jax.models.efficientnet import EfficientNetConfig
 from blip2_jax.models.stacking import match_layout
 from blip2_jax.spec.model import frozen_keys, init_fns, read_hf_config, run_keys
 
@@ -66,6 +68,11 @@ def load_vision(path: str, cfg: Blip2Config) -> dict:
         log.info("ViT from %s, step %d", path, step)
         return match_layout({"vision": params["vision"]}, layer_stacks(cfg))
     hf = read_hf_config(path)
+    if (hf.get("model_type") == efficientnet.MODEL_TYPE) != (cfg.vision.style == EfficientNetConfig.style):
+        raise ValueError(f"init.vision_checkpoint={path!r} holds a {hf.get('model_type')!r} tower but "
+                         f"model.vision.style is {cfg.vision.style!r}")
+    if cfg.vision.style == EfficientNetConfig.style:
+        return {"vision": efficientnet.read_params(path, cfg.vision)}
     if hf.get("model_type") in ("clip_vision_model", "clip") or cfg.vision.style == "clip":
         tower, params = clip.load(path, scan_layers=cfg.vision.scan_layers)
         clip.check_matches(tower.config, dataclasses.replace(cfg.vision, dtype=jnp.float32,

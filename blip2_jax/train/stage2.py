@@ -106,8 +106,7 @@ def flops_per_example(cfg: Blip2Config, text_len: int, train_vision: bool = Fals
     gradients cost as much as the forward twice over, minus the weight gradients, which are not
     computed: ~2x forward)."""
     v, q = cfg.vision, cfg.qformer
-    n_img = (v.image_size // v.patch_size) ** 2 + 1
-    vit = 2 * n_img * v.num_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+    n_img, vit = v.num_tokens, v.forward_flops
     nq = cfg.num_query_tokens
     layer = 4 * q.hidden_size ** 2 + 2 * q.hidden_size * q.intermediate_size
     cross = q.num_layers // q.cross_attention_frequency * 2 * q.hidden_size * v.hidden_size * n_img
