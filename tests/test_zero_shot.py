@@ -129,3 +129,53 @@ def test_training_evaluator_reads_the_eval_section(folder):
     got = zero_shot.evaluator(c, loaded.model, loaded.tokenizer)(loaded.params, 0)
     want = _reference(hf, model_dir, arrays, 0)
     assert got == pytest.approx({f"zero_shot_{k}": v for k, v in zero_shot.accuracy(want, labels).items()})
+
+
+def test_shapes_zero_shot_sets_label_what_both_objects_share(tmp_path):
+    """`data.shapes.write_zero_shot`: per class `num_per_class` scenes whose two objects both have the
+    labelled colour (every non-background pixel is it: PIL draws without anti-aliasing); byte-identical
+    on re-run; readable by the classifier."""
+    from PIL import Image
+
+    from blip2_jax.data import shapes
+    from blip2_jax.evaluate import zero_shot
+
+    written = shapes.write_zero_shot(str(tmp_path / "a"), num_per_class=3)
+    again = shapes.write_zero_shot(str(tmp_path / "b"), num_per_class=3)
+    for attribute, path in written.items():
+        paths, labels = zero_shot.read_labelled_images(path)
+        values = shapes.SHAPES if attribute == "shape" else tuple(shapes.COLORS)
+        assert sorted(labels) == sorted(v for v in values for _ in range(3))
+        for p in paths:
+            assert open(p, "rb").read() == open(p.replace(str(tmp_path / "a"), str(tmp_path / "b")), "rb").read()
+    assert set(again) == set(written)
+    paths, labels = zero_shot.read_labelled_images(written["colour"])
+    for p, label in zip(paths, labels):
+        pixels = {tuple(c) for c in np.asarray(Image.open(p)).reshape(-1, 3)}
+        assert pixels == {shapes.BACKGROUND, shapes.COLORS[label]}, (p, label)
+
+
+def test_image_batches_normalise_with_the_models_mean_and_std(tmp_path):
+    from blip2_jax.config_sections import LITE_MEAN, LITE_STD
+    from blip2_jax.evaluate import zero_shot
+
+    arr = np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    (tmp_path / "x.png").write_bytes(image_bytes(arr))
+    batch = next(zero_shot.image_batches([str(tmp_path / "x.png")], 8, 1, mean=LITE_MEAN, std=LITE_STD))
+    np.testing.assert_allclose(batch["image"][0], (arr.astype(np.float32) - 127.0) / 128.0, atol=1e-5)
+
+
+def test_cli_prompts_never_outrun_the_qformer_positions():
+    """A demo workdir's Q-Former has 32 positions: a 35-token prompt would read past them (NaN scores)."""
+    from types import SimpleNamespace
+
+    from ml_collections import ConfigDict
+
+    def loaded(max_positions, max_text_len=None):
+        config = None if max_text_len is None else ConfigDict({"data": {"max_text_len": max_text_len}})
+        qformer = SimpleNamespace(max_position_embeddings=max_positions)
+        return SimpleNamespace(config=config, model=SimpleNamespace(config=SimpleNamespace(qformer=qformer)))
+
+    assert classify._max_len(loaded(32)) == 32
+    assert classify._max_len(loaded(512)) == 35
+    assert classify._max_len(loaded(32, max_text_len=16)) == 16

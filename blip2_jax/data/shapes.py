@@ -14,6 +14,9 @@ apart in a few CPU minutes. Shape is the attribute it cannot: a supervised probe
 linear heads, 600 steps) reads size 0.93, colour 0.99 and relation 0.87 on held-out scenes but circle
 vs square at chance (0.52): shape needs a pretrained image encoder, or training far beyond this budget.
 
+Zero-shot classification sets (`zero_shot/shape.jsonl`, `zero_shot/colour.jsonl`, 25 images per
+class): scenes whose two objects share the labelled shape (colour), for `python -m blip2_jax.classify`.
+
 Splits (same ArrayRecord format as `blip2_jax.data.build`, prefixes `train` and `heldout`):
 - `heldout`: `num_heldout` scenes with pairwise different (object, relation, object) combinations,
   written canonically with "left of"/"above" (the second caption uses "right of"/"below"), so every
@@ -148,6 +151,48 @@ def make_split(split: str, num: int, seed: int, canvas: int,
     return out
 
 
+ZERO_SHOT_ATTRIBUTES = {"shape": 2, "colour": 1}  # attribute -> its index in an object tuple
+
+
+def zero_shot_split(attribute: str, num_per_class: int, seed: int, canvas: int,
+                    shapes: Sequence[str] = SHAPES) -> list[tuple[Image.Image, str]]:
+    """`(image, label)` pairs for zero-shot classification by `attribute` ("shape" or "colour"): scenes
+    whose two objects share that attribute's value (the label) and differ at random in the rest, so
+    the label is the one thing both objects say; deterministic in the arguments."""
+    index = ZERO_SHOT_ATTRIBUTES[attribute]
+    objs = objects(shapes)
+    values = sorted({o[index] for o in objs}, key=[o[index] for o in objs].index)
+    out = []
+    for v, value in enumerate(values):
+        same = [o for o in objs if o[index] == value]
+        for i in range(num_per_class):
+            rng = np.random.default_rng([seed, 3, v, i])
+            a, b = (same[j] for j in rng.choice(len(same), 2, replace=len(same) < 2))
+            relation = list(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+            out.append((render(a, relation, b, rng, canvas), value))
+    return out
+
+
+def write_zero_shot(out_dir: str, *, num_per_class: int = 25, seed: int = 0, canvas: int = 64,
+                    shapes: Sequence[str] = SHAPES) -> dict[str, str]:
+    """Writes `out_dir/zero_shot/<attribute>.jsonl` (`{"image": path, "label": value}` per line, what
+    `python -m blip2_jax.classify --data=` reads) and the images beside it, for shape and colour;
+    returns the JSONL paths."""
+    root = os.path.join(out_dir, "zero_shot")
+    os.makedirs(root, exist_ok=True)
+    written = {}
+    for attribute in ZERO_SHOT_ATTRIBUTES:
+        lines = []
+        for i, (im, label) in enumerate(zero_shot_split(attribute, num_per_class, seed, canvas, shapes)):
+            name = f"{attribute}-{i:04d}.png"
+            im.save(os.path.join(root, name), format="PNG")
+            lines.append(json.dumps({"image": name, "label": label}))
+        written[attribute] = os.path.join(root, f"{attribute}.jsonl")
+        with open(written[attribute], "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    return written
+
+
 def generate(out_dir: str, *, num_train: int = 10000, num_heldout: int = 200, size: int = 64,
              seed: int = 0, train_shards: int = 4, shapes: Sequence[str] = SHAPES) -> dict[str, list[str]]:
     """Writes `train-*` and `heldout-*` shards to out_dir, and `MANIFEST` (the arguments, so a
@@ -163,6 +208,7 @@ def generate(out_dir: str, *, num_train: int = 10000, num_heldout: int = 200, si
             records.write_shard(path, recs[bounds[k]:bounds[k + 1]])
             paths.append(path)
         written[split] = paths
+    write_zero_shot(out_dir, seed=seed, canvas=size, shapes=shapes)
     with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest(num_train, num_heldout, size, seed, train_shards, shapes), f, indent=1)
     return written

@@ -141,16 +141,18 @@ def read_labelled_images(path: str, classnames: Sequence[str] = ()) -> tuple[lis
     return [p for p, _ in images], [label for _, label in images]
 
 
-def image_batches(paths: Sequence[str], image_size: int, batch_size: int):
-    """Eval batches (`image`, `valid`, `image_id` = index into `paths`) of the readable images; an
-    unreadable one is skipped (`valid` False) and logged, the others are still classified."""
+def image_batches(paths: Sequence[str], image_size: int, batch_size: int, *, mean=image_ops.CLIP_MEAN,
+                  std=image_ops.CLIP_STD):
+    """Eval batches (`image`, `valid`, `image_id` = index into `paths`) of the readable images, normalised
+    by the model's `mean` / `std`; an unreadable one is skipped (`valid` False) and logged, the others
+    are still classified."""
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
         images, valid = [], []
         for p in chunk + [chunk[0]] * (batch_size - len(chunk)):  # fixed shape: one compilation
             try:
                 with open(p, "rb") as f:
-                    images.append(image_ops.eval_transform(f.read(), image_size, draft=False))
+                    images.append(image_ops.eval_transform(f.read(), image_size, draft=False, mean=mean, std=std))
                 valid.append(True)
             except (OSError, ValueError, SyntaxError) as e:
                 log.warning("skipping unreadable image %s (%s)", p, e)
@@ -163,12 +165,14 @@ def image_batches(paths: Sequence[str], image_size: int, batch_size: int):
 
 def evaluate_folder(scorer, params, tokenizer, path: str, classnames: Sequence[str] = (), *,
                     templates: Sequence[str] = TEMPLATES, image_size: int, itm_top_k: int = 0,
-                    max_len: int = 35, batch_size: int = 32) -> dict:
-    """Top-1/top-5 accuracy, the confusion matrix and counts on a labelled image folder or JSONL file.
-    `classnames` default: the labels found, sorted."""
+                    max_len: int = 35, batch_size: int = 32, mean=image_ops.CLIP_MEAN,
+                    std=image_ops.CLIP_STD) -> dict:
+    """Top-1/top-5 accuracy, the confusion matrix and counts on a labelled image folder or JSONL file
+    (pixels normalised by `mean` / `std`, the model's). `classnames` default: the labels found, sorted."""
     paths, labels = read_labelled_images(path, classnames)
     classnames = list(classnames) or sorted(set(labels))
-    scores, ids = classify(scorer, params, tokenizer, image_batches(paths, image_size, batch_size), classnames,
+    batches = image_batches(paths, image_size, batch_size, mean=tuple(mean), std=tuple(std))
+    scores, ids = classify(scorer, params, tokenizer, batches, classnames,
                            templates, itm_top_k=itm_top_k, max_len=max_len, batch_size=batch_size)
     if not len(ids):
         raise ValueError(f"{path}: no image could be read")
@@ -189,7 +193,8 @@ def evaluator(config, model, tokenizer):
     def evaluate(params, step: int) -> dict:
         out = evaluate_folder(scorer, params, tokenizer, zs.path, classes, templates=templates,
                               image_size=config.data.image_size, itm_top_k=int(zs.itm_top_k),
-                              max_len=int(config.data.max_text_len), batch_size=int(config.eval.batch_size))
+                              max_len=int(config.data.max_text_len), batch_size=int(config.eval.batch_size),
+                              mean=config.data.image_mean, std=config.data.image_std)
         return {f"zero_shot_{k}": v for k, v in out["metrics"].items()}
 
     return evaluate
