@@ -156,23 +156,38 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """Per-channel `k x k` convolution (`kernel [k, k, 1, C]`, TF "SAME" padding) as a sum of k*k
-    shifted, scaled copies of the input. Equal to `conv_general_dilated(..., feature_group_count=C)`
-    up to float rounding, and 4-35x faster on XLA's CPU backend, whose grouped convolutions are slow
-    (measured on the Lite0 shapes, batch 48); the network is small enough that this costs nothing
-    elsewhere."""
-    k = kernel.shape[0]
+# The convolutions below are written as shifted windows and matrix products rather than
+# `lax.conv_general_dilated`: equal up to float rounding, and much faster on XLA's CPU backend, whose
+# convolutions are slow at these shapes (batch 48, Lite0 at 128 px: depthwise 4-35x, 1x1 2.5x, the
+# stem 3x); on accelerators the network is too small for the form to matter.
+def _windows(x: jax.Array, k: int, stride: int):
+    """The `k * k` shifted views of `x` (TF "SAME" padding) that a `k x k` convolution with `stride`
+    weighs: `((i, j), view [B, out_h, out_w, C])`."""
     (top, bottom), (left, right) = (same_padding(x.shape[i], k, stride) for i in (1, 2))
     padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
-    out = None
     for i in range(k):
         for j in range(k):
-            window = padded[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride]
-            term = window * kernel[i, j, 0]
-            out = term if out is None else out + term
+            yield (i, j), padded[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride]
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Per-channel `k x k` convolution (`kernel [k, k, 1, C]`): a sum of k*k shifted, scaled copies."""
+    out = None
+    for (i, j), window in _windows(x, kernel.shape[0], stride):
+        term = window * kernel[i, j, 0]
+        out = term if out is None else out + term
     return out
+
+
+def dense_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A full `k x k` convolution (`kernel [k, k, C_in, C_out]`): one matrix product of the stacked
+    shifted views (im2col), or of `x` itself for 1x1."""
+    k = kernel.shape[0]
+    if k == 1 and stride == 1:
+        return jnp.dot(x, kernel[0, 0])
+    patches = jnp.concatenate([w for _, w in _windows(x, k, stride)], axis=-1)  # (i, j, c) order
+    return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
 
 
 class Conv(nn.Module):
@@ -193,10 +208,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", init, (self.kernel, self.kernel, x.shape[-1] // groups, self.features),
                             self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if self.depthwise:
-            return depthwise_conv(x, kernel, self.stride)
-        return jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return (depthwise_conv if self.depthwise else dense_conv)(x, kernel, self.stride)
 
 
 class MBConv(nn.Module):
