@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from blip2_jax.models import quant
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -142,7 +144,7 @@ class Embed(nn.Module):
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        return quant.take_rows(self.embedding, ids, self.dtype)  # a plain or int8 table (`models.quant`)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the table (a tied output head), computed and returned in float32."""
