@@ -150,6 +150,10 @@ def layer_stack_fields() -> dict:
         # pass: "full" (nothing but each block's input: the least memory), "save_dots" (the weight
         # matmuls' outputs: less recomputation, more memory), "none" (no remat whatever the switches).
         remat_policy="full",
+        # Every tower's attention: "xla" (the einsum form, float32 scores) or "fused"
+        # (jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA GPUs in bfloat16/float16,
+        # XLA's form elsewhere; the same numbers up to float rounding).
+        attention_impl="xla",
     )
 
 

@@ -286,7 +286,7 @@ class DecoderAttention(nn.Module):
         if not deterministic and cfg.attention_dropout > 0:
             dropout_rng = self.make_rng("dropout")
         out = dot_product_attention(q, k, v, bias, dropout_rate=cfg.attention_dropout, deterministic=deterministic,
-                                    dropout_rng=dropout_rng, dtype=cfg.dtype)
+                                    dropout_rng=dropout_rng, dtype=cfg.dtype, impl=cfg.attention_impl)
         return _dense(cfg, "o_proj", cfg.hidden_size, ("heads", "embed"), cfg.attention_bias)(merge_heads(out)), \
             new_cache
 

@@ -48,6 +48,7 @@ class TowerConfig:
     param_dtype: Dtype = jnp.float32
     remat: Union[bool, str] = False
     scan_layers: bool = False
+    attention_impl: str = "xla"  # "fused": jax.nn.dot_product_attention (`dot_product_attention`)
 
     def __post_init__(self):
         for k in ("dtype", "param_dtype"):
@@ -76,7 +77,8 @@ class TowerConfig:
         if d.get("model_type", model_type) != model_type:
             raise ValueError(f"{cls.__name__}.from_hf: model_type is {d.get('model_type')!r}, "
                              f"expected {model_type!r}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat", "scan_layers", *exclude}
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat", "scan_layers",
+                                                             "attention_impl", *exclude}
         return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
 
 
@@ -218,6 +220,9 @@ def mask_to_bias(mask: jax.Array, fill: float = -1e9) -> jax.Array:
     return jnp.where(mask.astype(bool), 0.0, fill).astype(jnp.float32)
 
 
+ATTENTION_IMPLS = ("xla", "fused")
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -229,19 +234,33 @@ def dot_product_attention(
     deterministic: bool = True,
     dropout_rng: Optional[jax.Array] = None,
     dtype: Dtype = jnp.float32,
+    impl: str = "xla",
 ) -> jax.Array:
     """Softmax attention with float32 scores.
+
+    `impl="xla"` is the einsum form below; `impl="fused"` hands the same computation to
+    `jax.nn.dot_product_attention`, which picks a fused kernel where the backend has one (cuDNN flash
+    attention on NVIDIA GPUs for bfloat16 / float16) and XLA's form elsewhere. Attention dropout (a
+    training-only option no frozen tower uses) always takes the einsum form.
 
     q: `[B, Tq, H, D]`, k and v: `[B, Tk, H, D]`, or `[B, Tk, KV, D]` with H a multiple of KV (grouped-query
     attention: query head h reads K/V head h // (H / KV), as HF's `repeat_kv`); `bias` broadcasts to
     `[B, H, Tq, Tk]` and is added to the scaled scores. `scale` defaults to `D**-0.5` (T5 passes 1.0).
     Returns `[B, Tq, H, D]` in `dtype`.
     """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if impl == "fused" and (deterministic or dropout_rate == 0.0):
+        if bias is not None:  # [B, H, Tq, Tk] as jax.nn wants it (it broadcasts only size-1 axes itself)
+            bias = jnp.broadcast_to(bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])).astype(dtype)
+        out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), bias=bias,
+                                           scale=float(scale))
+        return out.astype(dtype)
     if k.shape[-2] != q.shape[-2]:
         groups = q.shape[-2] // k.shape[-2]
         k, v = jnp.repeat(k, groups, axis=-2), jnp.repeat(v, groups, axis=-2)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
                         preferred_element_type=jnp.float32)
     scores = scores * scale

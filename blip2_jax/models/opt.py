@@ -146,7 +146,8 @@ class OPTAttention(nn.Module):
         if not deterministic and cfg.attention_dropout > 0:
             dropout_rng = self.make_rng("dropout")
         out = dot_product_attention(q, k, v, bias, dropout_rate=cfg.attention_dropout,
-                                    deterministic=deterministic, dropout_rng=dropout_rng, dtype=cfg.dtype)
+                                    deterministic=deterministic, dropout_rng=dropout_rng, dtype=cfg.dtype,
+                                    impl=cfg.attention_impl)
         out = dense("out_proj", ("heads", "embed"))(merge_heads(out))
         return out, new_cache
 

@@ -108,7 +108,8 @@ class MultiHeadAttention(nn.Module):
             v = jnp.concatenate([past[1].astype(v.dtype), v], axis=1)
         rng = None if deterministic or cfg.attention_dropout == 0 else self.make_rng("dropout")
         out = layers.dot_product_attention(q, k, v, bias, dropout_rate=cfg.attention_dropout,
-                                           deterministic=deterministic, dropout_rng=rng, dtype=cfg.dtype)
+                                           deterministic=deterministic, dropout_rng=rng, dtype=cfg.dtype,
+                                           impl=cfg.attention_impl)
         return layers.merge_heads(out), new_kv
 
 

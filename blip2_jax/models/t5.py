@@ -209,7 +209,7 @@ class T5Attention(nn.Module):
         q = split_heads(self.q(x), c.num_heads)
         rng = self.make_rng("dropout") if (not deterministic and c.dropout_rate > 0) else None
         out = dot_product_attention(q, k, v, bias, scale=1.0, dropout_rate=c.dropout_rate,
-                                    deterministic=deterministic, dropout_rng=rng, dtype=c.dtype)
+                                    deterministic=deterministic, dropout_rng=rng, dtype=c.dtype, impl=c.attention_impl)
         return self.o(merge_heads(out))
 
 

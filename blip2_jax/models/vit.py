@@ -150,7 +150,7 @@ class Attention(nn.Module):
         v = layers.split_heads(dense("value", True)(x), cfg.num_heads)
         rng = None if deterministic or cfg.attention_dropout == 0 else self.make_rng("dropout")
         out = layers.dot_product_attention(q, k, v, dropout_rate=cfg.attention_dropout, deterministic=deterministic,
-                                           dropout_rng=rng, dtype=cfg.dtype)
+                                           dropout_rng=rng, dtype=cfg.dtype, impl=cfg.attention_impl)
         return Dense(cfg.hidden_size, ("heads", "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                      name="out")(layers.merge_heads(out))
 

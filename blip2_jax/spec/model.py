@@ -32,7 +32,7 @@ from blip2_jax.models.blip2 import init_fns as split_init_fns
 from blip2_jax.models.decoder import FAMILIES
 from blip2_jax.models.efficientnet import EfficientNetConfig
 from blip2_jax.models import layers
-from blip2_jax.models.layers import REMAT_POLICIES
+from blip2_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
 from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
 from blip2_jax.models.qformer import QFormerConfig
 from blip2_jax.models.t5 import T5Config, T5ForConditionalGeneration
@@ -123,7 +123,11 @@ def layer_knobs(config, remat: bool) -> dict:
     policy = m.get("remat_policy", "full")
     if policy not in REMAT_POLICIES:
         raise ValueError(f"config.model.remat_policy={policy!r}: expected one of {tuple(REMAT_POLICIES)}")
-    return dict(scan_layers=bool(m.get("scan_layers", False)), remat=policy if remat else False)
+    impl = m.get("attention_impl", "xla")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"config.model.attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+    return dict(scan_layers=bool(m.get("scan_layers", False)), remat=policy if remat else False,
+                attention_impl=impl)
 
 
 def _vision(config) -> VisionConfig | EfficientNetConfig:

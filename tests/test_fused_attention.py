@@ -1,0 +1,49 @@
+"""`model.attention_impl="fused"` (jax.nn.dot_product_attention) against the einsum form: the kernel
+alone (grouped-query heads, an additive mask) and whole BLIP-2 models (OPT and T5) in float32."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import blip2_jax
+from blip2_jax.models import layers
+from blip2_jax.models.blip2 import build_model
+from tests.helpers import assert_close
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_fused_equals_einsum_attention(kv_heads):
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)
+    k, v = (rng.normal(size=(2, 7, kv_heads, 8)).astype(np.float32) for _ in range(2))
+    mask = rng.random((2, 1, 5, 7)) > 0.3
+    mask[..., 0] = True
+    bias = layers.mask_to_bias(mask)
+    for scale in (None, 1.0):
+        ref = layers.dot_product_attention(q, k, v, bias, scale=scale)
+        assert_close(layers.dot_product_attention(q, k, v, bias, scale=scale, impl="fused"), ref, tol=1e-5)
+    with pytest.raises(ValueError, match="attention impl 'flash'"):
+        layers.dot_product_attention(q, k, v, impl="flash")
+
+
+def _fused(config):
+    def tower(c):
+        return None if c is None else dataclasses.replace(c, attention_impl="fused")
+    return dataclasses.replace(config, vision=tower(config.vision), qformer=tower(config.qformer),
+                               text=tower(config.text))
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_blip2_logits_equal_with_fused_attention(hf_blip2, llm):
+    _, path, _ = hf_blip2(llm)
+    model, params = blip2_jax.from_pretrained(path)
+    size = model.config.vision.image_size
+    rng = np.random.default_rng(1)
+    px = rng.normal(size=(2, size, size, 3)).astype(np.float32)
+    ids = rng.integers(4, 50, (2, 6))
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0 if llm == "opt" else 1  # left padding for the decoder-only LLM
+    args = (px, ids, mask) + ((ids, np.ones_like(ids)) if llm == "t5" else ())
+    ref = model.apply({"params": params}, *args)
+    fused = build_model(_fused(model.config)).apply({"params": params}, *args)
+    assert_close(fused, ref, tol=1e-5)
