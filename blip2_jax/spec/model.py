@@ -110,7 +110,7 @@ def frozen_keys(config) -> tuple[str, ...]:
 
 def init_fns(config, model: nn.Module):
     """`(init_trainable, init_frozen)`: pure `rng -> params` halves of `model.init` for this config."""
-    return split_init_fns(model, *dummy_inputs(model), frozen_keys=frozen_keys(config))
+    return split_init_fns(model, dummy_inputs(model), frozen_keys=frozen_keys(config))
 
 
 # -- model configs ------------------------------------------------------------------------------
