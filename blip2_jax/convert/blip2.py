@@ -101,12 +101,18 @@ def text_config_from_hf(d: dict, keys=(), dtype=jnp.float32, **overrides):
                                                    param_dtype=dtype, **overrides)
 
 
+def is_instructblip(d: dict) -> bool:
+    """Whether a config.json dict describes an InstructBLIP (`InstructBlipForConditionalGeneration`)."""
+    return "InstructBlipForConditionalGeneration" in (d.get("architectures") or []) or \
+        d.get("model_type") == "instructblip"
+
+
 def architecture(d: dict) -> str:
     """"retrieval", "generation" (BLIP-2 with an LLM) or "instruct" (InstructBLIP) for a config.json dict."""
     archs = d.get("architectures") or []
     if "Blip2ForImageTextRetrieval" in archs:
         return "retrieval"
-    if "InstructBlipForConditionalGeneration" in archs or d.get("model_type") == "instructblip":
+    if is_instructblip(d):
         return "instruct"
     if "Blip2ForConditionalGeneration" in archs or d.get("text_config"):
         return "generation"
