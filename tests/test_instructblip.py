@@ -8,6 +8,7 @@ decoder-only batch is left-padded (padding before the placeholders for HF, betwe
 the text for us: positions come from the mask), a T5 batch right-padded. Odd sizes: 5 queries, a
 Q-Former of width 36 with 3 heads and 3 layers, LLaMA with 5 query heads on 1 K/V head.
 """
+import jax
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import InstructBlipForConditionalGeneration, T5Config
 
 import blip2_jax
 from blip2_jax.models.blip2 import Blip2DecoderOnly, Blip2T5
+from blip2_jax.train import stage2
 from tests import hf_tiny
 from tests.test_blip2_llm import TEXT, _pick_eos
 from tests.helpers import assert_close
@@ -175,3 +177,46 @@ def test_instruction_is_required_and_refused_by_blip2(setup):
     with pytest.raises(ValueError, match=r"qformer_input_ids \(4, 5\) and qformer_attention_mask \(4, 3\)"):
         setup.model.apply({"params": setup.params}, *args, qformer_input_ids=setup.q_ids,
                           qformer_attention_mask=setup.q_mask[:, :3])
+
+
+def test_stage2_loss_matches_hf(setup):
+    """train/stage2's LM loss with the instruction in the batch = HF's `labels=` loss (right-padded targets)."""
+    rng = np.random.default_rng(7)
+    mask = _rows([6, 4, 5, 3], 6, left=False)
+    ids = np.where(mask == 1, rng.integers(4, VOCAB - 1, size=(B, 6)), PAD).astype(np.int32)
+    labels = np.where(mask == 1, ids, -100).astype(np.int32)
+    batch = {"image": setup.pixels, **setup.instruction, "labels": labels}
+    nq, img = setup.cfg.num_query_tokens, setup.cfg.image_token_index
+    if setup.left:  # decoder-only: [queries; prompt + answer], the loss on the answer only
+        labels[:, :2] = -100
+        batch.update(input_ids=ids, attention_mask=mask)
+        hf_in = {"input_ids": np.concatenate([np.full((B, nq), img), ids], 1),
+                 "attention_mask": np.concatenate([np.ones((B, nq), np.int32), mask], 1),
+                 "labels": np.concatenate([np.full((B, nq), -100), labels], 1)}
+    else:  # T5: the prompt to the encoder, the answer as the decoder's target (HF shifts it right)
+        start = setup.cfg.text_config.decoder_start_token_id
+        batch.update(input_ids=setup.ids, attention_mask=setup.mask, decoder_attention_mask=np.ones_like(mask),
+                     decoder_input_ids=np.concatenate([np.full((B, 1), start), ids[:, :-1]], 1).astype(np.int32))
+        hf_ids, hf_mask = setup.hf_inputs()
+        hf_in = {"input_ids": hf_ids.numpy(), "attention_mask": hf_mask.numpy(), "labels": labels}
+    loss, _ = stage2.stage2_loss(setup.model, setup.params, batch, jax.random.PRNGKey(0), train=False)
+    ref = float(setup.hf_call(**{k: torch.from_numpy(np.asarray(v)).long() for k, v in hf_in.items()}).loss)
+    err = assert_close(float(loss), ref, tol=1e-5)
+    print(f"InstructBLIP {setup.kind} stage-2 loss: ours {float(loss):.6f} HF {ref:.6f} err {err:.1e}")
+    with pytest.raises(ValueError, match="needs qformer_input_ids"):
+        stage2.stage2_loss(setup.model, setup.params, {k: v for k, v in batch.items() if not k.startswith("qformer")},
+                           jax.random.PRNGKey(0), train=False)
+
+
+def test_instruction_templates():
+    from blip2_jax.data import instructions
+
+    assert {k: len(v) for k, v in instructions.TEMPLATES.items()} == {"caption": 13, "vqa": 10, "vqg": 6}
+    rng = np.random.default_rng(0)
+    drawn = {instructions.instruction("vqa", rng, question="what colour is the square?") for _ in range(200)}
+    assert len(drawn) == 10 and all("what colour is the square?" in d for d in drawn)
+    assert instructions.instruction("caption", rng) in instructions.TEMPLATES["caption"]
+    with pytest.raises(ValueError, match=r"takes the fields \('answer',\), got \('question',\)"):
+        instructions.instruction("vqg", rng, question="q")
+    with pytest.raises(ValueError, match="instruction task 'ocr'"):
+        instructions.instruction("ocr", rng)
