@@ -18,11 +18,12 @@ import blip2_jax
 from blip2_jax.models.blip2 import Blip2DecoderOnly, Blip2T5
 from blip2_jax.train import stage2
 from tests import hf_tiny
-from tests.test_blip2_llm import TEXT, _pick_eos
+from tests.test_blip2_llm import B, MAX_NEW, PAD, TEXT, VOCAB
+from tests.test_blip2_llm import Setup as Blip2Setup
 from tests.helpers import assert_close
 from tests.hf_tiny import torch_pixels
 
-B, T, T_DEC, MAX_NEW, PAD, VOCAB = 4, 4, 3, 8, 0, 120
+T, T_DEC = 4, 3
 SIZES = dict(q_hidden=36, q_heads=3, q_layers=3, vocab=57, vision_hidden=24, vision_heads=3)
 
 
@@ -45,8 +46,9 @@ def _rows(lengths, width, left: bool):
     return mask
 
 
-class Setup:
-    """A tiny HF InstructBLIP, the same model loaded by us, images, instructions and LLM prompts."""
+class Setup(Blip2Setup):
+    """A tiny HF InstructBLIP, the same model loaded by us, images, instructions and LLM prompts (`check`:
+    ours = HF's generate up to EOS, as for BLIP-2)."""
 
     def __init__(self, kind, tmp_path_factory):
         self.kind, self.cfg = kind, hf_tiny.instructblip_config(LLMS[kind](), num_queries=5, **SIZES)
@@ -100,18 +102,6 @@ class Setup:
         text = dict(input_ids=self.ids, attention_mask=self.mask) if with_prompt else {}
         return np.asarray(blip2_jax.generate(self.model, self.params, self.pixels, **text, **self.instruction,
                                              max_new_tokens=MAX_NEW, pad_token_id=PAD, **kw))
-
-    def check(self, with_prompt, **kw) -> bool:
-        """Ours equals HF up to each row's first EOS, padding after it; whether the EOS ended some rows only."""
-        full = self.hf_generate(with_prompt, **{**kw, "eos_token_id": VOCAB})  # an EOS the head cannot emit
-        kw["eos_token_id"] = eos = _pick_eos(full, exclude={PAD, self.cfg.image_token_index})
-        ours, ref = self.ours(with_prompt, **kw), self.hf_generate(with_prompt, **kw)
-        ended = (ref == eos).any(axis=1)
-        for i in range(B):
-            stop = int(np.argmax(ref[i] == eos)) + 1 if ended[i] else MAX_NEW
-            np.testing.assert_array_equal(ours[i, :stop], ref[i, :stop], err_msg=f"row {i}, {kw}")
-            assert (ours[i, stop:] == PAD).all(), (i, ours[i])
-        return 0 < ended.sum() < B
 
     def decoder_inputs(self):
         """T5 decoder ids `[B, T_DEC]` from the start token, right-padded, and their mask."""
