@@ -26,7 +26,7 @@ from PIL import Image
 from blip2_jax import checkpoint, workdir
 from blip2_jax.convert import blip2 as hf_blip2
 from blip2_jax.data import image_ops
-from blip2_jax.data.text import load_tokenizer
+from blip2_jax.data.text import load_bert_tokenizer, load_tokenizer
 from blip2_jax.models.blip2 import Blip2T5
 from blip2_jax.spec import model as spec
 
@@ -172,18 +172,26 @@ def _workdir_processor(path: str, tokenizer_path: Optional[str], image_size: Opt
         raise ValueError(f"load_processor: {path} is a {config.task!r} workdir; captions and answers need a "
                          "stage-2 (LLM) model")
     text = spec.text_config(config)
+    qformer_tokenizer = None
+    if config.model.get("instruction_aware", False):  # an instruction-tuned (InstructBLIP) run
+        qformer_tokenizer = load_bert_tokenizer(config.data.qformer_tokenizer_path)
     return Blip2Processor(load_tokenizer(tokenizer_path or config.data.tokenizer_path),
                           image_size or config.data.image_size, eos_token_id=text.eos_token_id,
                           padding_side=_padding_side(config.model.llm),
                           image_mean=tuple(config.data.get("image_mean", image_ops.CLIP_MEAN)),
-                          image_std=tuple(config.data.get("image_std", image_ops.CLIP_STD)))
+                          image_std=tuple(config.data.get("image_std", image_ops.CLIP_STD)),
+                          qformer_tokenizer=qformer_tokenizer)
 
 
-def for_model(model, tokenizer, image_size: int) -> Blip2Processor:
+def for_model(model, tokenizer, image_size: int, qformer_tokenizer=None) -> Blip2Processor:
     """The processor of a stage-2 `model` with `tokenizer`: its LLM's EOS, prompts padded on the left
-    for a decoder-only LLM (it continues from the last position) and on the right for T5."""
+    for a decoder-only LLM (it continues from the last position) and on the right for T5; an InstructBLIP
+    `model` needs its Q-Former's `qformer_tokenizer`."""
+    if model.config.instruction_aware and qformer_tokenizer is None:
+        raise ValueError("for_model: an InstructBLIP model needs qformer_tokenizer (its Q-Former's BERT vocabulary)")
     return Blip2Processor(tokenizer, image_size, eos_token_id=model.config.text.eos_token_id,
-                          padding_side="right" if isinstance(model, Blip2T5) else "left")
+                          padding_side="right" if isinstance(model, Blip2T5) else "left",
+                          qformer_tokenizer=qformer_tokenizer)
 
 
 def _padding_side(model_type: str) -> str:

@@ -17,6 +17,10 @@ dimension is the per-process batch size B = config.global_batch_size // process_
     "attention_mask" int32   [B, L]
     "labels"         int32   [B, L]        = input_ids, -100 at padding and at BOS + prompt
                                            (the loss shifts: logits[:, t] predict labels[:, t + 1])
+  with data.instruction_task (InstructBLIP instruction tuning; text modes "opt" and "t5_prompt", the
+  prompt is a drawn instruction), also:
+    "qformer_input_ids"      int32 [B, Lq] [CLS] instruction [SEP] [PAD]..., Lq = max_instruction_len
+    "qformer_attention_mask" int32 [B, Lq]
   text_mode "t5_prefix" / "t5_prompt" (stage 2, FlanT5):
     "input_ids"      int32   [B, L]        encoder text (caption prefix, or the fixed prompt) + </s>
     "attention_mask" int32   [B, L]
@@ -121,9 +125,21 @@ def make_text_encoder(config):
         return text.Stage1Text(text.load_bert_tokenizer(config.tokenizer_path), config.max_text_len)
     tok = text.load_tokenizer(config.tokenizer_path)
     if mode == "opt":
-        return text.OPTText(tok, config.max_text_len, config.prompt)
-    return text.T5Text(tok, config.max_text_len, mode="prefix" if mode == "t5_prefix" else "prompt",
-                       prompt=config.prompt or "a photo of")
+        llm_text = text.OPTText(tok, config.max_text_len, config.prompt)
+    else:
+        llm_text = text.T5Text(tok, config.max_text_len, mode="prefix" if mode == "t5_prefix" else "prompt",
+                               prompt=config.prompt or "a photo of")
+    task = config.get("instruction_task", "")
+    if not task:
+        return llm_text
+    if mode == "t5_prefix":
+        raise ValueError("config.data.instruction_task needs text_mode 'opt' or 't5_prompt' (the instruction is "
+                         "the prompt), got 't5_prefix'")
+    if not config.get("qformer_tokenizer_path"):
+        raise ValueError("config.data.instruction_task is set but config.data.qformer_tokenizer_path (the Q-Former's "
+                         "BERT vocabulary for the instruction) is empty")
+    return text.InstructText(llm_text, text.load_bert_tokenizer(config.qformer_tokenizer_path), task,
+                             config.get("max_instruction_len", 32))
 
 
 @dataclasses.dataclass

@@ -87,6 +87,10 @@ def make_task(config, mesh) -> Task:
                          f"(expected one of {modes})")
     model = spec.model_of(config)  # the tokenizer is read only for the held-out captioning
     cfg = model.config
+    if cfg.instruction_aware != bool(config.data.get("instruction_task", "")):
+        raise ValueError(f"config.model.instruction_aware={cfg.instruction_aware} needs config.data.instruction_task "
+                         f"set exactly when it is True (the batches' Q-Former instruction), got "
+                         f"{config.data.get('instruction_task', '')!r}")
     init_trainable, init_frozen = spec.init_fns(config, model)
     rules = sharding_lib.axis_rules(tuple(config.mesh.axis_rules))
     llm_dropout, train_vision = bool(config.model.llm_dropout), bool(config.model.train_vision)
