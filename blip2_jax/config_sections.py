@@ -124,7 +124,8 @@ def data_config() -> ml_collections.ConfigDict:
     c.prompt = ""                   # opt: prepended, masked in labels; t5_prompt: encoder text
     # Instruction tuning (InstructBLIP, `model.instruction_aware`): "" = off; "caption" = every caption gets
     # one of InstructBLIP's captioning instructions (blip2_jax/data/instructions.py), drawn per visit, as
-    # its prompt (text modes opt and t5_prompt) and as the Q-Former's instruction.
+    # its prompt (text modes opt and t5_prompt) and as the Q-Former's instruction; "vqa" = instruction
+    # records (`data.build table --question_key`): a VQA instruction around the question, the answer as target.
     c.instruction_task = ""
     c.qformer_tokenizer_path = ""   # the Q-Former's BERT vocabulary (local dir) for the instruction
     c.max_instruction_len = 32      # Q-Former instruction tokens, padded and truncated to exactly this

@@ -19,7 +19,7 @@ from tests.test_stage2 import _batch, _hf_projection, _init_params
 def _bert(path):
     from tests import hf_tiny
     with open(os.path.join(path, "vocab.txt"), "w") as f:
-        f.write("\n".join(hf_tiny.BERT_SPECIALS + hf_tiny.WORDS + "short image caption photo".split()) + "\n")
+        f.write("\n".join(hf_tiny.BERT_SPECIALS + hf_tiny.WORDS + "short image caption photo what colour is the right how many ?".split()) + "\n")
     return text.load_bert_tokenizer(path)
 
 
@@ -32,7 +32,7 @@ def test_instruct_text_draws_an_instruction_as_prompt_and_qformer_text(tmp_path)
     tok = opt.llm_text.tokenizer
     want = tok.encode(instruction + " a red square\n", add_special_tokens=True)
     assert out["input_ids"][:len(want)].tolist() == want
-    n_prompt = len(tok.encode(instruction + " ", add_special_tokens=True))
+    n_prompt = len(tok.encode(instruction, add_special_tokens=True))
     assert (out["labels"][:n_prompt] == -100).all() and (out["labels"][n_prompt:len(want)] != -100).all()
     q = bert(instruction, padding="max_length", truncation=True, max_length=12)
     assert out["qformer_input_ids"].tolist() == q["input_ids"] and out["qformer_input_ids"][0] == bert.cls_token_id
@@ -87,3 +87,49 @@ def test_instruction_tuning_from_blip2_stage2_and_stage1_checkpoints(hf_blip2, h
     c.data.instruction_task = ""
     with pytest.raises(ValueError, match="instruction_aware=True needs config.data.instruction_task"):
         stage2.make_task(c, mesh)
+
+
+def test_instruction_records_from_jsonl_through_the_pipeline(tmp_path):
+    """`data.build table --question_key`: image / question / answer rows -> instruction records; the pipeline
+    with `data.instruction_task = "vqa"` wraps each question in a VQA instruction (LLM prompt and Q-Former
+    text) and trains on the answer."""
+    import json
+
+    from blip2_jax import config_sections
+    from blip2_jax.data import build, pipeline, records
+    from tests.helpers import image_bytes
+
+    (tmp_path / "img").mkdir()
+    for i in range(2):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(image_bytes(i, "JPEG"))
+    rows = [{"image": "0.jpg", "question": "What colour is the left square?", "answer": "red"},
+            {"image": "1.jpg", "question": "How many squares?", "answer": "two"},
+            {"image": "0.jpg", "question": "What colour is the right square?", "answer": "blue"}]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build.main(["table", "--input", str(tmp_path / "qa.jsonl"), "--images", str(tmp_path / "img"), "--out",
+                str(tmp_path / "out"), "--caption_key", "answer", "--question_key", "question", "--workers", "1"])
+    recs = [r for f in records.find_shards(str(tmp_path / "out"), "train") for r in records.read_shard(f)]
+    assert [(r.image_id, r.captions, r.questions) for r in recs] == [
+        ("0.jpg", ("red", "blue"), ("What colour is the left square?", "What colour is the right square?")),
+        ("1.jpg", ("two",), ("How many squares?",))]
+    assert b"questions" not in records.encode_record(records.ImageText(b"x", ("a",), "i", "s"))  # as before
+
+    bert_dir = tmp_path / "bert"
+    bert_dir.mkdir()
+    bert = _bert(str(bert_dir))
+    tok = testing.make_tiny_opt_tokenizer(str(tmp_path / "opt"))
+    c = config_sections.data_config()
+    c.train_sources.qa = config_sections.source_config(str(tmp_path / "out"))
+    c.update(global_batch_size=4, image_size=28, text_mode="opt", tokenizer_path=str(tmp_path / "opt"),
+             max_text_len=96, instruction_task="vqa", qformer_tokenizer_path=str(bert_dir), max_instruction_len=40,
+             read_threads=1, read_buffer_size=4)
+    batch = next(pipeline.make_train_iterator(c, seed=0, process_index=0, process_count=1))
+    for i in range(4):
+        instruction = bert.decode(batch["qformer_input_ids"][i], skip_special_tokens=True)
+        question = next(q for q in ("left square", "right square", "how many") if q in instruction)
+        answer = {"left square": "red", "right square": "blue", "how many": "two"}[question]
+        target = tok.decode([t for t in batch["labels"][i] if t != -100])
+        assert target == f" {answer}\n", (instruction, target)
+        prompt = tok.decode(batch["input_ids"][i][batch["labels"][i] == -100][:int(np.argmax(batch["labels"][i] != -100))],
+                            skip_special_tokens=True)
+        assert question in prompt.lower(), prompt

@@ -194,17 +194,25 @@ class InstructText:
     Q-Former: `qformer_input_ids` / `qformer_attention_mask` (`[CLS] instruction [SEP]`, padded to `max_len`)."""
 
     def __init__(self, llm_text, qformer_tokenizer, task: str = "caption", max_len: int = 32):
-        if task != "caption":
-            raise ValueError(f"data.instruction_task={task!r}: only 'caption' (the records hold captions)")
+        if task not in ("caption", "vqa"):
+            raise ValueError(f"data.instruction_task={task!r}: expected 'caption' (caption records) or 'vqa' "
+                             "(instruction records of question and answer, `data.build table --question_key`)")
         self.llm_text, self.qformer_tokenizer, self.task, self.max_len = llm_text, qformer_tokenizer, task, max_len
-        # A decoder-only LLM reads `instruction caption`: the space separates them (T5: the encoder's text).
+        # A decoder-only LLM reads `instruction caption`. The space goes in front of the caption, not after the
+        # instruction: a byte-level BPE attaches it to the next word ("Ġtwo"), so an instruction ending in a
+        # space would count one token too many as prompt and mask the answer's first token.
         self.separator = " " if isinstance(llm_text, OPTText) else ""
 
-    def __call__(self, caption: str, rng: np.random.Generator | None = None) -> dict:
+    def __call__(self, caption: str, rng: np.random.Generator | None = None, question: str | None = None) -> dict:
+        """`caption`: the target (a caption, or the answer to `question` for task "vqa")."""
         if rng is None:
             raise ValueError("InstructText draws its instruction from an rng")
-        instruction = instructions.instruction(self.task, rng)
-        out = self.llm_text(caption, rng, prompt=instruction + self.separator)
+        if (question is not None) != (self.task == "vqa"):
+            raise ValueError(f"instruction task {self.task!r} got {'a' if question is not None else 'no'} question: "
+                             "vqa needs instruction records (questions), caption needs caption records")
+        fields = {"question": question} if question is not None else {}
+        instruction = instructions.instruction(self.task, rng, **fields)
+        out = self.llm_text(self.separator + caption, rng, prompt=instruction)
         enc = self.qformer_tokenizer(instruction, padding="max_length", truncation=True, max_length=self.max_len)
         out["qformer_input_ids"] = np.asarray(enc["input_ids"], np.int32)
         out["qformer_attention_mask"] = np.asarray(enc["attention_mask"], np.int32)

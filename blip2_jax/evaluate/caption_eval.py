@@ -94,12 +94,12 @@ def generation_prompt(config) -> str:
     ("Ġa"), so the prompt alone would end in a lone space token the model never saw in training.
     T5: `t5_prompt` mode encodes the fixed prompt (default "a photo of", as the pipeline); `t5_prefix`
     has no fixed prompt (the visual prompt alone).
-    Instruction tuning (`data.instruction_task`): the task's first instruction template, e.g. "A short
-    image caption:" (training draws one of them per example).
+    Instruction tuning (`data.instruction_task`): the first captioning instruction, "A short image
+    caption:" (training draws one per example; the held-out evaluation is captioning whatever the task).
     """
     mode, prompt = config.data.text_mode, config.data.prompt
     if config.data.get("instruction_task"):
-        return instructions.TEMPLATES[config.data.instruction_task][0]
+        return instructions.TEMPLATES["caption"][0]
     if mode == "opt":
         return prompt.rstrip()
     if mode == "t5_prompt":
