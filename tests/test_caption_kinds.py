@@ -1,5 +1,7 @@
 """`python -m blip2_jax.caption --model=PATH --prompt=...` for every checkpoint kind besides BLIP-2 OPT
-(tests/test_caption.py): BLIP-2 with FlanT5, LLaMA and Qwen2, and InstructBLIP with LLaMA and FlanT5,
+(tests/test_caption.py): BLIP-2 with FlanT5 and LLaMA, and InstructBLIP with LLaMA and FlanT5 (the CLI has
+no per-family code: Qwen2, Mistral and Gemma take the LLaMA path; their BLIP-2 generate is tested in
+tests/test_blip2_llm.py),
 each a tiny random HF model saved with its HF processor (`Blip2Processor` / `InstructBlipProcessor`, the
 latter with its Q-Former tokenizer). Reference: that HF processor's inputs through HF `generate`, cut
 at the first EOS and decoded by the tokenizer.
@@ -11,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (Blip2ForConditionalGeneration, Blip2Processor, BertTokenizerFast,
-                          InstructBlipForConditionalGeneration, InstructBlipProcessor, LlamaConfig, Qwen2Config)
+                          InstructBlipForConditionalGeneration, InstructBlipProcessor, LlamaConfig)
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from blip2_jax import caption
@@ -20,15 +22,14 @@ from tests import hf_tiny
 from tests.helpers import write_images
 
 PROMPT = "what colour is the square?"
-KINDS = ("blip2-t5", "blip2-llama", "blip2-qwen2", "instructblip-llama", "instructblip-t5")
+KINDS = ("blip2-t5", "blip2-llama", "instructblip-llama", "instructblip-t5")
 
 
 def _text_config(llm: str, tok):
     vocab = len(tok) + 1  # one more id: the processor's <image> placeholder
     if llm == "t5":
         return hf_tiny.blip2_t5_config(vocab=vocab).text_config
-    family = {"llama": LlamaConfig, "qwen2": Qwen2Config}[llm]
-    return family(vocab_size=vocab, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
+    return LlamaConfig(vocab_size=vocab, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
                   num_key_value_heads=1, max_position_embeddings=64, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
