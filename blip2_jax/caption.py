@@ -2,6 +2,10 @@
 
     python -m blip2_jax.caption --model=PATH [--prompt="a photo of"] [--num_beams=5] [--max_new_tokens=30] IMAGE...
 
+`--model`: a BLIP-2 (OPT, FlanT5, LLaMA, Qwen2, ...) or InstructBLIP directory, or a stage-2 workdir.
+`--prompt`: the text the LLM continues; for InstructBLIP the instruction (e.g. "What is unusual about
+this image?"), which its Q-Former reads too.
+
 Prints one line per image, `IMAGE<TAB>caption`, in the order given (line breaks inside a caption
 become spaces). A file that cannot be read as an
 image gets an error line naming it on stderr; the others are still captioned, and the exit status is
@@ -28,9 +32,11 @@ from blip2_jax.processor import load_processor
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m blip2_jax.caption", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="BLIP-2 directory (HF Blip2ForConditionalGeneration + tokenizer)")
+    p.add_argument("--model", required=True, help="BLIP-2 or InstructBLIP directory (HF Blip2ForConditionalGeneration "
+                   "/ InstructBlipForConditionalGeneration + tokenizer) or a stage-2 workdir")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
-    p.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"')
+    p.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"; for InstructBLIP '
+                   'the instruction, e.g. "What is in the picture?"')
     p.add_argument("--num_beams", type=int, default=5)
     p.add_argument("--max_new_tokens", type=int, default=30)
     p.add_argument("--min_new_tokens", type=int, default=1)
@@ -48,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def model_path_error(path: str) -> Optional[str]:
     """Why `path` cannot be a captioning `--model` (None when it looks like one): it must be a Hugging
-    Face BLIP-2 directory (`config.json` with model_type "blip-2", not a retrieval-only checkpoint) or
-    a training workdir of this project (`checkpoints/`)."""
-    expected = "expected a Hugging Face BLIP-2 directory or a training workdir of this project"
+    Face BLIP-2 directory (`config.json` with model_type "blip-2", not a retrieval-only checkpoint), an
+    InstructBLIP one (model_type "instructblip") or a training workdir of this project (`checkpoints/`)."""
+    expected = "expected a Hugging Face BLIP-2 / InstructBLIP directory or a training workdir of this project"
     if not os.path.isdir(path):
         return f"--model={path}: {'not a directory' if os.path.exists(path) else 'no such directory'} ({expected})"
     if checkpoint.is_workdir(path):
@@ -63,9 +69,10 @@ def model_path_error(path: str) -> Optional[str]:
             config = json.load(f)
     except (OSError, ValueError) as e:
         return f"--model={path}: cannot read config.json ({e})"
-    if not isinstance(config, dict) or config.get("model_type") != "blip-2":
+    if not isinstance(config, dict) or config.get("model_type") not in ("blip-2", "instructblip"):
         kind = config.get("model_type") if isinstance(config, dict) else None
-        return f"--model={path}: config.json describes a {kind!r} model, not BLIP-2 (model_type 'blip-2')"
+        return (f"--model={path}: config.json describes a {kind!r} model, not BLIP-2 or InstructBLIP (model_type "
+                "'blip-2' or 'instructblip')")
     if "Blip2ForImageTextRetrieval" in (config.get("architectures") or []):
         return (f"--model={path}: a Blip2ForImageTextRetrieval checkpoint has no language model; captioning "
                 "needs Blip2ForConditionalGeneration")
@@ -83,11 +90,14 @@ def read_image(path: str) -> Image.Image:
 
 def caption_batches(model, params, processor, images, *, prompt: str, batch_size: int, **gen_kw) -> list[str]:
     """Captions for a list of PIL images, `batch_size` at a time; the last batch is padded with copies
-    so that every call has the same shape (one compilation)."""
+    so that every call has the same shape (one compilation). InstructBLIP's Q-Former reads `prompt` as
+    its instruction (an empty one too, `[CLS] [SEP]`); the LLM continues `prompt`, or its BOS without one."""
     text = {}
     if prompt:
-        ids, mask = processor.tokenize([prompt])
-        text = {"input_ids": np.repeat(ids, batch_size, 0), "attention_mask": np.repeat(mask, batch_size, 0)}
+        text["input_ids"], text["attention_mask"] = processor.tokenize([prompt])
+    if processor.instruction_aware:
+        text["qformer_input_ids"], text["qformer_attention_mask"] = processor.tokenize_instruction([prompt])
+    text = {k: np.repeat(v, batch_size, 0) for k, v in text.items()}
     captions = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]

@@ -129,6 +129,13 @@ def data_config() -> ml_collections.ConfigDict:
     c.max_words = 50                # caption cleaning: keep at most this many words
     c.caption_index = -1            # -1: a random caption of the record per visit; k: always the k-th
     c.prompt = ""                   # opt: prepended, masked in labels; t5_prompt: encoder text
+    # Instruction tuning (InstructBLIP, `model.instruction_aware`): "" = off; "caption" = every caption gets
+    # one of InstructBLIP's captioning instructions (blip2_jax/data/instructions.py), drawn per visit, as
+    # its prompt (text modes opt and t5_prompt) and as the Q-Former's instruction; "vqa" = instruction
+    # records (`data.build table --question_key`): a VQA instruction around the question, the answer as target.
+    c.instruction_task = ""
+    c.qformer_tokenizer_path = ""   # the Q-Former's BERT vocabulary (local dir) for the instruction
+    c.max_instruction_len = 32      # Q-Former instruction tokens, padded and truncated to exactly this
     # Throughput.
     c.num_workers = 0               # grain worker processes (0 = in-process threads only)
     c.worker_buffer_size = 2        # batches buffered per worker
@@ -250,6 +257,10 @@ def stage2_model(llm: str = "opt", **overrides) -> ml_collections.ConfigDict:
     m.llm_remat = False          # rematerialise LLM layers (saves activation memory at scale)
     m.update(layer_stack_fields())
     m.llm_dropout = True         # the frozen LLM's own dropout in training (LAVIS: it stays in train mode)
+    # InstructBLIP: the Q-Former also reads the instruction (its text path: word/position embeddings and
+    # text FFNs, sized by qformer_text; vocab_size 0 = the size of data.qformer_tokenizer_path's vocabulary).
+    m.instruction_aware = False
+    m.qformer_text = ml_collections.ConfigDict(dict(vocab_size=0, pad_token_id=0, max_position_embeddings=512))
     m.t5_dense_act_fn = "gelu"   # T5 FFN activation override (LAVIS and HF BLIP-2: exact GELU); "" = checkpoint's
     # The LLM's HF config.json fields (model_type, sizes, token ids) when init.llm_checkpoint is
     # empty (a random frozen LLM: tests); ignored when a checkpoint is given.
@@ -269,7 +280,9 @@ def stage2_init() -> ml_collections.ConfigDict:
     # the Q-Former's query path; "" = fresh. language_projection starts fresh (unless stage2_checkpoint).
     c.stage1_checkpoint = ""
     # Fine-tuning a stage-2 model (e.g. LAVIS caption_coco_ft): an HF Blip2ForConditionalGeneration dir
-    # or a stage-2 workdir gives the query path AND language_projection; exclusive with stage1_checkpoint.
+    # or a stage-2 workdir gives the query path AND language_projection; exclusive with stage1_checkpoint,
+    # except for instruction tuning (model.instruction_aware), where stage1_checkpoint then gives only the
+    # Q-Former's text path (a BLIP-2 stage-2 model has none).
     c.stage2_checkpoint = ""
     return c
 

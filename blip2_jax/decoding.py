@@ -59,9 +59,11 @@ class _Static:
 # ---------------------------------------------------------------------------------------------------------
 # The language-model side: prefill and one-token step, for a decoder-only LLM and for T5.
 # ---------------------------------------------------------------------------------------------------------
-def _visual_prompt(model, params, pixel_values):
-    """Projected query outputs `[B, Q, D_llm]`: compiled apart, once per image batch shape, for all settings."""
-    return model.apply({"params": params}, pixel_values, method=lambda m, px: m.visual_prompt(px))
+def _visual_prompt(model, params, pixel_values, qformer_input_ids, qformer_attention_mask):
+    """Projected query outputs `[B, Q, D_llm]`: compiled apart, once per image batch shape (and InstructBLIP
+    instruction length), for all settings."""
+    return model.apply({"params": params}, pixel_values, qformer_input_ids, qformer_attention_mask,
+                       method=lambda m, px, q_ids, q_mask: m.visual_prompt(px, True, q_ids, q_mask))
 
 
 _compiled_visual_prompt = jax.jit(_visual_prompt, static_argnums=0)
@@ -326,7 +328,7 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
              temperature: float = 1.0,
              min_new_tokens: int = 0, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
              eos_token_id: Any = None, pad_token_id: Optional[int] = None,
-             rng: Optional[jax.Array] = None) -> jax.Array:
+             rng: Optional[jax.Array] = None, qformer_input_ids=None, qformer_attention_mask=None) -> jax.Array:
     """New token ids `[B, max_new_tokens]` (int32) for images `pixel_values [B, H, W, 3]` (NHWC, normalised).
 
     `input_ids` / `attention_mask` `[B, T]`: text prompt ids only (no image placeholders); prompts of a
@@ -336,6 +338,8 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
     `rng` (a `jax.random.key`/`PRNGKey`) seeds sampling; required when `do_sample`. Sampling applies
     HF's warpers in HF's order: temperature, then `top_k` (0 = off), then `top_p`. Note that HF's
     GenerationConfig samples with top_k=50 unless told otherwise: pass `top_k=50` for HF's default.
+    InstructBLIP: `qformer_input_ids` / `qformer_attention_mask` `[B, T_q]`, the instruction in the
+    Q-Former's BERT vocabulary (required there, refused by a BLIP-2 model).
     """
     if not isinstance(model, (Blip2DecoderOnly, Blip2T5)):
         raise TypeError(f"generate: model must be Blip2DecoderOnly (e.g. Blip2OPT) or Blip2T5, got {type(model).__name__}")
@@ -400,5 +404,5 @@ def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *
     elif jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     rng = jnp.asarray(rng, jnp.uint32)
-    prompt = _compiled_visual_prompt(model, params, pixel_values)
+    prompt = _compiled_visual_prompt(model, params, pixel_values, qformer_input_ids, qformer_attention_mask)
     return _compiled(model, st, params, prompt, input_ids, mask, knobs, rng)

@@ -5,6 +5,9 @@
 - Prompts: the directory's tokenizer with its own special tokens (OPT prepends `</s>` as BOS, LLaMA
   `<s>`, T5 appends `</s>`), padded to the longest prompt: on the left for a decoder-only LLM (it
   continues from the last position), on the right for T5.
+- InstructBLIP: the instruction also goes to the Q-Former, tokenised by its own BERT tokenizer
+  (`qformer_tokenizer/`, where `InstructBlipProcessor.save_pretrained` writes it) with `[CLS]` and
+  `[SEP]`, padded on the right (`tokenize_instruction`).
 - Decoding: each row is cut at its first EOS (the text config's, e.g. "\\n" for BLIP-2 OPT), special
   tokens are skipped and the text is stripped, as LAVIS's `generate` does.
 
@@ -21,8 +24,9 @@ import numpy as np
 from PIL import Image
 
 from blip2_jax import checkpoint, workdir
+from blip2_jax.convert import blip2 as hf_blip2
 from blip2_jax.data import image_ops
-from blip2_jax.data.text import load_tokenizer
+from blip2_jax.data.text import load_bert_tokenizer, load_tokenizer
 from blip2_jax.models.blip2 import Blip2T5
 from blip2_jax.spec import model as spec
 
@@ -43,10 +47,12 @@ class Blip2Processor:
     """Preprocessing and decoding around `blip2_jax.generate`."""
 
     def __init__(self, tokenizer, image_size: int, *, eos_token_id, padding_side: str = "left",
-                 image_mean: Sequence[float] = image_ops.CLIP_MEAN, image_std: Sequence[float] = image_ops.CLIP_STD):
+                 image_mean: Sequence[float] = image_ops.CLIP_MEAN, image_std: Sequence[float] = image_ops.CLIP_STD,
+                 qformer_tokenizer=None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer  # InstructBLIP only
         self.image_size = int(image_size)
         self.padding_side = padding_side
         eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
@@ -85,6 +91,22 @@ class Blip2Processor:
         rows = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
         return pad_rows(rows, max(len(r) for r in rows), pad, side)
 
+    @property
+    def instruction_aware(self) -> bool:
+        """Whether the model (InstructBLIP) also reads the prompt in its Q-Former (`tokenize_instruction`)."""
+        return self.qformer_tokenizer is not None
+
+    def tokenize_instruction(self, prompts: Sequence[str]):
+        """`(qformer_input_ids, qformer_attention_mask)` int32 `[N, T_q]`: InstructBLIP's instruction in the
+        Q-Former's BERT vocabulary (`[CLS] ... [SEP]`), padded on the right, as `InstructBlipProcessor`."""
+        if not self.instruction_aware:
+            raise ValueError("tokenize_instruction: this processor has no Q-Former tokenizer (only InstructBLIP "
+                             "models take an instruction in the Q-Former)")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        rows = [self.qformer_tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        return pad_rows(rows, max(len(r) for r in rows), self.qformer_tokenizer.pad_token_id or 0, "right")
+
     def decode(self, ids) -> list[str]:
         """Token rows -> text: cut at the first EOS, skip special tokens, strip."""
         texts = []
@@ -103,20 +125,22 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def load_processor(path: str, *, tokenizer_path: Optional[str] = None,
-                   image_size: Optional[int] = None) -> Blip2Processor:
-    """A `Blip2Processor` for a BLIP-2 directory (its config.json and tokenizer files), or for a stage-2
-    workdir of this project (the run's `data.tokenizer_path`, `data.image_size` and LLM EOS).
+def load_processor(path: str, *, tokenizer_path: Optional[str] = None, image_size: Optional[int] = None,
+                   qformer_tokenizer_path: Optional[str] = None) -> Blip2Processor:
+    """A `Blip2Processor` for a BLIP-2 or InstructBLIP directory (its config.json and tokenizer files), or
+    for a stage-2 workdir of this project (the run's `data.tokenizer_path`, `data.image_size` and LLM EOS).
 
-    `tokenizer_path` points elsewhere for the tokenizer; `image_size` overrides the config's.
+    `tokenizer_path` points elsewhere for the tokenizer; `image_size` overrides the config's;
+    `qformer_tokenizer_path` (InstructBLIP) elsewhere for the Q-Former's (default `path/qformer_tokenizer`).
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_processor: {path!r} is not a directory")
     if checkpoint.is_workdir(path):
         return _workdir_processor(path, tokenizer_path, image_size)
     config = _read_json(os.path.join(path, "config.json"))
-    pre = _read_json(os.path.join(path, "preprocessor_config.json"))
-    pre = pre.get("image_processor", pre)  # a saved processor nests it
+    # transformers 5.x saves a processor's image settings nested in processor_config.json
+    pre = _read_json(os.path.join(path, "preprocessor_config.json")) or _read_json(os.path.join(path, "processor_config.json"))
+    pre = pre.get("image_processor", pre)
     text = config.get("text_config", {})
     kind = text.get("model_type", "opt")
     if image_size is None:
@@ -128,10 +152,18 @@ def load_processor(path: str, *, tokenizer_path: Optional[str] = None,
         raise FileNotFoundError(f"load_processor: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in "
                                 f"{tok_dir!r}; pass tokenizer_path=")
     tokenizer = load_tokenizer(tok_dir)
+    qformer_tokenizer = None
+    if hf_blip2.is_instructblip(config):
+        q_dir = qformer_tokenizer_path or os.path.join(path, "qformer_tokenizer")
+        if not os.path.isdir(q_dir):
+            raise FileNotFoundError(f"load_processor: an InstructBLIP model reads its instruction with the Q-Former's "
+                                    f"BERT tokenizer; no directory {q_dir!r} (InstructBlipProcessor.save_pretrained "
+                                    "writes it there); pass qformer_tokenizer_path=")
+        qformer_tokenizer = load_tokenizer(q_dir)
     return Blip2Processor(tokenizer, image_size, eos_token_id=text.get("eos_token_id"),
                           padding_side=_padding_side(kind),
                           image_mean=pre.get("image_mean", image_ops.CLIP_MEAN),
-                          image_std=pre.get("image_std", image_ops.CLIP_STD))
+                          image_std=pre.get("image_std", image_ops.CLIP_STD), qformer_tokenizer=qformer_tokenizer)
 
 
 def _workdir_processor(path: str, tokenizer_path: Optional[str], image_size: Optional[int]) -> Blip2Processor:
@@ -140,18 +172,26 @@ def _workdir_processor(path: str, tokenizer_path: Optional[str], image_size: Opt
         raise ValueError(f"load_processor: {path} is a {config.task!r} workdir; captions and answers need a "
                          "stage-2 (LLM) model")
     text = spec.text_config(config)
+    qformer_tokenizer = None
+    if config.model.get("instruction_aware", False):  # an instruction-tuned (InstructBLIP) run
+        qformer_tokenizer = load_bert_tokenizer(config.data.qformer_tokenizer_path)
     return Blip2Processor(load_tokenizer(tokenizer_path or config.data.tokenizer_path),
                           image_size or config.data.image_size, eos_token_id=text.eos_token_id,
                           padding_side=_padding_side(config.model.llm),
                           image_mean=tuple(config.data.get("image_mean", image_ops.CLIP_MEAN)),
-                          image_std=tuple(config.data.get("image_std", image_ops.CLIP_STD)))
+                          image_std=tuple(config.data.get("image_std", image_ops.CLIP_STD)),
+                          qformer_tokenizer=qformer_tokenizer)
 
 
-def for_model(model, tokenizer, image_size: int) -> Blip2Processor:
+def for_model(model, tokenizer, image_size: int, qformer_tokenizer=None) -> Blip2Processor:
     """The processor of a stage-2 `model` with `tokenizer`: its LLM's EOS, prompts padded on the left
-    for a decoder-only LLM (it continues from the last position) and on the right for T5."""
+    for a decoder-only LLM (it continues from the last position) and on the right for T5; an InstructBLIP
+    `model` needs its Q-Former's `qformer_tokenizer`."""
+    if model.config.instruction_aware and qformer_tokenizer is None:
+        raise ValueError("for_model: an InstructBLIP model needs qformer_tokenizer (its Q-Former's BERT vocabulary)")
     return Blip2Processor(tokenizer, image_size, eos_token_id=model.config.text.eos_token_id,
-                          padding_side="right" if isinstance(model, Blip2T5) else "left")
+                          padding_side="right" if isinstance(model, Blip2T5) else "left",
+                          qformer_tokenizer=qformer_tokenizer)
 
 
 def _padding_side(model_type: str) -> str:

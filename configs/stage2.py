@@ -20,6 +20,13 @@ steps; frozen towers in bfloat16):
   opt2.7b_coco_ft  LAVIS caption_coco_ft: a pretrained BLIP-2 OPT-2.7B (`init.stage2_checkpoint`, HF
              dir) fine-tuned on COCO Karpathy-train captions with the ViT unfrozen (`model.train_vision`),
              364 px, prompt "a photo of ", LR 1e-5 -> 0 after 1k warmup, 5 epochs at global batch 128.
+  instruct_flant5xl  InstructBLIP instruction tuning (Dai et al. 2023) of BLIP-2 FlanT5-XL: starts from the
+             stage-2 model `checkpoints/blip2-flan-t5-xl` (HF dir: ViT, query path, projection), the
+             Q-Former's text path (instruction input) from the stage-1 run `init.stage1_checkpoint`; ViT and
+             LLM frozen; the paper's optimisation (batch 192, AdamW (0.9, 0.999), wd 0.05, LR 1e-8 -> 1e-5
+             over 1k steps, cosine to 0, 60k steps); COCO captions with InstructBLIP's captioning
+             instructions (`data.instruction_task`; its VQA templates need question/answer records, which
+             the builders do not write yet).
   demo_opt   tiny, 2 CPU cores: the stage-1 demo's ViT/Q-Former sizes (its checkpoint loads), the
              tiny OPT trained on the captions by `configs/text_lm.py:demo_opt`, the shapes data; with
              the fixed prompt "a photo of " (set `data.prompt=""` for none).
@@ -50,6 +57,7 @@ VARIANTS = {  # variant -> (llm, LLM checkpoint dir, global batch)
     "llama3.2-1b": ("llama", "checkpoints/Llama-3.2-1B", 1920),
     "qwen2.5-1.5b": ("qwen2", "checkpoints/Qwen2.5-1.5B", 1920),
     "opt2.7b_coco_ft": ("opt", "checkpoints/opt-2.7b", 128),
+    "instruct_flant5xl": ("t5", "checkpoints/flan-t5-xl", 192),
     "demo_opt": ("opt", DEMO_LLM["opt"], 48),
     "demo_t5": ("t5", DEMO_LLM["t5"], 48),
     "demo_opt_effnet": ("opt", DEMO_LLM["opt_effnet"], 48),
@@ -97,7 +105,37 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
             _effnet(c)
     elif arg.endswith("_coco_ft"):
         _caption_finetune(c)
+    elif arg.startswith("instruct_"):
+        _instruction_tuning(c)
     return c
+
+
+def _instruction_tuning(c: ml_collections.ConfigDict) -> None:
+    """InstructBLIP: the Q-Former (text path included) and projection of a BLIP-2 stage-2 model tuned on
+    instruction data with the ViT and LLM frozen (paper section 3 and appendix)."""
+    c.init.stage2_checkpoint = "checkpoints/blip2-flan-t5-xl"  # ln_vision, queries, Q-Former, projection
+    c.init.vision_checkpoint = "checkpoints/blip2-flan-t5-xl"
+    # The Q-Former's text path, which BLIP-2 stage-2 models drop: this project's stage-1 run (or an HF
+    # Blip2ForImageTextRetrieval directory).
+    c.init.stage1_checkpoint = "workdirs/stage1_vit_g"
+    c.model.instruction_aware = True
+    c.model.qformer_text.update(vocab_size=30523, pad_token_id=0, max_position_embeddings=512)  # BERT + [DEC]
+    c.data.text_mode = "t5_prompt"  # the instruction to the encoder, the answer as the decoder target
+    c.data.instruction_task = "caption"
+    c.data.qformer_tokenizer_path = "checkpoints/bert-base-uncased"
+    c.data.max_text_len = 64
+    c.data.max_instruction_len = 64
+    c.data.train_sources = ml_collections.ConfigDict()
+    c.data.train_sources.coco = sections.source_config("data/coco", prefix="coco_karpathy_train")
+    c.optimizer.b2 = 0.999
+    c.optimizer.peak_lr = 1e-5
+    c.optimizer.min_lr = 0.0
+    c.optimizer.warmup_lr = 1e-8
+    c.optimizer.warmup_steps = 1000
+    c.train.total_steps = 60_000
+    c.train.checkpoint_every = 5000
+    c.eval.source = sections.source_config("data/coco", prefix="coco_karpathy_val")
+    c.eval.num_beams = 5
 
 
 def _caption_finetune(c: ml_collections.ConfigDict) -> None:

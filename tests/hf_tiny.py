@@ -54,15 +54,26 @@ def blip2_retrieval_config(*, vision_hidden=32, vision_layers=2, vision_heads=4,
     return cfg
 
 
-def _conditional_generation(text, vocab, num_queries, cross_freq, vision):
-    """A `Blip2ForConditionalGeneration` config: hf_tiny's retrieval towers (no Q-Former text input) + `text`."""
-    from transformers import Blip2Config
+def _conditional_generation(text, vocab, num_queries, cross_freq, vision, instruct=False):
+    """A `Blip2ForConditionalGeneration` config: hf_tiny's retrieval towers (no Q-Former text input) + `text`;
+    `instruct`: an `InstructBlipForConditionalGeneration` one (its Q-Former reads the instruction)."""
+    from transformers import Blip2Config, InstructBlipConfig
     base = blip2_retrieval_config(num_queries=num_queries, cross_freq=cross_freq, **vision)
-    cfg = Blip2Config(vision_config=base.vision_config.to_dict(),
-                      qformer_config={**base.qformer_config.to_dict(), "use_qformer_text_input": False},
-                      text_config=text.to_dict(), num_query_tokens=num_queries, image_token_index=vocab - 1)
-    cfg.architectures = ["Blip2ForConditionalGeneration"]
+    kind, name = (InstructBlipConfig, "InstructBlip") if instruct else (Blip2Config, "Blip2")
+    qformer = {k: v for k, v in base.qformer_config.to_dict().items() if k != "model_type"}
+    if not instruct:
+        qformer["use_qformer_text_input"] = False
+    vision_dict = {k: v for k, v in base.vision_config.to_dict().items() if k != "model_type"}
+    cfg = kind(vision_config=vision_dict, qformer_config=qformer, text_config=text.to_dict(),
+               num_query_tokens=num_queries, image_token_index=vocab - 1)
+    cfg.architectures = [f"{name}ForConditionalGeneration"]
     return cfg
+
+
+def instructblip_config(text, *, num_queries=4, cross_freq=2, **vision):
+    """An `InstructBlipForConditionalGeneration` config around the HF text config `text` (odd sizes via `vision`:
+    any `blip2_retrieval_config` argument)."""
+    return _conditional_generation(text, text.vocab_size, num_queries, cross_freq, vision, instruct=True)
 
 
 def blip2_opt_config(*, vocab=120, hidden=32, layers=2, heads=4, num_queries=4, cross_freq=2, **vision):

@@ -84,3 +84,14 @@ def test_caption_finetune_config_trains_the_vit_in_float32():
     assert aot.count(trainable["vision"]) == VIT_G
     assert 1.05e9 < aot.count(trainable) < 1.2e9
     assert {leaf.dtype for leaf in jax.tree.leaves(sharding.unbox(trainable["vision"]))} == {np.dtype("float32")}
+
+
+def test_instruction_tuning_config_trains_instructblips_188m():
+    """configs/stage2.py:instruct_flant5xl: InstructBLIP's Q-Former with its text path (BERT-base
+    embeddings and text FFNs) on top of BLIP-2's 107M; the InstructBLIP paper trains 188M parameters."""
+    config = paper_config("instruct_flant5xl", FLAN_T5_XL)
+    config.init.stage2_checkpoint = config.eval.source.path = ""  # no files here
+    task = stage2.make_task(config, sharding.make_mesh(config.mesh))
+    trainable = jax.eval_shape(task.init_trainable, jax.random.PRNGKey(0))
+    assert "word_embeddings" in trainable["qformer"] and "text_ffn" in trainable["qformer"]["layers"]["layer_0"]
+    assert 185e6 < aot.count(trainable) < 191e6, aot.count(trainable)

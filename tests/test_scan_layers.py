@@ -199,8 +199,8 @@ def test_one_seed_draws_the_same_weights_in_both_layouts():
                                max_position_embeddings=32)
     config = Blip2Config(vision=vision, qformer=qformer, text=text, num_query_tokens=3, with_lm_head=False)
     plain, scanned = Blip2OPT(config), Blip2OPT(with_scan_layers(config, True))
-    a = init_params(plain, KEY, *dummy_inputs(plain))
-    b = init_params(scanned, KEY, *dummy_inputs(scanned))
+    a = init_params(plain, KEY, dummy_inputs(plain))
+    b = init_params(scanned, KEY, dummy_inputs(scanned))
     assert_trees_equal(nn.unbox(b), stack_layers(nn.unbox(a), layer_stacks(scanned.config)))
     # The stacked axis is the logical axis "layers" (replicated by sharding.DEFAULT_AXIS_RULES).
     specs = nn.get_partition_spec(b)

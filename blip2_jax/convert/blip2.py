@@ -3,7 +3,10 @@
 Checkpoints handled (`config.json` + safetensors, single or sharded):
 - `Blip2ForImageTextRetrieval` -> `Blip2Stage1` (no `temp` / ITG head in the file: they start fresh);
 - `Blip2ForConditionalGeneration` with an OPT, LLaMA, Mistral, Qwen2 or Gemma text config ->
-  `Blip2DecoderOnly`, with a T5 one -> `Blip2T5`.
+  `Blip2DecoderOnly`, with a T5 one -> `Blip2T5`;
+- `InstructBlipForConditionalGeneration` (FlanT5, Vicuna/LLaMA and the other decoder-only LLMs) ->
+  the same classes with an instruction-aware Q-Former (`Blip2Config.instruction_aware`): the same key
+  maps, with the Q-Former's own text embeddings under `qformer.embeddings.` (its LayerNorm there too).
 The LLM key maps come from `convert/opt.py`, `convert/decoder.py` and `convert/t5.py`, under the
 `language_model.` prefix.
 """
@@ -98,14 +101,24 @@ def text_config_from_hf(d: dict, keys=(), dtype=jnp.float32, **overrides):
                                                    param_dtype=dtype, **overrides)
 
 
+def is_instructblip(d: dict) -> bool:
+    """Whether a config.json dict describes an InstructBLIP (`InstructBlipForConditionalGeneration`)."""
+    return "InstructBlipForConditionalGeneration" in (d.get("architectures") or []) or \
+        d.get("model_type") == "instructblip"
+
+
 def architecture(d: dict) -> str:
+    """"retrieval", "generation" (BLIP-2 with an LLM) or "instruct" (InstructBLIP) for a config.json dict."""
     archs = d.get("architectures") or []
     if "Blip2ForImageTextRetrieval" in archs:
         return "retrieval"
+    if is_instructblip(d):
+        return "instruct"
     if "Blip2ForConditionalGeneration" in archs or d.get("text_config"):
         return "generation"
     raise ValueError(f"config.json architectures {archs} is not a BLIP-2 model this project loads "
-                     "(Blip2ForConditionalGeneration or Blip2ForImageTextRetrieval)")
+                     "(Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration or "
+                     "Blip2ForImageTextRetrieval)")
 
 
 def config_from_hf(d: dict, keys=(), *, dtype=jnp.float32, frozen_dtype=None, scan_layers: bool = False) -> Blip2Config:
@@ -119,12 +132,13 @@ def config_from_hf(d: dict, keys=(), *, dtype=jnp.float32, frozen_dtype=None, sc
     vision = vision_config_from_hf(d.get("vision_config", {}), dtype=frozen_dtype, param_dtype=frozen_dtype,
                                    scan_layers=scan_layers)
     kind = architecture(d)
-    qcfg = d.get("qformer_config", {})
-    if kind == "generation":
-        qcfg = {**qcfg, "use_qformer_text_input": False}
+    # The Q-Former's text path: BLIP-2 with an LLM has none, InstructBLIP reads its instruction with it.
+    qcfg = dict(d.get("qformer_config", {}))
+    if kind != "retrieval":
+        qcfg["use_qformer_text_input"] = kind == "instruct"
     qformer = qformer_config_from_hf(qcfg, nq, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
     text = None
-    if kind == "generation":
+    if kind != "retrieval":
         text = text_config_from_hf(d["text_config"], keys, frozen_dtype, scan_layers=scan_layers)
     return Blip2Config(vision=vision, qformer=qformer, text=text, num_query_tokens=nq,
                        image_text_hidden_size=d.get("image_text_hidden_size", 256),
@@ -160,9 +174,11 @@ def vision_rules(c: VisionConfig, hf_prefix: str = "vision_model.", ln_vision: b
     return rules
 
 
-def qformer_rules(c: QFormerConfig, hf_prefix: str = "qformer.", embeddings_prefix: str = "embeddings.") -> list[Rule]:
-    """HF `Blip2QFormerModel` (+ the retrieval model's `embeddings.*` text embeddings)."""
-    rules = layer_norm(hf_prefix + "layernorm", ("qformer", "layernorm"))
+def qformer_rules(c: QFormerConfig, hf_prefix: str = "qformer.", embeddings_prefix: str = "embeddings.",
+                  layernorm: str = "qformer.layernorm") -> list[Rule]:
+    """HF `Blip2QFormerModel` (+ the retrieval model's `embeddings.*` text embeddings); InstructBLIP's
+    Q-Former keeps its text embeddings and the LayerNorm under `qformer.embeddings.` (`instruct_qformer_rules`)."""
+    rules = layer_norm(layernorm, ("qformer", "layernorm"))
     if c.use_text_input:
         rules += embedding(embeddings_prefix + "word_embeddings.weight", ("qformer", "word_embeddings"))
         rules += embedding(embeddings_prefix + "position_embeddings.weight", ("qformer", "position_embeddings"))
@@ -186,6 +202,11 @@ def qformer_rules(c: QFormerConfig, hf_prefix: str = "qformer.", embeddings_pref
     return stack_rules(rules, qformer_model.layer_stacks(c, ("qformer",)))
 
 
+def instruct_qformer_rules(c: QFormerConfig) -> list[Rule]:
+    """HF `InstructBlipQFormerModel`: the BLIP-2 Q-Former's keys with its embeddings inside it."""
+    return qformer_rules(c, embeddings_prefix="qformer.embeddings.", layernorm="qformer.embeddings.layernorm")
+
+
 def text_rules(text_config: Any, hf_prefix: str = "language_model.") -> list[Rule]:
     return prefixed(text_converter(text_config).rules(text_config, hf_prefix=hf_prefix), "", ("language_model",))
 
@@ -194,7 +215,7 @@ def rules(config: Blip2Config) -> list[Rule]:
     """Every HF key of the checkpoint `config` describes, with its place in our tree."""
     out = vision_rules(config.vision)
     out.append(Rule("query_tokens", ("query_tokens",)))
-    out += qformer_rules(config.qformer)
+    out += instruct_qformer_rules(config.qformer) if config.instruction_aware else qformer_rules(config.qformer)
     if config.text is None:
         out += linear("vision_projection", ("vision_proj",))
         out += linear("text_projection", ("text_proj",))
@@ -206,18 +227,23 @@ def rules(config: Blip2Config) -> list[Rule]:
 
 
 def config_to_hf(config: Blip2Config) -> dict:
-    """A `config.json` dict that transformers 5.x loads into the matching Blip2 class."""
+    """A `config.json` dict that transformers 5.x loads into the matching Blip2 / InstructBlip class."""
     d = dict(
         model_type="blip-2", num_query_tokens=config.num_query_tokens,
         vision_config=vision_config_to_hf(config.vision), qformer_config=qformer_config_to_hf(config.qformer),
         initializer_factor=1.0, initializer_range=0.02,
     )
+    if config.instruction_aware:
+        d["model_type"] = "instructblip"
+        d["vision_config"]["model_type"] = "instructblip_vision_model"
+        d["qformer_config"]["model_type"] = "instructblip_qformer"
     if config.text is None:
         d["architectures"] = ["Blip2ForImageTextRetrieval"]
         d["image_text_hidden_size"] = config.image_text_hidden_size
         d["qformer_config"]["use_qformer_text_input"] = True
     else:
-        d["architectures"] = ["Blip2ForConditionalGeneration"]
+        d["architectures"] = ["InstructBlipForConditionalGeneration" if config.instruction_aware
+                              else "Blip2ForConditionalGeneration"]
         d["text_config"] = config.text.to_hf()
         d["use_decoder_only_language_model"] = is_decoder_only(config.text)
         # transformers 5.x scatters the queries into image-token positions: it needs the id.
@@ -253,7 +279,7 @@ def load(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Any = None,
 
 def save(model: nn.Module, params: dict, path: str, *, dtype: Any = np.float32) -> None:
     """Write `path/config.json` + `path/model.safetensors` that transformers 5.x loads into the
-    matching Blip2 class and runs with the same outputs."""
+    matching Blip2 / InstructBlip class and runs with the same outputs."""
     config: Blip2Config = model.config
     if config.text is None and not config.qformer.use_text_input:
         raise ValueError("a retrieval checkpoint needs the Q-Former's text path (use_text_input=True)")

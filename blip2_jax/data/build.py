@@ -10,7 +10,8 @@ r"""Dataset builders: image-text datasets on disk -> sharded ArrayRecord files +
 `coco` reads the COCO captions format (also NoCaps), the Karpathy split JSON (`dataset_coco.json`,
 `dataset_flickr30k.json`: `images[*].sentences`, filtered by `--karpathy_split`) and LAVIS's
 annotation lists (`[{"image": ..., "caption": str | [str]}]`). `table` reads JSONL or CSV rows of
-image path and caption. `webdataset` reads tar shards as img2dataset writes them
+image path and caption; with `--question_key` (e.g. `question`), rows of image, question and answer (the
+`--caption_key` field): instruction records for VQA instruction tuning (`records.ImageText.questions`). `webdataset` reads tar shards as img2dataset writes them
 (`KEY.jpg` + `KEY.txt` and/or `KEY.json`), one output shard per tar.
 
 Records are grouped per image (all captions of an image in one record). A missing or unreadable image
@@ -53,6 +54,7 @@ class Entry:
     path: str
     captions: tuple[str, ...]
     image_id: str
+    questions: tuple[str, ...] = ()  # instruction data: the question each caption answers
 
 
 # ----------------------------------------------------------------------------- annotation readers
@@ -63,15 +65,16 @@ def _fail(file: str, where: str, entry, why: str):
     raise AnnotationError(f"{file}: {where}: {why}: {text[:300]}")
 
 
-def _group(items: Sequence[tuple[str, str, str | None]]) -> list[Entry]:
-    """Groups (path, image_id, caption) rows per image, in order of first appearance."""
-    order: dict[str, tuple[str, list[str]]] = {}
-    for path, image_id, caption in items:
+def _group(items: Sequence[tuple]) -> list[Entry]:
+    """Groups (path, image_id, caption[, question]) rows per image, in order of first appearance."""
+    order: dict[str, tuple[str, list[str], list[str]]] = {}
+    for path, image_id, caption, *question in items:
         if path not in order:
-            order[path] = (image_id, [])
+            order[path] = (image_id, [], [])
         if caption is not None:
             order[path][1].append(caption)
-    return [Entry(p, tuple(caps), iid) for p, (iid, caps) in order.items()]
+            order[path][2].extend(question)
+    return [Entry(p, tuple(caps), iid, tuple(qs)) for p, (iid, caps, qs) in order.items()]
 
 
 def read_coco_annotations(file: str, image_root: str, karpathy_split: str = "") -> list[Entry]:
@@ -154,19 +157,22 @@ def _read_lavis_list(file: str, data: list, image_root: str) -> list[Entry]:
 
 
 def read_table(file: str, image_root: str, image_key: str = "image",
-               caption_key: str = "caption") -> list[Entry]:
-    """Reads a JSONL (one object per line) or CSV (with a header) of image path and caption."""
+               caption_key: str = "caption", question_key: str = "") -> list[Entry]:
+    """Reads a JSONL (one object per line) or CSV (with a header) of image path and caption; with
+    `question_key`, of image path, question and answer (`caption_key`; JSONL: one answer per row)."""
     rows = []
     if file.endswith(".csv"):
         with open(file, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
-            for key in (image_key, caption_key):
+            for key in (image_key, caption_key) + ((question_key,) if question_key else ()):
                 if key not in (reader.fieldnames or []):
                     _fail(file, "header", reader.fieldnames, f"missing column {key!r}")
             for line, row in enumerate(reader, start=2):
                 if not row.get(image_key) or row.get(caption_key) is None:
                     _fail(file, f"line {line}", row, f"empty {image_key!r} or {caption_key!r}")
-                rows.append((row[image_key], row[caption_key]))
+                if question_key and not row.get(question_key):
+                    _fail(file, f"line {line}", row, f"empty {question_key!r}")
+                rows.append((row[image_key], row[caption_key]) + ((row[question_key],) if question_key else ()))
     else:
         with open(file, encoding="utf-8") as f:
             for line, text in enumerate(f, start=1):
@@ -179,11 +185,17 @@ def read_table(file: str, image_root: str, image_key: str = "image",
                 if not isinstance(row, dict) or not isinstance(row.get(image_key), str):
                     _fail(file, f"line {line}", row, f"needs a string {image_key!r}")
                 caps = row.get(caption_key)
+                if question_key:
+                    if not isinstance(row.get(question_key), str) or not isinstance(caps, str):
+                        _fail(file, f"line {line}", row, f"needs a string {question_key!r} and a string answer "
+                                                         f"{caption_key!r}")
+                    rows.append((row[image_key], caps, row[question_key]))
+                    continue
                 caps = [caps] if isinstance(caps, str) else caps
                 if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
                     _fail(file, f"line {line}", row, f"{caption_key!r} must be a string or list")
                 rows.extend((row[image_key], c) for c in caps)
-    return _group([(os.path.join(image_root, p), p, c) for p, c in rows])
+    return _group([(os.path.join(image_root, p), p, *rest) for p, *rest in rows])
 
 
 # ----------------------------------------------------------------------------- image checks
@@ -211,7 +223,7 @@ def _entry_record(entry: Entry, source: str, verify: bool):
     except Exception as e:  # PIL raises many types for corrupt data.
         return None, {"path": entry.path, "image_id": entry.image_id,
                       "reason": f"not a decodable image: {type(e).__name__}: {e}"}
-    return records.ImageText(data, entry.captions, entry.image_id, source, fmt), None
+    return records.ImageText(data, entry.captions, entry.image_id, source, fmt, entry.questions), None
 
 
 # ----------------------------------------------------------------------------- tasks (one per shard)
@@ -339,8 +351,8 @@ def build_coco(annotations: str, images: str, out_dir: str, *, karpathy_split: s
 
 
 def build_table(input_file: str, images: str, out_dir: str, *, image_key: str = "image",
-                caption_key: str = "caption", source: str = "", **kw) -> dict:
-    entries = read_table(input_file, images, image_key, caption_key)
+                caption_key: str = "caption", question_key: str = "", source: str = "", **kw) -> dict:
+    entries = read_table(input_file, images, image_key, caption_key, question_key)
     source = source or os.path.splitext(os.path.basename(input_file))[0]
     return build_from_entries(entries, out_dir, source=source, inputs=[input_file], **kw)
 
@@ -402,7 +414,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             s.add_argument("--input", required=True, help=".jsonl or .csv")
             s.add_argument("--image_key", default="image", help="image path field (default: %(default)s)")
             s.add_argument("--caption_key", default="caption",
-                           help="caption field, a string or a list of strings (default: %(default)s)")
+                           help="caption field, a string or a list of strings (default: %(default)s); with "
+                                "--question_key, the answer")
+            s.add_argument("--question_key", default="",
+                           help="question field: instruction (VQA) records of image, question and answer")
     a = p.parse_args(argv)
     common = dict(prefix=a.prefix, source=a.source, workers=a.workers, verify=not a.no_verify)
     if a.kind == "webdataset":
@@ -415,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  karpathy_split=a.karpathy_split, **common)
         else:
             summary = build_table(a.input, a.images, a.out, image_key=a.image_key,
-                                  caption_key=a.caption_key, **common)
+                                  caption_key=a.caption_key, question_key=a.question_key, **common)
     print(f"wrote {summary['num_written']} records in {len(summary['shards'])} shards to {a.out}; "
           f"skipped {summary['num_skipped']} (see {a.prefix}-summary.json)", file=sys.stderr)
     return summary

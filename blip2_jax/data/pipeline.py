@@ -17,6 +17,10 @@ dimension is the per-process batch size B = config.global_batch_size // process_
     "attention_mask" int32   [B, L]
     "labels"         int32   [B, L]        = input_ids, -100 at padding and at BOS + prompt
                                            (the loss shifts: logits[:, t] predict labels[:, t + 1])
+  with data.instruction_task (InstructBLIP instruction tuning; text modes "opt" and "t5_prompt", the
+  prompt is a drawn instruction), also:
+    "qformer_input_ids"      int32 [B, Lq] [CLS] instruction [SEP] [PAD]..., Lq = max_instruction_len
+    "qformer_attention_mask" int32 [B, Lq]
   text_mode "t5_prefix" / "t5_prompt" (stage 2, FlanT5):
     "input_ids"      int32   [B, L]        encoder text (caption prefix, or the fixed prompt) + </s>
     "attention_mask" int32   [B, L]
@@ -87,14 +91,19 @@ class _Parse:
     captions_key: str
 
     def __call__(self, raw) -> tuple[Any, list[str], str]:
+        image, captions, _, record_id = self.with_questions(raw)
+        return image, captions, record_id
+
+    def with_questions(self, raw) -> tuple[Any, list[str], list[str], str]:
+        """`(image data, captions, questions, printable id)`; questions only in instruction records."""
         if isinstance(raw, (bytes, bytearray)):
             rec = records.decode_record(raw)
-            return rec.image, list(rec.captions), f"{self.name}:{rec.image_id}"
+            return rec.image, list(rec.captions), list(rec.questions), f"{self.name}:{rec.image_id}"
         image = raw[self.image_key]
         caps = _lookup(raw, self.captions_key)
         caps = [caps] if isinstance(caps, (str, bytes, np.bytes_)) else list(np.ravel(caps))
         image_id = raw.get("image_id", raw.get("id", ""))
-        return image, [_as_str(c) for c in caps], f"{self.name}:{_as_str(image_id)}"
+        return image, [_as_str(c) for c in caps], [], f"{self.name}:{_as_str(image_id)}"
 
 
 def _parsers_and_sources(source_cfgs: Mapping) -> list[tuple[str, Sequence, _Parse]]:
@@ -121,9 +130,21 @@ def make_text_encoder(config):
         return text.Stage1Text(text.load_bert_tokenizer(config.tokenizer_path), config.max_text_len)
     tok = text.load_tokenizer(config.tokenizer_path)
     if mode == "opt":
-        return text.OPTText(tok, config.max_text_len, config.prompt)
-    return text.T5Text(tok, config.max_text_len, mode="prefix" if mode == "t5_prefix" else "prompt",
-                       prompt=config.prompt or "a photo of")
+        llm_text = text.OPTText(tok, config.max_text_len, config.prompt)
+    else:
+        llm_text = text.T5Text(tok, config.max_text_len, mode="prefix" if mode == "t5_prefix" else "prompt",
+                               prompt=config.prompt or "a photo of")
+    task = config.get("instruction_task", "")
+    if not task:
+        return llm_text
+    if mode == "t5_prefix":
+        raise ValueError("config.data.instruction_task needs text_mode 'opt' or 't5_prompt' (the instruction is "
+                         "the prompt), got 't5_prefix'")
+    if not config.get("qformer_tokenizer_path"):
+        raise ValueError("config.data.instruction_task is set but config.data.qformer_tokenizer_path (the Q-Former's "
+                         "BERT vocabulary for the instruction) is empty")
+    return text.InstructText(llm_text, text.load_bert_tokenizer(config.qformer_tokenizer_path), task,
+                             config.get("max_instruction_len", 32))
 
 
 @dataclasses.dataclass
@@ -141,14 +162,20 @@ class _TrainTransform(grain.transforms.RandomMap):
         dense_id, source_index, raw = element
         record_id = f"source {source_index} record {dense_id}"
         try:
-            image, captions, record_id = self.parsers[source_index](raw)
+            image, captions, questions, record_id = self.parsers[source_index].with_questions(raw)
             if not captions:
                 raise ValueError("record has no captions")
             if self.caption_index < 0:
-                caption = captions[int(rng.integers(len(captions)))]  # One caption per visit.
+                k = int(rng.integers(len(captions)))  # One caption per visit.
             else:
-                caption = captions[min(self.caption_index, len(captions) - 1)]
-            tokens = self.text_encoder(text.clean_caption(caption, self.max_words), rng)
+                k = min(self.caption_index, len(captions) - 1)
+            caption = text.clean_caption(captions[k], self.max_words)
+            if questions:  # an instruction record: the answer to question k (data.instruction_task "vqa")
+                if not isinstance(self.text_encoder, text.InstructText):
+                    raise ValueError("an instruction record (questions) needs data.instruction_task = 'vqa'")
+                tokens = self.text_encoder(caption, rng, question=text.blip_question(questions[k], self.max_words))
+            else:
+                tokens = self.text_encoder(caption, rng)
             pixels = image_ops.train_transform(image, self.image_size, rng, **self.image_kwargs)
         except Exception as e:  # A bad record must not stop a long run: drop, count and log it.
             return {"_dropped": f"{record_id} ({type(e).__name__}: {e})"}

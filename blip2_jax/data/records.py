@@ -6,7 +6,9 @@ One record is one image with all of its captions:
 
 The header is UTF-8 JSON with sorted keys: `captions` (list of str), `image_id` (str, the id in the
 source dataset: a COCO id, a file path, a WebDataset key), `source` (str, where it came from) and
-`image_format` (the PIL format name of the encoded bytes, e.g. "JPEG"). The image is kept exactly as
+`image_format` (the PIL format name of the encoded bytes, e.g. "JPEG"); an instruction record (VQA
+data for instruction tuning) also has `questions`, one per caption: caption i answers question i (the
+key is absent from caption records, whose bytes stay as before). The image is kept exactly as
 it was encoded on disk, so a build never re-encodes and is byte-for-byte reproducible.
 
 Shards are named `{prefix}-{i:05d}-of-{n:05d}.array_record`; a build also writes
@@ -39,17 +41,19 @@ class ImageText:
     image_id: str
     source: str
     image_format: str = ""
+    questions: tuple[str, ...] = ()  # instruction records: the question each caption (answer) answers
 
 
 def encode_record(rec: ImageText) -> bytes:
     """Serialises a record; deterministic (sorted keys, fixed separators)."""
+    fields = {"captions": list(rec.captions), "image_id": rec.image_id, "source": rec.source,
+              "image_format": rec.image_format}
+    if rec.questions:
+        if len(rec.questions) != len(rec.captions):
+            raise ValueError(f"record {rec.image_id}: {len(rec.questions)} questions for {len(rec.captions)} answers")
+        fields["questions"] = list(rec.questions)
     header = json.dumps(
-        {
-            "captions": list(rec.captions),
-            "image_id": rec.image_id,
-            "source": rec.source,
-            "image_format": rec.image_format,
-        },
+        fields,
         sort_keys=True,
         ensure_ascii=False,
         separators=(",", ":"),
@@ -71,6 +75,7 @@ def decode_record(data: bytes) -> ImageText:
         image_id=header["image_id"],
         source=header["source"],
         image_format=header.get("image_format", ""),
+        questions=tuple(header.get("questions", ())),
     )
 
 

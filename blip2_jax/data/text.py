@@ -13,6 +13,8 @@
   objective the BLIP-2 authors describe in LAVIS issue #139); `mode="prompt"`: encoder text is the
   fixed prompt (e.g. "a photo of"), target the caption. Both end with `</s>`; decoder inputs are the
   labels shifted right behind the decoder start token (T5's pad, id 0).
+- `InstructText` (InstructBLIP instruction tuning): either of the two with a per-example instruction
+  as the prompt, and that instruction for the Q-Former (`qformer_input_ids`, `qformer_attention_mask`).
 
 Tokenizers load from local directories (`load_tokenizer`); nothing is downloaded.
 """
@@ -22,6 +24,8 @@ import os
 import re
 
 import numpy as np
+
+from blip2_jax.data import instructions
 
 IGNORE_INDEX = -100
 DEC_TOKEN = "[DEC]"
@@ -126,12 +130,18 @@ class OPTText:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def __call__(self, caption: str, rng: np.random.Generator | None = None) -> dict:
+    def __call__(self, caption: str, rng: np.random.Generator | None = None, prompt: str | None = None) -> dict:
+        """`prompt` replaces the fixed one for this caption (instruction tuning: one per example)."""
         del rng
-        ids = self.bos + self._encode(self.prompt + caption + "\n")
+        prompt_len = self.prompt_len
+        if prompt is not None:
+            prompt_len = len(self.bos) + len(self._encode(prompt)) if prompt else 0
+        else:
+            prompt = self.prompt
+        ids = self.bos + self._encode(prompt + caption + "\n")
         input_ids, mask = _pad(ids, self.max_len, self.pad)
         labels = np.where(mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
-        labels[: self.prompt_len] = IGNORE_INDEX
+        labels[:prompt_len] = IGNORE_INDEX
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
@@ -156,7 +166,10 @@ class T5Text:
         """k uniform in [1, max(1, num_tokens // 2)]."""
         return int(rng.integers(1, max(1, num_tokens // 2) + 1))
 
-    def __call__(self, caption: str, rng: np.random.Generator | None = None) -> dict:
+    def __call__(self, caption: str, rng: np.random.Generator | None = None, prompt: str | None = None) -> dict:
+        """`prompt` (mode "prompt" only) replaces the fixed encoder text for this caption."""
+        if prompt is not None and self.mode != "prompt":
+            raise ValueError("a per-caption prompt needs T5 text mode 'prompt' (data.text_mode t5_prompt)")
         ids = self._encode(caption)
         if self.mode == "prefix":
             if rng is None:
@@ -164,7 +177,7 @@ class T5Text:
             k = self.split_point(len(ids), rng)
             enc_ids, dec_ids = ids[:k], ids[k:]
         else:
-            enc_ids, dec_ids = self.prompt_ids, ids
+            enc_ids, dec_ids = (self.prompt_ids if prompt is None else self._encode(prompt)), ids
         m = self.max_len - 1  # Truncate the text, keep </s> (as HF's truncation does).
         input_ids, mask = _pad(enc_ids[:m] + [self.eos], self.max_len, self.pad)
         target, dec_mask = _pad(dec_ids[:m] + [self.eos], self.max_len, self.pad)
@@ -173,3 +186,34 @@ class T5Text:
         return {"input_ids": input_ids, "attention_mask": mask,
                 "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": dec_mask,
                 "labels": labels}
+
+
+class InstructText:
+    """Caption -> the LLM's tokens (`OPTText` / `T5Text` in prompt mode) with an InstructBLIP instruction of
+    `task` as the prompt, drawn per example from `data/instructions.py`, plus that instruction for the
+    Q-Former: `qformer_input_ids` / `qformer_attention_mask` (`[CLS] instruction [SEP]`, padded to `max_len`)."""
+
+    def __init__(self, llm_text, qformer_tokenizer, task: str = "caption", max_len: int = 32):
+        if task not in ("caption", "vqa"):
+            raise ValueError(f"data.instruction_task={task!r}: expected 'caption' (caption records) or 'vqa' "
+                             "(instruction records of question and answer, `data.build table --question_key`)")
+        self.llm_text, self.qformer_tokenizer, self.task, self.max_len = llm_text, qformer_tokenizer, task, max_len
+        # A decoder-only LLM reads `instruction caption`. The space goes in front of the caption, not after the
+        # instruction: a byte-level BPE attaches it to the next word ("Ġtwo"), so an instruction ending in a
+        # space would count one token too many as prompt and mask the answer's first token.
+        self.separator = " " if isinstance(llm_text, OPTText) else ""
+
+    def __call__(self, caption: str, rng: np.random.Generator | None = None, question: str | None = None) -> dict:
+        """`caption`: the target (a caption, or the answer to `question` for task "vqa")."""
+        if rng is None:
+            raise ValueError("InstructText draws its instruction from an rng")
+        if (question is not None) != (self.task == "vqa"):
+            raise ValueError(f"instruction task {self.task!r} got {'a' if question is not None else 'no'} question: "
+                             "vqa needs instruction records (questions), caption needs caption records")
+        fields = {"question": question} if question is not None else {}
+        instruction = instructions.instruction(self.task, rng, **fields)
+        out = self.llm_text(self.separator + caption, rng, prompt=instruction)
+        enc = self.qformer_tokenizer(instruction, padding="max_length", truncation=True, max_length=self.max_len)
+        out["qformer_input_ids"] = np.asarray(enc["input_ids"], np.int32)
+        out["qformer_attention_mask"] = np.asarray(enc["attention_mask"], np.int32)
+        return out

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from blip2_jax import processor as processor_lib
+from blip2_jax.data import instructions
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import text as data_text
 from blip2_jax.decoding import generate
@@ -36,12 +37,16 @@ def pad_to_multiple(ids: np.ndarray, mask: np.ndarray, multiple: int, pad_id: in
 
 def generate_texts(model, params, processor, pixels: np.ndarray, prompts: Optional[Sequence[str]], *,
                    pad_multiple: int = 1, **generate_kwargs) -> list[str]:
-    """Decoded generations (cut at the first EOS) for a batch of images and optional prompts."""
+    """Decoded generations (cut at the first EOS) for a batch of images and optional prompts (InstructBLIP:
+    also the Q-Former's instruction, the empty one without prompts)."""
     ids = mask = None
     if prompts:
         ids, mask = processor.tokenize(list(prompts))
         ids, mask = pad_to_multiple(ids, mask, pad_multiple, processor.tokenizer.pad_token_id,
                                     processor.padding_side)
+    if processor.instruction_aware:
+        q_ids, q_mask = processor.tokenize_instruction(list(prompts) if prompts else [""] * len(pixels))
+        generate_kwargs = dict(generate_kwargs, qformer_input_ids=q_ids, qformer_attention_mask=q_mask)
     out = generate(model, params, pixels, ids, mask, **generate_kwargs)
     return processor.decode(np.asarray(out))
 
@@ -89,8 +94,12 @@ def generation_prompt(config) -> str:
     ("Ġa"), so the prompt alone would end in a lone space token the model never saw in training.
     T5: `t5_prompt` mode encodes the fixed prompt (default "a photo of", as the pipeline); `t5_prefix`
     has no fixed prompt (the visual prompt alone).
+    Instruction tuning (`data.instruction_task`): the first captioning instruction, "A short image
+    caption:" (training draws one per example; the held-out evaluation is captioning whatever the task).
     """
     mode, prompt = config.data.text_mode, config.data.prompt
+    if config.data.get("instruction_task"):
+        return instructions.TEMPLATES["caption"][0]
     if mode == "opt":
         return prompt.rstrip()
     if mode == "t5_prompt":
@@ -103,7 +112,10 @@ def evaluator(config, model, tokenizer):
     `config.eval.source` with the training prompt, scored by `caption_scores` against the cleaned
     references."""
     ev, data_cfg = config.eval, config.data
-    processor = processor_lib.for_model(model, tokenizer, data_cfg.image_size)
+    qformer_tokenizer = None
+    if model.config.instruction_aware:
+        qformer_tokenizer = data_text.load_bert_tokenizer(data_cfg.qformer_tokenizer_path)
+    processor = processor_lib.for_model(model, tokenizer, data_cfg.image_size, qformer_tokenizer)
     prompt = generation_prompt(config)
 
     def evaluate(params, step: int) -> dict:

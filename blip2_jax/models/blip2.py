@@ -13,6 +13,10 @@ CLIP ViT (`VisionConfig`, the paper's) or the ImageNet-trained EfficientNet-Lite
   + the frozen LLM (Hugging Face `Blip2ForConditionalGeneration`). `Blip2DecoderOnly` holds any
   decoder-only LLM: OPT (`OPTForCausalLM`) or LLaMA / Mistral / Qwen2 / Gemma (`DecoderForCausalLM`),
   chosen by the type of its text config; with OPT it is the subclass `Blip2OPT` (the name it had).
+- InstructBLIP (Hugging Face `InstructBlipForConditionalGeneration`) is the same two compositions with
+  an instruction-aware Q-Former (`Blip2Config.instruction_aware`: a text config and a Q-Former with its
+  text path): the instruction's tokens (`qformer_input_ids`, the Q-Former's BERT vocabulary) run
+  through the Q-Former's self-attention beside the queries, and only the query outputs are projected.
 
 Top-level parameter names are the frozen/trainable boundary: `vision` (and `language_model` in
 stage 2) are frozen, everything else trains (`ln_vision` included, as in LAVIS).
@@ -51,6 +55,12 @@ class Blip2Config:
     temperature_init: float = 0.07
     with_lm_head: bool = True  # the ITG head (stage 1)
     image_token_index: Optional[int] = None  # kept so save_pretrained can write it
+
+    @property
+    def instruction_aware(self) -> bool:
+        """InstructBLIP: a stage-2 model whose Q-Former reads the instruction beside the queries. A BLIP-2
+        stage-2 Q-Former has no text path (`use_text_input=False`, as HF's and LAVIS's)."""
+        return self.text is not None and self.qformer.use_text_input
 
     def __post_init__(self):
         if self.qformer.num_query_tokens != self.num_query_tokens:
@@ -107,10 +117,20 @@ class _ImageQueries(nn.Module):
         """`ln_vision` over the ViT features, in float32: what the Q-Former cross-attends to."""
         return self.ln_vision(vit_features.astype(jnp.float32))
 
-    def query_outputs(self, image_embeds: jax.Array, deterministic: bool = True):
-        """Learned queries through the Q-Former: `(hidden [B, Q, D], per-layer (k, v))`."""
+    def query_outputs(self, image_embeds: jax.Array, deterministic: bool = True, instruction=None):
+        """Learned queries through the Q-Former: `(hidden [B, Q, D], per-layer (k, v))`.
+
+        `instruction`: `(ids [B, T_q], mask [B, T_q])` that share the self-attention with the queries
+        (InstructBLIP: every position sees every non-padding position); `hidden` is then the query
+        positions' only and the K/V cover queries and instruction."""
         queries = jnp.broadcast_to(self.query_tokens, (image_embeds.shape[0],) + self.query_tokens.shape[1:])
-        return self.qformer(query_embeds=queries, image_embeds=image_embeds, deterministic=deterministic)
+        if instruction is None:
+            return self.qformer(query_embeds=queries, image_embeds=image_embeds, deterministic=deterministic)
+        ids, mask = instruction
+        nq = self.config.num_query_tokens
+        hidden, kvs = self.qformer(query_embeds=queries, input_ids=ids, image_embeds=image_embeds,
+                                   self_mask=attention_mask("bidirectional", nq, mask), deterministic=deterministic)
+        return hidden[:, :nq], kvs
 
 
 class Blip2Stage1(_ImageQueries):
@@ -196,11 +216,36 @@ class _Stage2(_ImageQueries):
         self.language_projection = Dense(llm_width(self.config.text), ("embed", "llm_embed"),
                                          name="language_projection")
 
-    def visual_prompt(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Projected query outputs `[B, Q, D_llm]`, in the LLM's compute dtype."""
+    def visual_prompt(self, pixel_values: jax.Array, deterministic: bool = True, qformer_input_ids=None,
+                      qformer_attention_mask=None) -> jax.Array:
+        """Projected query outputs `[B, Q, D_llm]`, in the LLM's compute dtype (InstructBLIP: the queries
+        read the instruction `qformer_input_ids` too)."""
+        instruction = self.instruction(qformer_input_ids, qformer_attention_mask, pixel_values.shape[0])
         image_embeds = self.image_embeds(self.vit_features(pixel_values, deterministic))
-        hidden, _ = self.query_outputs(image_embeds, deterministic)
+        hidden, _ = self.query_outputs(image_embeds, deterministic, instruction)
         return self.language_projection(hidden).astype(self.config.text.dtype)
+
+    def instruction(self, qformer_input_ids, qformer_attention_mask, batch: int):
+        """`(ids, mask)` of the Q-Former's instruction, checked against the model (None for BLIP-2); the
+        mask defaults to all ones, as in HF."""
+        cfg = self.config
+        if not cfg.instruction_aware:
+            if qformer_input_ids is not None or qformer_attention_mask is not None:
+                raise ValueError("qformer_input_ids / qformer_attention_mask given, but this BLIP-2 model's Q-Former "
+                                 "takes no instruction (only InstructBLIP checkpoints have one)")
+            return None
+        if qformer_input_ids is None:
+            raise ValueError("an InstructBLIP model needs qformer_input_ids [B, T_q] (the instruction in the "
+                             "Q-Former's BERT vocabulary; processor.tokenize_instruction gives it)")
+        ids = jnp.asarray(qformer_input_ids, jnp.int32)
+        mask = jnp.ones_like(ids) if qformer_attention_mask is None else jnp.asarray(qformer_attention_mask, jnp.int32)
+        if ids.ndim != 2 or ids.shape[0] != batch or mask.shape != ids.shape:
+            raise ValueError(f"qformer_input_ids {ids.shape} and qformer_attention_mask {mask.shape} must both be "
+                             f"[B={batch}, T_q]")
+        if ids.shape[1] > cfg.qformer.max_position_embeddings:
+            raise ValueError(f"qformer_input_ids has {ids.shape[1]} tokens, more than the Q-Former's "
+                             f"max_position_embeddings {cfg.qformer.max_position_embeddings}")
+        return ids, mask
 
     def prompt_inputs(self, prompt: jax.Array, input_ids: jax.Array, text_mask: jax.Array):
         """`[visual prompt; text embeddings]` and the matching mask (all ones over the queries)."""
@@ -223,7 +268,8 @@ def is_decoder_only(text_config) -> bool:
 
 class Blip2DecoderOnly(_Stage2):
     """BLIP-2 with a decoder-only LLM (`CAUSAL_LMS`): `__call__(pixel_values, input_ids, attention_mask)`
-    -> text logits `[B, T, V]` (float32), the visual prompt in front of the text."""
+    -> text logits `[B, T, V]` (float32), the visual prompt in front of the text. InstructBLIP adds the
+    keyword arguments `qformer_input_ids`, `qformer_attention_mask` (`[B, T_q]`)."""
 
     def setup(self):
         super().setup()
@@ -234,8 +280,9 @@ class Blip2DecoderOnly(_Stage2):
         """An empty KV cache of the LLM for `max_len` positions (queries + prompt + new tokens)."""
         return CAUSAL_LMS[type(self.config.text)][1](self.config.text, batch, max_len)
 
-    def __call__(self, pixel_values, input_ids, attention_mask, deterministic: bool = True):
-        prompt = self.visual_prompt(pixel_values, deterministic)
+    def __call__(self, pixel_values, input_ids, attention_mask, deterministic: bool = True, *,
+                 qformer_input_ids=None, qformer_attention_mask=None):
+        prompt = self.visual_prompt(pixel_values, deterministic, qformer_input_ids, qformer_attention_mask)
         logits, _ = self.language_model(*self.prompt_inputs(prompt, input_ids, attention_mask),
                                         deterministic=deterministic)
         return logits[:, prompt.shape[1]:]
@@ -243,21 +290,25 @@ class Blip2DecoderOnly(_Stage2):
 
 class Blip2T5(_Stage2):
     """`__call__(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)`
-    -> decoder logits `[B, T_dec, V]` (float32)."""
+    -> decoder logits `[B, T_dec, V]` (float32); InstructBLIP adds `qformer_input_ids`,
+    `qformer_attention_mask` as keyword arguments."""
 
     def setup(self):
         super().setup()
         self.language_model = T5ForConditionalGeneration(self.config.text, name="language_model")
 
-    def encode(self, pixel_values, input_ids, attention_mask, deterministic: bool = True):
+    def encode(self, pixel_values, input_ids, attention_mask, deterministic: bool = True, *,
+               qformer_input_ids=None, qformer_attention_mask=None):
         """T5 encoder over `[visual prompt; text]`: `(encoder hidden, encoder mask)`."""
-        prompt = self.visual_prompt(pixel_values, deterministic)
+        prompt = self.visual_prompt(pixel_values, deterministic, qformer_input_ids, qformer_attention_mask)
         embeds, mask = self.prompt_inputs(prompt, input_ids, attention_mask)
         return self.language_model.encode(embeds, mask, deterministic=deterministic), mask
 
     def __call__(self, pixel_values, input_ids, attention_mask, decoder_input_ids,
-                 decoder_attention_mask=None, deterministic: bool = True):
-        encoded, mask = self.encode(pixel_values, input_ids, attention_mask, deterministic)
+                 decoder_attention_mask=None, deterministic: bool = True, *, qformer_input_ids=None,
+                 qformer_attention_mask=None):
+        encoded, mask = self.encode(pixel_values, input_ids, attention_mask, deterministic,
+                                    qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)
         logits, _ = self.language_model.decode(decoder_input_ids, encoded, mask, decoder_attention_mask,
                                                deterministic=deterministic)
         return logits
@@ -292,8 +343,9 @@ def layer_stacks(config: Blip2Config) -> list[LayerStack]:
     return stacks
 
 
-def dummy_inputs(model: nn.Module, batch: int = 1, text_len: int = 4, *, abstract: bool = False) -> tuple:
-    """Inputs of the right kinds for `model.init` (pixels, ids, mask[, decoder ids, decoder mask])."""
+def dummy_inputs(model: nn.Module, batch: int = 1, text_len: int = 4, *, abstract: bool = False) -> dict:
+    """Keyword inputs of the right kinds for `model.init` (pixels, ids, mask[, decoder ids and mask][, the
+    InstructBLIP Q-Former's instruction ids and mask])."""
     size = model.config.vision.image_size
     if abstract:
         pixels = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
@@ -301,12 +353,18 @@ def dummy_inputs(model: nn.Module, batch: int = 1, text_len: int = 4, *, abstrac
     else:
         pixels = jnp.zeros((batch, size, size, 3), jnp.float32)
         ids, mask = jnp.zeros((batch, text_len), jnp.int32), jnp.ones((batch, text_len), jnp.int32)
-    return (pixels, ids, mask, ids, mask) if isinstance(model, Blip2T5) else (pixels, ids, mask)
+    inputs = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
+    if isinstance(model, Blip2T5):
+        inputs.update(decoder_input_ids=ids, decoder_attention_mask=mask)
+    if model.config.instruction_aware:
+        inputs.update(qformer_input_ids=ids, qformer_attention_mask=mask)
+    return inputs
 
 
 def abstract_params(model: nn.Module) -> dict:
     """Shapes and dtypes of the model's parameters (nothing is allocated), unboxed."""
-    params = jax.eval_shape(lambda *a: init_params(model, jax.random.PRNGKey(0), *a), *dummy_inputs(model, abstract=True))
+    params = jax.eval_shape(lambda inputs: init_params(model, jax.random.PRNGKey(0), inputs),
+                            dummy_inputs(model, abstract=True))
     return nn.unbox(params)
 
 
@@ -319,20 +377,20 @@ def with_scan_layers(config: Blip2Config, scan_layers: bool) -> Blip2Config:
                                text=tower(config.text))
 
 
-def init_params(model: nn.Module, rng: jax.Array, *inputs) -> dict:
+def init_params(model: nn.Module, rng: jax.Array, inputs: dict) -> dict:
     """`model.init`'s (boxed) parameters, drawn as the unrolled model draws them whatever the layout: a
     scanned stack gets the unrolled layers' values stacked, so a seed gives the same weights in both
     layouts (a scanned `init` would split its RNG per layer instead), random frozen towers included."""
     twin = type(model)(with_scan_layers(model.config, False))
-    params = twin.init({"params": rng, "dropout": rng}, *inputs)["params"]
+    params = twin.init({"params": rng, "dropout": rng}, **inputs)["params"]
     return stack_layers(params, [s for s in layer_stacks(model.config) if s.scanned])
 
 
-def init_fns(model: nn.Module, *inputs, frozen_keys: tuple[str, ...] = FROZEN_KEYS):
-    """`(init_trainable, init_frozen)`: the two halves of `init_params(model, rng, *inputs)` (see
+def init_fns(model: nn.Module, inputs: dict, frozen_keys: tuple[str, ...] = FROZEN_KEYS):
+    """`(init_trainable, init_frozen)`: the two halves of `init_params(model, rng, inputs)` (see
     `split_frozen`), each a pure `rng -> params` that the train loop runs under `eval_shape` and `jit`."""
     def init_all(rng):
-        return init_params(model, rng, *inputs)
+        return init_params(model, rng, inputs)
 
     return (lambda rng: split_frozen(init_all(rng), frozen_keys)[0]), \
         (lambda rng: split_frozen(init_all(rng), frozen_keys)[1])

@@ -4,7 +4,8 @@ Everything that needs "the model this config describes" comes here: the training
 (`blip2_jax.train`), a workdir's reload (`blip2_jax.workdir`), the processor and evaluation.
 
 - `build(config) -> Built(model, tokenizer)` for `config.task` "stage1" (`Blip2Stage1`), "stage2"
-  (`Blip2DecoderOnly` for OPT, LLaMA, Mistral, Qwen2, Gemma / `Blip2T5`) or "text_lm" (the demo's
+  (`Blip2DecoderOnly` for OPT, LLaMA, Mistral, Qwen2, Gemma / `Blip2T5`; InstructBLIP with
+  `model.instruction_aware`) or "text_lm" (the demo's
   `OPTForCausalLM` / `T5ForConditionalGeneration`);
   `model_of(config[, tokenizer])` when the tokenizer is not needed (stage 2 at paper scale);
 - `frozen_keys(config)`: the top-level parameter names the run keeps frozen;
@@ -111,7 +112,7 @@ def frozen_keys(config) -> tuple[str, ...]:
 
 def init_fns(config, model: nn.Module):
     """`(init_trainable, init_frozen)`: pure `rng -> params` halves of `model.init` for this config."""
-    return split_init_fns(model, *dummy_inputs(model), frozen_keys=frozen_keys(config))
+    return split_init_fns(model, dummy_inputs(model), frozen_keys=frozen_keys(config))
 
 
 # -- model configs ------------------------------------------------------------------------------
@@ -205,11 +206,24 @@ def stage2_config(config) -> Blip2Config:
     if m.llm not in LLMS:
         raise ValueError(f"config.model.llm must be one of {LLMS}, got {m.llm!r}")
     vision = _vision(config)
-    qformer = QFormerConfig(**dict(m.qformer.items()), num_query_tokens=m.num_query_tokens,
-                            encoder_hidden_size=vision.hidden_size, use_text_input=False,
-                            **layer_knobs(config, m.remat))
+    instruct = bool(m.get("instruction_aware", False))  # configs recorded before it existed: BLIP-2
+    qformer = QFormerConfig(**dict(m.qformer.items()), **(_qformer_text(config) if instruct else {}),
+                            num_query_tokens=m.num_query_tokens, encoder_hidden_size=vision.hidden_size,
+                            use_text_input=instruct, **layer_knobs(config, m.remat))
     return Blip2Config(vision=vision, qformer=qformer, text=text_config(config),
                        num_query_tokens=m.num_query_tokens, ln_vision_eps=m.ln_vision_eps, with_lm_head=False)
+
+
+def _qformer_text(config) -> dict:
+    """InstructBLIP's Q-Former text-path sizes (`model.qformer_text`); vocab_size 0 = the Q-Former tokenizer's."""
+    fields = dict(config.model.qformer_text)
+    if not fields["vocab_size"]:
+        path = config.data.get("qformer_tokenizer_path", "")
+        if not path:
+            raise ValueError("config.model.qformer_text.vocab_size = 0 takes the vocabulary of "
+                             "config.data.qformer_tokenizer_path, which is empty")
+        fields["vocab_size"] = len(data_text.load_bert_tokenizer(path))
+    return fields
 
 
 def text_lm_config(config, tok):

@@ -190,14 +190,18 @@ def _stage1_trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
 
 def _query_path_from_hf(path: str, cfg: Blip2Config, with_projection: bool = False) -> dict:
     """`ln_vision`, `query_tokens` and the query-path Q-Former from an HF BLIP-2 directory (numpy), and
-    `language_projection` when `with_projection` (a `Blip2ForConditionalGeneration` directory)."""
+    `language_projection` when `with_projection` (a `Blip2ForConditionalGeneration` directory). For an
+    InstructBLIP model (`cfg.instruction_aware`) the Q-Former's text path too, where the directory has one
+    (a retrieval or an InstructBLIP directory)."""
     kind = hf_blip2.architecture(read_hf_config(path))  # fails with a clear message for other models
     if with_projection and kind == "retrieval":
         raise ValueError(f"{path}: init.stage2_checkpoint must be a Blip2ForConditionalGeneration directory "
                          "(a retrieval model has no language_projection); use init.stage1_checkpoint")
     rules = [r for r in hf_blip2.vision_rules(cfg.vision) if r.path[0] == "ln_vision"]
     rules.append(Rule("query_tokens", ("query_tokens",)))
-    rules += hf_blip2.qformer_rules(cfg.qformer)  # cfg.qformer.use_text_input is False: query path only
+    with_text = cfg.instruction_aware and kind != "generation"  # BLIP-2 with an LLM has no text path
+    qformer = dataclasses.replace(cfg.qformer, use_text_input=with_text)
+    rules += hf_blip2.instruct_qformer_rules(qformer) if kind == "instruct" else hf_blip2.qformer_rules(qformer)
     if with_projection:
         rules += linear("language_projection", ("language_projection",))
     with CheckpointReader(path) as reader:
@@ -214,36 +218,46 @@ def read_query_path(path: str, cfg: Blip2Config, with_projection: bool = False) 
     return _query_path_from_hf(path, cfg, with_projection)
 
 
+def is_text_path(path: tuple[str, ...]) -> bool:
+    """Whether a trainable parameter belongs to the Q-Former's text path (word/position embeddings, text
+    FFNs): what an InstructBLIP Q-Former has and a BLIP-2 stage-2 one lacks."""
+    return path[0] == "qformer" and (path[1] in ("word_embeddings", "position_embeddings") or "text_ffn" in path)
+
+
 def _stage2_trainable_loader(config, cfg: Blip2Config) -> Optional[Callable]:
     """The query path from `init.stage1_checkpoint` (projection fresh) or `init.stage2_checkpoint`
-    (projection included); with `model.train_vision`, the ViT from `init.vision_checkpoint`."""
+    (projection included); with `model.train_vision`, the ViT from `init.vision_checkpoint`.
+    Instruction tuning (`cfg.instruction_aware`) may name both: the stage-2 checkpoint (a BLIP-2 one has no
+    text path) over the stage-1 one (the Q-Former's text path); a text path neither has stays fresh."""
     stage1_path, stage2_path = config.init.stage1_checkpoint, config.init.get("stage2_checkpoint", "")
-    if stage1_path and stage2_path:
+    if stage1_path and stage2_path and not cfg.instruction_aware:
         raise ValueError(f"config.init: stage1_checkpoint ({stage1_path!r}) and stage2_checkpoint "
                          f"({stage2_path!r}) both name the Q-Former's source; set one")
-    path = stage1_path or stage2_path
-    parts = FROM_STAGE1 + (("language_projection",) if stage2_path else ())
+    sources = [(p, FROM_STAGE1 + (("language_projection",) if p == stage2_path else ()))
+               for p in (stage1_path, stage2_path) if p]
     vision_path = _vision_if_trained(config)
-    if not path and not vision_path:
+    if not sources and not vision_path:
         return None
 
     def load(fresh: dict) -> dict:
         source = {}
-        if path:
-            tree = traverse_util.flatten_dict(read_query_path(path, cfg, with_projection=bool(stage2_path)))
-            # The query path of the fresh tree; the stage-1-only parts (text embeddings and FFNs, the
-            # ITC/ITM/ITG heads, the temperature) are dropped.
+        for path, parts in sources:  # the stage-2 checkpoint last: over the stage-1 one
+            tree = traverse_util.flatten_dict(read_query_path(path, cfg, with_projection=path == stage2_path))
+            # The query path of the fresh tree (and InstructBLIP's text path); the stage-1-only parts (the
+            # ITC/ITM/ITG heads, the temperature; a BLIP-2 model's text embeddings and FFNs) are dropped.
             wanted = [p for p in traverse_util.flatten_dict(fresh) if p[0] in parts]
-            lacking = sorted("/".join(p) for p in wanted if p not in tree)
+            may_lack = is_text_path if len(sources) > 1 or path == stage2_path else (lambda p: False)
+            lacking = sorted("/".join(p) for p in wanted if p not in tree and not may_lack(p))
             if lacking:
                 raise ValueError(f"{path}: the checkpoint lacks {lacking} (different Q-Former sizes?)")
-            source = {p: tree[p] for p in wanted}
-            dropped = sorted({"/".join(p[:3]) for p in tree if p not in source})
+            used = {p: tree[p] for p in wanted if p in tree}
+            source.update(used)
+            dropped = sorted({"/".join(p[:3]) for p in tree if p not in used})
             log.info("from %s: %s; not used by stage 2: %s", path, ", ".join(parts), ", ".join(dropped) or "nothing")
         if vision_path:
             source.update(traverse_util.flatten_dict(load_vision(vision_path, cfg)))
             log.info("trainable ViT initialised from %s", vision_path)
-        return merge_params(fresh, traverse_util.unflatten_dict(source), source=path or vision_path,
-                            missing="keep")
+        return merge_params(fresh, traverse_util.unflatten_dict(source),
+                            source=" + ".join(p for p, _ in sources) or vision_path, missing="keep")
 
     return load

@@ -6,6 +6,10 @@ The frozen tree is `{"vision", "language_model"}` (bfloat16 by default, `config.
 text FFNs) and `language_projection` train. The ViT features are computed outside the gradient;
 the gradient flows through the frozen LLM's activations into the projection and the Q-Former.
 
+An InstructBLIP model (`Blip2Config.instruction_aware`) takes the same loss with the instruction in the
+batch as `qformer_input_ids` / `qformer_attention_mask` (its Q-Former, text path included, trains; the
+LLM stays frozen).
+
 Losses (the data pipeline's batch contract, `blip2_jax/data/pipeline.py`):
 - decoder-only LLMs (OPT, LLaMA, Mistral, Qwen2, Gemma; `data.text_mode = "opt"`):
   `losses.lm_loss(text logits, labels)`, HF `Blip2ForConditionalGeneration`'s shifted CE; the labels
@@ -49,7 +53,9 @@ def stage2_loss(model, params, batch, rng, *, train: bool, llm_dropout: bool = T
     decoder_only = not isinstance(model, Blip2T5)
 
     def forward(m):
-        hidden, _ = m.query_outputs(m.image_embeds(vit), qformer_det)
+        # InstructBLIP: the batch's instruction (Q-Former vocabulary) shares the queries' self-attention.
+        instruction = m.instruction(batch.get("qformer_input_ids"), batch.get("qformer_attention_mask"), vit.shape[0])
+        hidden, _ = m.query_outputs(m.image_embeds(vit), qformer_det, instruction)
         prompt = m.language_projection(hidden).astype(m.config.text.dtype)
         embeds, mask = m.prompt_inputs(prompt, batch["input_ids"], batch["attention_mask"])
         if decoder_only:
@@ -81,6 +87,10 @@ def make_task(config, mesh) -> Task:
                          f"(expected one of {modes})")
     model = spec.model_of(config)  # the tokenizer is read only for the held-out captioning
     cfg = model.config
+    if cfg.instruction_aware != bool(config.data.get("instruction_task", "")):
+        raise ValueError(f"config.model.instruction_aware={cfg.instruction_aware} needs config.data.instruction_task "
+                         f"set exactly when it is True (the batches' Q-Former instruction), got "
+                         f"{config.data.get('instruction_task', '')!r}")
     init_trainable, init_frozen = spec.init_fns(config, model)
     rules = sharding_lib.axis_rules(tuple(config.mesh.axis_rules))
     llm_dropout, train_vision = bool(config.model.llm_dropout), bool(config.model.train_vision)
