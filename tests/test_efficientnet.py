@@ -212,7 +212,7 @@ def test_stage1_with_efficientnet_reads_the_pretrained_features_and_trains(shape
     import flax.linen as nn
 
     from blip2_jax.models.blip2 import dummy_inputs, init_params
-    full = nn.unbox(init_params(built.model, jax.random.PRNGKey(0), *dummy_inputs(built.model)))
+    full = nn.unbox(init_params(built.model, jax.random.PRNGKey(0), dummy_inputs(built.model)))
     ours = built.model.apply({"params": {**full, "vision": vision}}, images, method="vit_features")
     params, _, features = lite0
     assert ours.shape == (2, 4, 1280)
