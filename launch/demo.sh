@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's main job: BLIP-2 end to end on 2 CPU cores with no downloads (about 15 minutes).
+# The README's main job: BLIP-2 end to end on 2 CPU cores with no downloads (about 47 minutes measured
+# while other jobs shared the two cores; the frozen EfficientNet forward of every batch is most of it).
 #
 #   bash launch/demo.sh              # the configs' seeds, in workdirs/
 #   DEMO_SEED=1 bash launch/demo.sh  # every stage with --config.seed=1, in workdirs/seed1/ (the README's
