@@ -43,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--length_penalty", type=float, default=1.0)
     p.add_argument("--repetition_penalty", type=float, default=1.0)
     p.add_argument("--batch_size", type=int, default=8, help="images per generate call (one compilation)")
-    p.add_argument("--frozen_dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="storage/compute dtype of the frozen ViT and LLM")
+    p.add_argument("--frozen_dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="storage/compute dtype of the frozen ViT and LLM (int8: weight-only int8 storage, "
+                        "bfloat16 compute)")
     p.add_argument("--compilation_cache", default=None,
                    help="persistent XLA cache directory (default: $BLIP2_JAX_COMPILATION_CACHE or "
                         f"{compilation_cache.DEFAULT_DIRECTORY}; empty = off)")
@@ -128,7 +129,8 @@ def main(argv=None) -> int:
     if images:
         compilation_cache.enable(args.compilation_cache)
         try:
-            model, params = from_pretrained(args.model, frozen_dtype=getattr(jnp, args.frozen_dtype))
+            frozen = "int8" if args.frozen_dtype == "int8" else getattr(jnp, args.frozen_dtype)
+            model, params = from_pretrained(args.model, frozen_dtype=frozen)
             processor = load_processor(args.model, tokenizer_path=args.tokenizer)
         except (FileNotFoundError, ValueError, KeyError) as e:
             print(f"error: cannot load the model from {args.model}: {e}", file=sys.stderr)

@@ -150,3 +150,20 @@ def test_compilation_cache_directory_and_off_switch(tmp_path, monkeypatch):
     assert compilation_cache.default_directory() == str(tmp_path / "env")
     monkeypatch.delenv(compilation_cache.ENV)
     assert compilation_cache.default_directory() == compilation_cache.DEFAULT_DIRECTORY
+
+
+def test_caption_cli_with_int8_frozen_towers(saved, capsys):
+    """`--frozen_dtype=int8` prints the captions of the same model quantised through `from_pretrained`."""
+    import jax
+
+    from blip2_jax import caption
+
+    hf, tok, path, images, _ = saved
+    assert caption.main([f"--model={path}", "--frozen_dtype=int8", "--num_beams=1", "--max_new_tokens=6", images[1]]) == 0
+    out = capsys.readouterr().out.rstrip("\n").split("\t", 1)
+    model, params = blip2_jax.from_pretrained(path, frozen_dtype="int8")
+    assert any(type(x).__name__ == "QuantizedArray" for x in jax.tree.leaves(
+        params["language_model"], is_leaf=lambda x: type(x).__name__ == "QuantizedArray"))
+    want = caption.caption_batches(model, params, blip2_jax.load_processor(path), [Image.open(images[1])], prompt="",
+                                   batch_size=1, max_new_tokens=6, min_new_tokens=1)
+    assert out == [images[1], want[0]]
