@@ -159,7 +159,8 @@ def test_caption_cli_with_int8_frozen_towers(saved, capsys):
     from blip2_jax import caption
 
     hf, tok, path, images, _ = saved
-    assert caption.main([f"--model={path}", "--frozen_dtype=int8", "--num_beams=1", "--max_new_tokens=6", images[1]]) == 0
+    argv = [f"--model={path}", "--frozen_dtype=int8", "--num_beams=1", "--max_new_tokens=6", images[1]]
+    assert caption.main(argv) == 0
     out = capsys.readouterr().out.rstrip("\n").split("\t", 1)
     model, params = blip2_jax.from_pretrained(path, frozen_dtype="int8")
     assert any(type(x).__name__ == "QuantizedArray" for x in jax.tree.leaves(
