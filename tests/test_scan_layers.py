@@ -132,12 +132,26 @@ def _t5():
                 lambda m: m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec))
 
 
+def _llama():
+    from transformers import LlamaConfig
+
+    from blip2_jax.models import decoder as decoder_model
+    hf = LlamaConfig(vocab_size=40, hidden_size=20, intermediate_size=24, num_hidden_layers=3, num_attention_heads=5,
+                     num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
+    cfg = decoder_model.DecoderConfig.from_hf(hf.to_dict())
+    ids = jnp.asarray(np.random.default_rng(6).integers(3, 40, size=(2, 6)))
+    mask = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    return Case(cfg, decoder_model.DecoderForCausalLM, decoder_model.layer_stacks,
+                lambda m: m(input_ids=ids, attention_mask=mask)[0])
+
+
 CASES = {"vit_eva": lambda: _vit("eva"), "vit_clip": lambda: _vit("clip"), "qformer_freq2": lambda: _qformer(2, 4),
-         "qformer_freq1": lambda: _qformer(1, 2), "opt": _opt, "t5": _t5}
+         "qformer_freq1": lambda: _qformer(1, 2), "opt": _opt, "t5": _t5, "llama": _llama}
 
 
 @pytest.mark.parametrize("tower,remat", [("vit_eva", False), ("vit_clip", "full"), ("qformer_freq2", False),
-                                         ("qformer_freq1", "save_dots"), ("opt", "save_dots"), ("t5", "full")])
+                                         ("qformer_freq1", "save_dots"), ("opt", "save_dots"), ("t5", "full"),
+                                         ("llama", "save_dots")])
 def test_scanned_tower_gives_the_unrolled_outputs_and_gradients(tower, remat):
     case = CASES[tower]()
     plain = case.module(case.config)
@@ -330,3 +344,25 @@ def test_scanned_stage1_resumes_exactly_and_its_workdir_loads_unrolled(shapes_di
     for method in ("itm", "itc"):  # the random frozen ViT is re-drawn alike in both layouts
         assert_close(scanned.model.apply({"params": scanned.params}, pixels, ids, mask, method=method),
                      plain.model.apply({"params": plain.params}, pixels, ids, mask, method=method))
+
+
+def test_blip2_llama_scanned_parity_cached_greedy_and_save(tmp_path_factory, tmp_path):
+    """BLIP-2 with a LLaMA LLM loaded scanned (`from_pretrained(..., scan_layers=True)`): logits and
+    greedy `generate` (stacked KV cache) equal HF's; `save_pretrained` from the stacked layout runs in
+    transformers with the original outputs. A decoder whose layers attend differently is refused."""
+    from tests import test_blip2_llm as llm_tests
+
+    setup = llm_tests.Setup("llama", tmp_path_factory)
+    setup.model, setup.params = pretrained.from_pretrained(setup.path, scan_layers=True)
+    assert setup.model.config.text.scan_layers and "layers" in setup.params["language_model"]
+    llm_tests.test_text_logits_left_padded(setup)
+    assert setup.check(True)
+    blip2_jax.save_pretrained(setup.model, setup.params, str(tmp_path))
+    again = llm_tests.Blip2ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    assert_close(setup.hf_logits(again), setup.hf_logits(), tol=1e-6)
+
+    from blip2_jax.models import decoder as decoder_model
+    mixed = dataclasses.replace(setup.model.config.text, scan_layers=True, sliding_window=4,
+                                layer_types=("full_attention", "sliding_attention"))
+    with pytest.raises(ValueError, match="scan_layers needs one attention window for every layer"):
+        decoder_model.check_scannable(mixed)

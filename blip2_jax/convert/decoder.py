@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax.convert import standalone
-from blip2_jax.convert.rules import Rule, embedding, layer_norm, linear
-from blip2_jax.models.decoder import DecoderConfig, DecoderForCausalLM
+from blip2_jax.convert.rules import Rule, embedding, layer_norm, linear, stack_rules
+from blip2_jax.models.decoder import DecoderConfig, DecoderForCausalLM, layer_stacks
 
 
 def ignore_patterns(hf_prefix: str = "") -> list[str]:
@@ -45,7 +45,7 @@ def rules(config: DecoderConfig, hf_prefix: str = "") -> list[Rule]:
             out += layer_norm(hf + norm, ours + (norm,), bias=False)
     if not config.tie_word_embeddings:
         out += linear(f"{hf_prefix}lm_head", ("lm_head",), bias=False)
-    return out
+    return stack_rules(out, layer_stacks(config))
 
 
 def config_for_checkpoint(hf_config: dict, keys, hf_prefix: str = "", **overrides) -> DecoderConfig:
@@ -58,12 +58,13 @@ def config_for_checkpoint(hf_config: dict, keys, hf_prefix: str = "", **override
     return cfg
 
 
-def load(path: str, dtype=jnp.float32, *, remat: bool = False) -> tuple[DecoderForCausalLM, dict]:
+def load(path: str, dtype=jnp.float32, *, remat: bool = False, scan_layers: bool = False
+         ) -> tuple[DecoderForCausalLM, dict]:
     """A LLaMA / Mistral / Qwen2 / Gemma `...ForCausalLM` directory (config.json + safetensors, single or
-    sharded) -> `(model, params)`; `dtype` is both the storage and the compute dtype. Missing or
-    unexpected keys raise `CheckpointError` listing both."""
+    sharded) -> `(model, params)`; `dtype` is both the storage and the compute dtype; `remat`,
+    `scan_layers` as in `TowerConfig`. Missing or unexpected keys raise `CheckpointError` listing both."""
     return standalone.load(path, DecoderForCausalLM, config_for_checkpoint, rules, ignore=ignore_patterns(),
-                           dtype=dtype, remat=remat)
+                           dtype=dtype, remat=remat, scan_layers=scan_layers)
 
 
 def save(params: dict, config: DecoderConfig, path: str, dtype=np.float32) -> None:

@@ -39,9 +39,7 @@ from blip2_jax.models.t5 import T5ForConditionalGeneration
 from blip2_jax.models.vit import VisionConfig, VisionTransformer
 
 FROZEN_KEYS = ("vision", "language_model")
-# The modern decoders (models/decoder.py) are always unrolled: no stack to move between layouts.
-_LLM_STACKS = {"OPTConfig": opt.layer_stacks, "T5Config": t5.layer_stacks,
-               "DecoderConfig": lambda config, prefix: []}
+_LLM_STACKS = {"OPTConfig": opt.layer_stacks, "T5Config": t5.layer_stacks, "DecoderConfig": decoder.layer_stacks}
 
 
 @dataclasses.dataclass(frozen=True)

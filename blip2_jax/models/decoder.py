@@ -33,7 +33,9 @@ import numpy as np
 
 from blip2_jax.models.layers import (Dense, DecoderMask, Embed, KVCache, RMSNorm, TowerConfig, activation,
                                      advance_kv_cache, decoder_mask, dot_product_attention, init_kv_cache,
-                                     mask_positions, mask_to_bias, merge_heads, split_heads, write_kv)
+                                     mask_positions, mask_to_bias, merge_heads, remat_block, scan_blocks,
+                                     split_heads, write_kv)
+from blip2_jax.models.stacking import LayerStack
 
 Dtype = Any
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -210,9 +212,24 @@ def _window_fields(kind: str, d: dict, kw: dict) -> dict:
 
 
 def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Dtype = None) -> KVCache:
-    """An empty cache for `max_len` positions (prompt + generated), `num_key_value_heads` per layer."""
+    """An empty cache for `max_len` positions (prompt + generated), `num_key_value_heads` per layer
+    (stacked `[L, ...]` when the layers are scanned)."""
     return init_kv_cache(batch, max_len, config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                         dtype or config.dtype)
+                         dtype or config.dtype, stacked=config.scan_layers)
+
+
+def layer_stacks(config: DecoderConfig, at: tuple[str, ...] = ()) -> list[LayerStack]:
+    """The decoder blocks: `layers_{i}` unrolled, `layers` scanned."""
+    return [LayerStack(at, "layers_", config.num_hidden_layers, config.scan_layers)]
+
+
+def check_scannable(config: DecoderConfig) -> None:
+    """A scanned stack runs one block program for every layer, so every layer must attend alike: the
+    same window (a Qwen2 with sliding windows on some layers only is refused, naming them)."""
+    windows = {config.window(i) for i in range(config.num_hidden_layers)}
+    if config.scan_layers and len(windows) > 1:
+        raise ValueError(f"DecoderConfig: scan_layers needs one attention window for every layer, got "
+                         f"{sorted(windows, key=str)} (layer_types={config.layer_types}); unroll this model")
 
 
 # -- rotary positions ---------------------------------------------------------------------------------
@@ -338,8 +355,14 @@ class DecoderForCausalLM(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        block = nn.remat(DecoderBlock, static_argnums=(6,)) if cfg.remat else DecoderBlock
-        self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        check_scannable(cfg)
+        if cfg.scan_layers:
+            b = nn.broadcast
+            self.layers = scan_blocks(DecoderBlock, cfg, cfg.num_hidden_layers, in_axes=(b, b, 0, b, b),
+                                      static_argnums=(6,))(cfg)
+        else:
+            block = remat_block(DecoderBlock, cfg, static_argnums=(6,))
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
         self.norm = _norm(cfg)
         if not cfg.tie_word_embeddings:
             # Logits in float32: the head computes in float32 whatever the tower's dtype.
@@ -372,11 +395,15 @@ class DecoderForCausalLM(nn.Module):
         windows = [self.config.window(i) for i in range(self.config.num_hidden_layers)]
         biases = {w: window_bias(mask, w) for w in set(windows)}
 
-        new_layers = []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, new_layer_cache = layer(x, rope, biases[windows[i]], layer_cache, mask.index, deterministic)
-            new_layers.append(new_layer_cache)
+        layer_caches = None if cache is None else cache["layers"]
+        if self.config.scan_layers:  # one window for all (check_scannable)
+            x, new_layers = self.layers(x, rope, biases[windows[0]], layer_caches, mask.index, deterministic)
+        else:
+            new_layers = []
+            for i, layer in enumerate(self.layers):
+                x, new_layer_cache = layer(x, rope, biases[windows[i]], None if layer_caches is None
+                                           else layer_caches[i], mask.index, deterministic)
+                new_layers.append(new_layer_cache)
         logits = self.logits(self.norm(x))
         return logits, None if cache is None else advance_kv_cache(cache, mask, new_layers)
 

@@ -191,8 +191,6 @@ def text_config(config):
         raise ValueError(f"config.model.llm is {m.llm!r} but the LLM config ({path or 'config.model.text'}) "
                          f"has model_type {kind!r}")
     overrides = dict(dtype=frozen, param_dtype=frozen, **layer_knobs(config, m.llm_remat))
-    if kind in FAMILIES:  # the modern decoders' blocks are uniform (scan-ready) but not scanned yet
-        overrides["scan_layers"] = False
     if not path and hf.get("tie_word_embeddings") is False:
         overrides["tie_word_embeddings"] = False  # a checkpoint says so by holding lm_head.weight
     if kind == "t5" and m.t5_dense_act_fn:
