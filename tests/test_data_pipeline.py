@@ -94,13 +94,48 @@ def test_mixture_weights_and_process_slices(data):
     full = _take(pipeline.make_train_iterator(cfg, seed=0, process_index=0, process_count=1), 4)
     ids = _rows(full, "image_id")
     assert (ids >= 12).sum() == 8  # weights 3:1 -> a quarter of the 32 elements from b (ids 12..15)
-    # Each process takes every second element of the same global stream, with the same
-    # augmentation and caption choice as a single process would apply at that position.
+    # Each process reads its contiguous half of every global batch (rows 4p..4p+3 of the 8), with the
+    # same augmentation and caption choice as a single process applies at that position.
     for p in range(2):
         mine = _take(pipeline.make_train_iterator(cfg, seed=0, process_index=p, process_count=2), 4)
         assert mine[0]["image"].shape[0] == 4
         for key in ("image_id", "image", "input_ids"):
-            np.testing.assert_array_equal(_rows(mine, key), _rows(full, key)[p::2])
+            np.testing.assert_array_equal(_rows(mine, key), np.concatenate([b[key][4 * p:4 * p + 4] for b in full]))
+
+
+def _same_batches(got, expected):
+    assert len(got) == len(expected)
+    for x, y in zip(got, expected):
+        assert set(x) == set(y)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _global(iterators, n):
+    """n global batches: the processes' batches side by side, as `sharding.make_global_batch` lays them out."""
+    per_process = [_take(it, n) for it in iterators]
+    return [{k: np.concatenate([b[i][k] for b in per_process]) for k in per_process[0][i]} for i in range(n)]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4)])
+def test_state_reshards_onto_another_process_count(data, before, after):
+    """A checkpoint's data state from `before` processes resumes on `after`: the global batches go on
+    exactly as the uninterrupted run's (no element repeated or skipped). Every new process is given
+    process 0's saved state, as `checkpoint.Checkpointer.restore` does."""
+    cfg = _config(data, {"a": 3.0, "b": 1.0}, global_batch_size=8)
+    expected = _global([pipeline.make_train_iterator(cfg, seed=5, process_index=0, process_count=1)], 5)
+    old = [pipeline.make_train_iterator(cfg, seed=5, process_index=p, process_count=before) for p in range(before)]
+    _same_batches(_global(old, 2), expected[:2])
+    state = json.loads(json.dumps(old[0].get_state()))
+    assert state["global_position"] == 16
+    new = [pipeline.make_train_iterator(cfg, seed=5, process_index=p, process_count=after) for p in range(after)]
+    for it in new:
+        it.set_state(state)
+    _same_batches(_global(new, 3), expected[2:])
+    # ... and the new layout's own checkpoints restore exactly in that layout.
+    again = pipeline.make_train_iterator(cfg, seed=5, process_index=0, process_count=after)
+    again.set_state(json.loads(json.dumps(new[0].get_state())))
+    assert again.global_position == new[0].global_position == 40
 
 
 def test_bad_record_is_dropped_counted_and_logged(data, caplog):
@@ -130,6 +165,21 @@ def test_resume_yields_exactly_the_uninterrupted_batches(data, workers):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
     assert resumed.num_dropped == dropped > 0
+
+
+def test_worker_processes_yield_the_global_batches_in_order_and_their_state_reshards(data):
+    """grain's workers each read whole global batches (w, w+W, ...): the batches equal the in-process
+    pipeline's, and a state taken after an odd number of batches resumes on another worker count."""
+    flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
+    cfg = _config(data, {"a": 3.0, "b": 1.0}, global_batch_size=8)
+    expected = _take(pipeline.make_train_iterator(cfg, seed=2, process_index=0, process_count=1), 5)
+    cfg2 = _config(data, {"a": 3.0, "b": 1.0}, global_batch_size=8, num_workers=2)
+    workers = pipeline.make_train_iterator(cfg2, seed=2, process_index=0, process_count=1)
+    _same_batches(_take(workers, 3), expected[:3])
+    state = json.loads(json.dumps(workers.get_state()))
+    resumed = pipeline.make_train_iterator(cfg, seed=2, process_index=0, process_count=1)
+    resumed.set_state(state)
+    _same_batches(_take(resumed, 2), expected[3:])
 
 
 def test_stage2_opt_and_t5_batches(data, tokenizer_dir):
