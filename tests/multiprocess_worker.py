@@ -1,12 +1,13 @@
 """One JAX process of a multi-process stage-1 run for tests/test_multiprocess.py (not a test module).
 
     python -m tests.multiprocess_worker --coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I \
-        --shapes_dir=DIR --workdir=DIR [--sigterm_at=STEP] [--evaluate=0]
+        --shapes_dir=DIR --workdir=DIR [--sigterm_at=STEP] [--evaluate=0] [--caption_with_tokenizer=DIR]
 
 Joins the run through `blip2_jax.distributed.initialize` (as `python -m blip2_jax.main --distributed`
 does), trains `config(shapes_dir)` on a mesh over every process's devices, and records the `image_id`s
 of every batch this process's data iterator yields in `<workdir>/yielded_<process>.jsonl` (one line per
-batch). With `--sigterm_at=S` the process sends itself SIGTERM after dispatching step S.
+batch). With `--sigterm_at=S` the process sends itself SIGTERM after dispatching step S. With
+`--caption_with_tokenizer=DIR` it trains nothing and prints `caption_metrics` instead.
 """
 from __future__ import annotations
 
@@ -69,6 +70,34 @@ def train(cfg, workdir: str, record_as: str, devices=None, step_hook=None) -> di
                       step_hook=step_hook)
 
 
+def caption_metrics(shapes_dir: str, tokenizer_path: str) -> dict:
+    """Stage 2's captioning evaluation (`caption_eval.evaluator`, as a stage-2 run calls it) of the 12
+    held-out scenes (4 rows a batch: 2 batches on each of 2 processes, 2 padding rows each) by a random
+    tiny OPT BLIP-2 on a mesh of every device; the same weights in any layout (drawn on the mesh)."""
+    import flax.linen as nn
+    import jax
+    import ml_collections
+
+    from blip2_jax import sharding
+    from blip2_jax.train import loop, stage2
+    from tests import tiny_configs
+
+    c = tiny_configs.stage2("opt")
+    c.model.text = ml_collections.ConfigDict(dict(
+        model_type="opt", vocab_size=640, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+        do_layer_norm_before=True, activation_function="relu"))
+    c.data.tokenizer_path = tokenizer_path
+    c.eval.source.path, c.eval.batch_size, c.eval.max_new_tokens = shapes_dir, 4, 4
+    mesh = sharding.make_mesh(c.mesh)
+    task = stage2.make_task(c, mesh)
+    rules = sharding.axis_rules(tuple(c.mesh.axis_rules))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        trainable, _ = sharding.create_sharded(task.init_trainable, jax.random.PRNGKey(1), mesh, rules)
+        frozen = loop.make_frozen(task, jax.random.PRNGKey(2), mesh, rules)
+        return {k: float(v) for k, v in task.evaluate(trainable, frozen, 0).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--coordinator_address", required=True)
@@ -78,12 +107,17 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--sigterm_at", type=int, default=0)
     parser.add_argument("--evaluate", type=int, default=1)
+    parser.add_argument("--caption_with_tokenizer", default="", help="only `caption_metrics` with this tokenizer")
     args = parser.parse_args()
 
     from blip2_jax import distributed
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
+
+    if args.caption_with_tokenizer:
+        print(json.dumps(caption_metrics(args.shapes_dir, args.caption_with_tokenizer)), flush=True)
+        return
 
     def hook(step):
         if step == args.sigterm_at:

@@ -181,3 +181,16 @@ def test_two_process_checkpoint_resumes_on_another_mesh(shapes_dir, reference, c
     assert out["step"] == 6
     _assert_losses(losses(tmp_path), ref_losses, range(FIRST_STOP + 1, 7))
     assert worker.recorded(str(tmp_path), "0") == ref_batches[FIRST_STOP:]
+
+
+def test_captioning_evaluation_on_two_processes_equals_one(shapes_dir, tokenizer_dir, tmp_path):
+    """Stage 2's captioning evaluation on 2 processes (each its 6 images, padded to 2 batches of 4) gives
+    the metrics of 1 process x 8 devices, every image captioned once."""
+    expected = worker.caption_metrics(shapes_dir, tokenizer_dir("opt"))
+    assert expected["num_images"] == 12
+    port = _free_port()
+    outs = _run_processes([[sys.executable, "-m", "tests.multiprocess_worker", *_process_flags(port, i),
+                            f"--shapes_dir={shapes_dir}", f"--workdir={tmp_path}",
+                            f"--caption_with_tokenizer={tokenizer_dir('opt')}"] for i in range(2)])
+    for out in outs:
+        assert json.loads(out.strip().splitlines()[-1]) == expected
