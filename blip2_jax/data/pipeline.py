@@ -239,7 +239,8 @@ class TrainIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._it)
-        self._batches += 1
+        if self._batches is not None:
+            self._batches += 1
         n = int(batch.pop("_num_dropped"))
         ids = batch.pop("_dropped_ids")
         if n:
@@ -250,12 +251,18 @@ class TrainIterator:
         return {k: np.asarray(v) for k, v in batch.items()}
 
     @property
-    def global_position(self) -> int:
+    def global_position(self) -> int | None:
+        """None after restoring a state saved before states had one (its run's batch count is unknown)."""
+        if self._batches is None:
+            return None
         return self._start + self._batches * self._layout["global_batch_size"]
 
     def get_state(self) -> dict:
-        return {"grain": self._it.get_state(), "num_dropped": self.num_dropped,
-                "global_position": self.global_position, "layout": {"start": self._start, **self._layout}}
+        state = {"grain": self._it.get_state(), "num_dropped": self.num_dropped,
+                 "layout": {"start": self._start, **self._layout}}
+        if self.global_position is not None:
+            state["global_position"] = self.global_position
+        return state
 
     def set_state(self, state: Mapping) -> None:
         layout = dict(state.get("layout", {"start": 0, **self._layout}))  # before layouts: always ours
@@ -263,10 +270,15 @@ class TrainIterator:
         if layout == self._layout:
             self._restart(start)
             self._it.set_state(state["grain"])
-            self._batches = (int(state.get("global_position", start)) - start) // self._layout["global_batch_size"]
+            position = state.get("global_position")
+            self._batches = None if position is None else (int(position) - start) // self._layout["global_batch_size"]
             self.num_dropped = int(state["num_dropped"])
         else:
             # Re-shard: another process or worker count. The drop count was another process's.
+            if "global_position" not in state:
+                raise ValueError(f"the data state was saved with {layout}, this iterator has {self._layout}, and "
+                                 "the state has no global_position to re-shard from (it comes from a run resumed "
+                                 "from a checkpoint of before global positions): resume with the saved layout")
             self._restart(int(state["global_position"]))
             self.num_dropped = 0
         if "global_position" in state and self.global_position != int(state["global_position"]):
