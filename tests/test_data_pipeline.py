@@ -252,3 +252,23 @@ def test_tfds_source_eval_dataset_and_global_batch(data, bert_tokenizer, tmp_pat
             np.testing.assert_array_equal(img, image_ops.eval_transform(raw[i], 16))
         seen += ids[:6].tolist()
     assert sorted(seen) == list(range(12))
+
+
+def test_caption_iterator_blocks_and_state_reshard():
+    """The text LM's caption iterator: process p reads its contiguous block of each global batch, and its
+    state (the global position) resumes on another process count with the uninterrupted batches."""
+    from blip2_jax.data import caption_lm
+
+    captions = [f"caption {i}" for i in range(10)]
+    encode = lambda caption, rng: {"id": np.int32(caption.split()[1]), "draw": rng.random()}  # noqa: E731
+    make = lambda p, n: caption_lm.CaptionIterator(captions, encode, 4, seed=1, process_index=p, process_count=n)  # noqa: E731
+    expected = _global([make(0, 1)], 5)
+    two = [make(p, 2) for p in range(2)]
+    _same_batches(_global(two, 2), expected[:2])
+    state = json.loads(json.dumps(two[1].get_state()))
+    one = make(0, 1)
+    one.set_state(state)
+    _same_batches(_global([one], 3), expected[2:])
+    legacy = make(0, 1)
+    legacy.set_state({"index": 8})  # the state's name before it re-sharded
+    _same_batches(_global([legacy], 3), expected[2:])
