@@ -4,7 +4,10 @@ A checkpoint at step `s` (directory `<workdir>/checkpoints/<s>/`) holds two item
 - `state`: the train state `{"step", "params", "opt_state", "rng"}` (trainable params only; frozen
   towers are re-read from their source on every start), saved with `StandardSave`;
 - `data`: the data iterator's position, written by grain's Orbax handler: one JSON file per process,
-  `data/process_<i>-of-<n>.json`, holding that process's `get_state()` (JSON-serialisable).
+  `data/process_<i>-of-<n>.json`, holding that process's `get_state()` (JSON-serialisable). A run with
+  another process count reads process 0's file when its state has a `"global_position"` (the
+  pipeline's and the caption iterator's do): the position in the global stream, from which every
+  process of any layout derives its own (`blip2_jax.data.pipeline.TrainIterator`).
 
 Restoring with `StandardRestore(abstract state whose leaves carry NamedShardings)` gives back the
 optax state types and places every array directly on the *current* mesh, which may differ from the
@@ -107,6 +110,17 @@ def _resolve(path: str, started_in: str) -> str:
     return candidate if os.path.exists(candidate) else path
 
 
+def _data_file(process_index: int, process_count: int) -> str:
+    """The name grain's Orbax handler gives a process's data state."""
+    return f"process_{process_index}-of-{process_count}.json"
+
+
+def _writer_count(saved: list[str]) -> Optional[int]:
+    """How many processes wrote the data states named `saved` (`process_<i>-of-<n>.json`)."""
+    counts = {name.rsplit("-of-", 1)[-1].removesuffix(".json") for name in saved}
+    return int(counts.pop()) if len(counts) == 1 and all(c.isdigit() for c in counts) else None
+
+
 class _IteratorState:
     """A data iterator's state in the form grain's Orbax handler (`grain.checkpoint.CheckpointSave`)
     saves and restores: JSON bytes from `get_state()`, one file per process
@@ -175,21 +189,41 @@ class Checkpointer:
             force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
-        """`(state, data_state)` at `step`; arrays land on `abstract_state`'s shardings."""
+        """`(state, data_state)` at `step`; arrays land on `abstract_state`'s shardings.
+
+        `data_state` is this process's saved state when the checkpoint was written by as many processes
+        as this run has; otherwise process 0's, provided it re-shards (a dict with a
+        `"global_position"`, from which each process derives its own position), else ValueError.
+        """
         data_dir = os.path.join(self.directory, str(step), "data")
         saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_")) if os.path.isdir(data_dir) else []
-        mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        mine = _data_file(jax.process_index(), jax.process_count())
         if not saved and os.path.exists(os.path.join(data_dir, "metadata")):
             return self._restore_legacy(step, abstract_state, os.path.join(data_dir, "metadata"))
         if mine not in saved:
-            raise ValueError(
-                f"checkpoint {self.directory}/{step} holds the data-iterator states {saved}, but this run is "
-                f"process {jax.process_index()} of {jax.process_count()}; the data position cannot be restored "
-                "(start a new workdir, or restore with the same process count)")
+            return self._restore_resharded(step, abstract_state, data_dir, saved)
         data = _IteratorState()
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data)))
         return restored["state"], data.restored
+
+    def _restore_resharded(self, step: int, abstract_state: Any, data_dir: str, saved: list[str]):
+        """A checkpoint written by another number of processes: the state re-shards on read (Orbax),
+        the data position through process 0's data state, which every process reads."""
+        first = _data_file(0, _writer_count(saved)) if saved else None
+        data = None
+        if first in saved:
+            with open(os.path.join(data_dir, first), encoding="utf-8") as f:
+                data = json.load(f)
+        if not isinstance(data, dict) or "global_position" not in data:
+            raise ValueError(
+                f"checkpoint {self.directory}/{step} holds the data-iterator states {saved}, but this run is "
+                f"process {jax.process_index()} of {jax.process_count()}, and its data state has no global "
+                "position to re-shard from; the data position cannot be restored (start a new workdir, or "
+                "restore with the same process count)")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"], data
 
     def _restore_legacy(self, step: int, abstract_state: Any, data_file: str) -> tuple[Any, Any]:
         """A checkpoint written before the data states moved to grain's handler: one JSON item

@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from blip2_jax import compilation_cache, config_validation, flag_errors, sharding
+from blip2_jax import compilation_cache, config_validation, distributed, flag_errors, sharding
 from blip2_jax.train import loop, stage1, stage2, text_lm
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,7 +28,12 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None, "Persistent XLA compilation cache directory (default: "
     f"$BLIP2_JAX_COMPILATION_CACHE or {compilation_cache.DEFAULT_DIRECTORY}); empty = off.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
-                                 "(multi-process runs: TPU pods, GPU clusters).")
+                                 "(multi-process runs: TPU pods, GPU clusters, several processes on one "
+                                 "machine); with no other flag the cluster's environment names the processes.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distributed: HOST:PORT of process 0's "
+                                   "coordinator (for clusters without a TPU/SLURM integration).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 
 
 STAGES = {"stage1": stage1, "stage2": stage2, "text_lm": text_lm}
@@ -51,13 +55,27 @@ def run(config, workdir: str) -> dict:
     return loop.train(config, stage.make_task(config, mesh), stage.make_data(config), workdir, mesh=mesh)
 
 
+def start_processes() -> None:
+    """`--distributed` (and its three optional flags): joins the other processes of the run. A flag
+    mistake is one `error: ...` line and exit status 2."""
+    process_flags = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+        if not _DISTRIBUTED.value:
+            if any(v is not None for v in process_flags):
+                raise ValueError("--coordinator_address, --num_processes and --process_id need --distributed")
+            return
+        distributed.initialize(*process_flags)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(flag_errors.USAGE_EXIT_CODE)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+    start_processes()
     compilation_cache.enable(_COMPILATION_CACHE.value)
     try:
         metrics = run(_CONFIG.value, _WORKDIR.value)

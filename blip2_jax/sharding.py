@@ -216,3 +216,50 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray],
             raise ValueError(f"batch field {key!r} is a scalar; every field needs a batch dimension")
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+# -- evaluation on every process ----------------------------------------------------------------
+# An eval batch is this process's rows (`data.pipeline.make_eval_dataset` gives every process the same
+# number of batches). With one process it stays a numpy array (jit replicates it, as before); with
+# several, the processes' rows form one global array split over the batch axes, padded with invalid
+# rows to a multiple of this process's share of those axes, and every output is gathered back to every
+# process (`host_value`), so that all processes finish with the single-process result.
+
+
+def _local_batch_share(mesh: jax.sharding.Mesh) -> int:
+    """How many batch shards this process's devices hold."""
+    return max(1, data_parallel_size(mesh) // jax.process_count())
+
+
+def _pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
+    extra = -len(x) % multiple
+    return x if not extra else np.concatenate([x, np.zeros((extra,) + x.shape[1:], x.dtype)])
+
+
+def eval_inputs(local: np.ndarray, mesh: Optional[jax.sharding.Mesh]):
+    """This process's eval rows as a jit input: itself with one process, else one global array of every
+    process's rows (zero rows padded, see `eval_rows`)."""
+    if jax.process_count() == 1 or mesh is None:
+        return local
+    padded = _pad_rows(np.asarray(local), _local_batch_share(mesh))
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), padded)
+
+
+def eval_rows(local: np.ndarray, mesh: Optional[jax.sharding.Mesh]) -> np.ndarray:
+    """A host field of this process's eval rows (`valid`, `image_id`) as every process sees the global
+    batch of `eval_inputs`: all processes' rows in process order, padded alike (zeros: `valid` False)."""
+    if jax.process_count() == 1 or mesh is None:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+
+    padded = _pad_rows(np.asarray(local), _local_batch_share(mesh))
+    return np.asarray(multihost_utils.process_allgather(padded, tiled=True))
+
+
+def host_value(x) -> np.ndarray:
+    """The whole value of `x` as numpy, on every process (an all-gather when other processes hold parts)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -133,6 +133,32 @@ def test_checkpoint_of_the_earlier_data_format_still_resumes(tmp_path):
     ckpt.close()
 
 
+def _as_if_written_by_two_processes(directory, step, states):
+    """Rewrites checkpoint `step`'s data item as two processes' grain handler would have written it."""
+    data = directory / str(step) / "data"
+    (data / "process_0-of-1.json").unlink()
+    for i, state in enumerate(states):
+        (data / f"process_{i}-of-2.json").write_text(json.dumps(state))
+
+
+def test_data_state_of_another_process_count_reshards_from_its_global_position(tmp_path):
+    """A checkpoint of 2 processes on 1: process 0's data state, which carries the global position (each
+    process derives its own from it: tests/test_data_pipeline.py); without one, an error saying why."""
+    directory = tmp_path / "checkpoints"
+    ckpt = checkpoint.Checkpointer(str(directory), async_save=False)
+    ckpt.save(2, _tiny_state(), {})
+    ckpt.save(4, _tiny_state(), {})
+    ckpt.close()
+    _as_if_written_by_two_processes(directory, 2, [{"global_position": 32, "p": 0}, {"global_position": 32, "p": 1}])
+    _as_if_written_by_two_processes(directory, 4, [{"index": 4}, {"index": 4}])  # a state that cannot re-shard
+    ckpt = checkpoint.Checkpointer(str(directory), async_save=False)
+    state, data = ckpt.restore(2, _abstract(_tiny_state()))
+    assert data == {"global_position": 32, "p": 0} and int(state["step"]) == 3
+    with pytest.raises(ValueError, match=r"process 0 of 1, and its data state has no global position"):
+        ckpt.restore(4, _abstract(_tiny_state()))
+    ckpt.close()
+
+
 def test_latest_params_loads_quietly(reference, caplog, capfd):
     """A workdir load logs no Orbax warning ("Metadata file does not exist": Checkpointer.metadata
     looks for a step-level metadata file inside the item directory)."""

@@ -94,13 +94,48 @@ def test_mixture_weights_and_process_slices(data):
     full = _take(pipeline.make_train_iterator(cfg, seed=0, process_index=0, process_count=1), 4)
     ids = _rows(full, "image_id")
     assert (ids >= 12).sum() == 8  # weights 3:1 -> a quarter of the 32 elements from b (ids 12..15)
-    # Each process takes every second element of the same global stream, with the same
-    # augmentation and caption choice as a single process would apply at that position.
+    # Each process reads its contiguous half of every global batch (rows 4p..4p+3 of the 8), with the
+    # same augmentation and caption choice as a single process applies at that position.
     for p in range(2):
         mine = _take(pipeline.make_train_iterator(cfg, seed=0, process_index=p, process_count=2), 4)
         assert mine[0]["image"].shape[0] == 4
         for key in ("image_id", "image", "input_ids"):
-            np.testing.assert_array_equal(_rows(mine, key), _rows(full, key)[p::2])
+            np.testing.assert_array_equal(_rows(mine, key), np.concatenate([b[key][4 * p:4 * p + 4] for b in full]))
+
+
+def _same_batches(got, expected):
+    assert len(got) == len(expected)
+    for x, y in zip(got, expected):
+        assert set(x) == set(y)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _global(iterators, n):
+    """n global batches: the processes' batches side by side, as `sharding.make_global_batch` lays them out."""
+    per_process = [_take(it, n) for it in iterators]
+    return [{k: np.concatenate([b[i][k] for b in per_process]) for k in per_process[0][i]} for i in range(n)]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4)])
+def test_state_reshards_onto_another_process_count(data, before, after):
+    """A checkpoint's data state from `before` processes resumes on `after`: the global batches go on
+    exactly as the uninterrupted run's (no element repeated or skipped). Every new process is given
+    process 0's saved state, as `checkpoint.Checkpointer.restore` does."""
+    cfg = _config(data, {"a": 3.0, "b": 1.0}, global_batch_size=8)
+    expected = _global([pipeline.make_train_iterator(cfg, seed=5, process_index=0, process_count=1)], 5)
+    old = [pipeline.make_train_iterator(cfg, seed=5, process_index=p, process_count=before) for p in range(before)]
+    _same_batches(_global(old, 2), expected[:2])
+    state = json.loads(json.dumps(old[0].get_state()))
+    assert state["global_position"] == 16
+    new = [pipeline.make_train_iterator(cfg, seed=5, process_index=p, process_count=after) for p in range(after)]
+    for it in new:
+        it.set_state(state)
+    _same_batches(_global(new, 3), expected[2:])
+    # ... and the new layout's own checkpoints restore exactly in that layout.
+    again = pipeline.make_train_iterator(cfg, seed=5, process_index=0, process_count=after)
+    again.set_state(json.loads(json.dumps(new[0].get_state())))
+    assert again.global_position == new[0].global_position == 40
 
 
 def test_bad_record_is_dropped_counted_and_logged(data, caplog):
@@ -130,6 +165,36 @@ def test_resume_yields_exactly_the_uninterrupted_batches(data, workers):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
     assert resumed.num_dropped == dropped > 0
+
+
+def test_state_of_the_earlier_format_still_resumes(data):
+    """A data state saved before states had a global position and a layout (`{"grain", "num_dropped"}`)
+    restores exactly, in the layout it was saved in; its run's later states have no global position (the
+    batches before the restore are unknown), so they restore in that layout only."""
+    cfg = _config(data, {"a": 2.0, "z": 1.0})
+    it = pipeline.make_train_iterator(cfg, seed=7, process_index=0, process_count=1)
+    _take(it, 3)
+    old = {k: v for k, v in it.get_state().items() if k in ("grain", "num_dropped")}
+    expected = _take(it, 2)
+    resumed = pipeline.make_train_iterator(cfg, seed=7, process_index=0, process_count=1)
+    resumed.set_state(json.loads(json.dumps(old)))
+    _same_batches(_take(resumed, 2), expected)
+    assert resumed.global_position is None and "global_position" not in resumed.get_state()
+
+
+def test_worker_processes_yield_the_global_batches_in_order_and_their_state_reshards(data):
+    """grain's workers each read whole global batches (w, w+W, ...): the batches equal the in-process
+    pipeline's, and a state taken after an odd number of batches resumes on another worker count."""
+    flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
+    cfg = _config(data, {"a": 3.0, "b": 1.0}, global_batch_size=8)
+    expected = _take(pipeline.make_train_iterator(cfg, seed=2, process_index=0, process_count=1), 5)
+    cfg2 = _config(data, {"a": 3.0, "b": 1.0}, global_batch_size=8, num_workers=2)
+    workers = pipeline.make_train_iterator(cfg2, seed=2, process_index=0, process_count=1)
+    _same_batches(_take(workers, 3), expected[:3])
+    state = json.loads(json.dumps(workers.get_state()))
+    resumed = pipeline.make_train_iterator(cfg, seed=2, process_index=0, process_count=1)
+    resumed.set_state(state)
+    _same_batches(_take(resumed, 2), expected[3:])
 
 
 def test_stage2_opt_and_t5_batches(data, tokenizer_dir):
@@ -187,3 +252,23 @@ def test_tfds_source_eval_dataset_and_global_batch(data, bert_tokenizer, tmp_pat
             np.testing.assert_array_equal(img, image_ops.eval_transform(raw[i], 16))
         seen += ids[:6].tolist()
     assert sorted(seen) == list(range(12))
+
+
+def test_caption_iterator_blocks_and_state_reshard():
+    """The text LM's caption iterator: process p reads its contiguous block of each global batch, and its
+    state (the global position) resumes on another process count with the uninterrupted batches."""
+    from blip2_jax.data import caption_lm
+
+    captions = [f"caption {i}" for i in range(10)]
+    encode = lambda caption, rng: {"id": np.int32(caption.split()[1]), "draw": rng.random()}  # noqa: E731
+    make = lambda p, n: caption_lm.CaptionIterator(captions, encode, 4, seed=1, process_index=p, process_count=n)  # noqa: E731
+    expected = _global([make(0, 1)], 5)
+    two = [make(p, 2) for p in range(2)]
+    _same_batches(_global(two, 2), expected[:2])
+    state = json.loads(json.dumps(two[1].get_state()))
+    one = make(0, 1)
+    one.set_state(state)
+    _same_batches(_global([one], 3), expected[2:])
+    legacy = make(0, 1)
+    legacy.set_state({"index": 8})  # the state's name before it re-sharded
+    _same_batches(_global([legacy], 3), expected[2:])

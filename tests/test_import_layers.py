@@ -17,7 +17,7 @@ PACKAGE = ROOT / "blip2_jax"
 
 # Layer order. A module belongs to the layer of its longest matching prefix.
 LAYERS = (
-    ("foundations", ("blip2_jax.config_sections", "blip2_jax.compilation_cache", "blip2_jax.models",
+    ("foundations", ("blip2_jax.config_sections", "blip2_jax.compilation_cache", "blip2_jax.distributed", "blip2_jax.models",
                      "blip2_jax.data")),
     ("convert", ("blip2_jax.convert",)),
     ("checkpoint, sharding", ("blip2_jax.checkpoint", "blip2_jax.sharding")),

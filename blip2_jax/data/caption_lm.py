@@ -127,8 +127,10 @@ class CaptionIterator:
     """Per-process batches of encoded captions, shuffled per epoch; state = the global example index.
 
     Element i of the global stream is caption `perm_epoch[i % n]` encoded with an rng seeded by
-    (seed, i), so the stream does not depend on restarts; this process takes rows
-    `process_index::process_count` of each global batch.
+    (seed, i), so the stream does not depend on restarts; this process takes its contiguous block of
+    each global batch (rows `p * B ... (p + 1) * B - 1`, B = global batch / process count), so the global
+    batch is the same for any process count. The state, `{"global_position": i}`, is the same for every
+    process: a checkpoint resumes on any process count (`checkpoint.Checkpointer.restore`).
     """
 
     def __init__(self, captions, encoder, global_batch: int, seed: int,
@@ -150,13 +152,15 @@ class CaptionIterator:
         return self
 
     def __next__(self) -> dict:
-        rows = range(self.index + self.process_index, self.index + self.global_batch, self.process_count)
+        block = self.global_batch // self.process_count
+        first = self.index + self.process_index * block
+        rows = range(first, first + block)
         enc = [self.encoder(self._caption(i), np.random.default_rng([self.seed, i])) for i in rows]
         self.index += self.global_batch
         return {k: np.stack([e[k] for e in enc]) for k in enc[0]}
 
     def get_state(self):
-        return {"index": self.index}
+        return {"global_position": self.index}
 
     def set_state(self, state):
-        self.index = int(state["index"])
+        self.index = int(state["global_position"] if "global_position" in state else state["index"])  # "index": before re-sharding

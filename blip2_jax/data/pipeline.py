@@ -30,9 +30,12 @@ dimension is the per-process batch size B = config.global_batch_size // process_
                                            -100 at padding (not shifted: logits[:, t] vs labels[:, t])
 
 Order and randomness. Each source is shuffled globally with a seed derived from `seed` (a new
-permutation every epoch) and repeated forever; sources are mixed with their configured weights;
-each JAX process takes every process_count-th element of the mixed stream, starting at its
-process_index, and batches its own slice. Everything random for an element (which caption of a
+permutation every epoch) and repeated forever; sources are mixed with their configured weights
+(the global stream); global batch k is elements k*G ... (k+1)*G - 1 of that stream (G =
+global_batch_size), and JAX process p reads only its contiguous block of each, rows p*B ...
+(p+1)*B - 1 (B = G / process_count), which are its rows of the global array. The global batches are
+therefore the same for any process count, and a position in the global stream is a position for
+every process (checkpoints store it: resuming on another process count continues the stream). Everything random for an element (which caption of a
 multi-caption record, the FlanT5 split point, crop/flip/RandAugment) comes from a generator seeded
 by `seed` and the element's position in the global stream, so it does not depend on worker count,
 thread count or restarts. `TrainIterator.get_state()` returns a JSON-serialisable dict; after
@@ -236,17 +239,35 @@ class TrainIterator:
     """Infinite iterator of per-process training batches with checkpointable state.
 
     `num_dropped` counts the records dropped so far by this process (decode/parse failures).
+
+    State (`get_state()`, JSON): `grain` (grain's iterator state), `num_dropped`, `global_position`
+    (how many elements of the global stream the global batches handed out so far cover, counted from
+    the stream's start) and `layout` (what the grain state is relative to: the position the dataset was
+    built from, the process count, the worker count, the global batch size). `set_state` with a state
+    of the same layout restores grain's state exactly; with another layout (another process count, a
+    checkpoint written by 2 processes resumed on 1) it restarts the stream at `global_position`, which
+    is every process's own position in any layout (see `make_train_dataset`). That is exact unless
+    records were dropped before the checkpoint: a process that dropped d records had read d elements
+    past `global_position`, which the new layout reads again.
     """
 
-    def __init__(self, grain_iterator):
-        self._it = grain_iterator
+    def __init__(self, build, *, process_count: int, num_workers: int, global_batch_size: int):
+        self._build = build  # start (global position) -> grain iterator of this process's batches
+        self._layout = {"process_count": process_count, "num_workers": num_workers,
+                        "global_batch_size": global_batch_size}
+        self._restart(0)
         self.num_dropped = 0
+
+    def _restart(self, start: int) -> None:
+        self._it, self._start, self._batches = self._build(start), start, 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._it)
+        if self._batches is not None:
+            self._batches += 1
         n = int(batch.pop("_num_dropped"))
         ids = batch.pop("_dropped_ids")
         if n:
@@ -256,12 +277,87 @@ class TrainIterator:
         # Worker batches arrive as shared-memory ndarray subclasses; hand out plain ndarrays.
         return {k: np.asarray(v) for k, v in batch.items()}
 
+    @property
+    def global_position(self) -> int | None:
+        """None after restoring a state saved before states had one (its run's batch count is unknown)."""
+        if self._batches is None:
+            return None
+        return self._start + self._batches * self._layout["global_batch_size"]
+
     def get_state(self) -> dict:
-        return {"grain": self._it.get_state(), "num_dropped": self.num_dropped}
+        state = {"grain": self._it.get_state(), "num_dropped": self.num_dropped,
+                 "layout": {"start": self._start, **self._layout}}
+        if self.global_position is not None:
+            state["global_position"] = self.global_position
+        return state
 
     def set_state(self, state: Mapping) -> None:
-        self._it.set_state(state["grain"])
-        self.num_dropped = int(state["num_dropped"])
+        layout = dict(state.get("layout", {"start": 0, **self._layout}))  # before layouts: always ours
+        start = int(layout.pop("start"))
+        if layout == self._layout:
+            self._restart(start)
+            self._it.set_state(state["grain"])
+            position = state.get("global_position")
+            self._batches = None if position is None else (int(position) - start) // self._layout["global_batch_size"]
+            self.num_dropped = int(state["num_dropped"])
+        else:
+            # Re-shard: another process or worker count. The drop count was another process's.
+            if "global_position" not in state:
+                raise ValueError(f"the data state was saved with {layout}, this iterator has {self._layout}, and "
+                                 "the state has no global_position to re-shard from (it comes from a run resumed "
+                                 "from a checkpoint of before global positions): resume with the saved layout")
+            self._restart(int(state["global_position"]))
+            self.num_dropped = 0
+        if "global_position" in state and self.global_position != int(state["global_position"]):
+            raise ValueError(f"data state {dict(state)}: global_position is not start + a whole number of "
+                             "global batches")
+
+
+class _ProcessBlocks(grain.MapDataset):
+    """Process p's rows of every global batch, from global position `start` on: element i is row
+    `i % B` of this process's block (B rows) of global batch `i // B`, i.e. element
+    `start + (i // B) * G + p * B + i % B` of the global stream `parent` (G = global batch).
+
+    Contiguous blocks, not every P-th element, so that the global batch (process p's rows are rows
+    p*B ... of the global array, `sharding.make_global_batch`) is the same array for any process count.
+
+    Worker slicing: grain's `mp_prefetch` hands worker w `ds.slice(w::W)` and interleaves the workers'
+    batches round robin. Sliced that way, this dataset gives worker w whole blocks, those of global
+    batches w, w+W, ..., not every W-th element: the interleaved batches are then the global batches in
+    order, as without workers, and batch k is the same for any worker count.
+    """
+
+    def __init__(self, parent, *, start: int, global_batch: int, process_index: int, process_count: int,
+                 first_batch: int = 0, batch_step: int = 1):
+        super().__init__(parent)
+        self._args = dict(start=start, global_batch=global_batch, process_index=process_index,
+                          process_count=process_count)
+        self._start, self._global_batch = start, global_batch
+        self._block = global_batch // process_count
+        self._offset = process_index * self._block
+        self._first_batch, self._batch_step = first_batch, batch_step
+        batches = (len(parent) - start) // global_batch
+        self._length = max(0, -(-(batches - first_batch) // batch_step)) * self._block
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _global_index(self, i: int) -> int:
+        batch, row = divmod(i, self._block)
+        batch = self._first_batch + batch * self._batch_step
+        return self._start + batch * self._global_batch + self._offset + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._global_index(index)]
+
+    def slice(self, sl: slice):
+        start, stop, step = sl.start or 0, sl.stop, sl.step or 1
+        if stop is not None or start < 0 or step < 1 or start >= step:
+            return super().slice(sl)  # not a worker slice: plain element slicing
+        return _ProcessBlocks(self._parent, **self._args, first_batch=self._first_batch + start * self._batch_step,
+                              batch_step=self._batch_step * step)
 
 
 def _process_slice(process_index, process_count) -> tuple[int, int]:
@@ -287,9 +383,13 @@ def _image_kwargs(config) -> dict:
 
 
 def make_train_dataset(config, *, seed: int, process_index: int | None = None,
-                       process_count: int | None = None) -> grain.IterDataset:
-    """The grain IterDataset behind `make_train_iterator` (batches still carry drop counters)."""
+                       process_count: int | None = None, start: int = 0) -> grain.IterDataset:
+    """The grain IterDataset behind `make_train_iterator` (batches still carry drop counters): this
+    process's rows of the global batches from global position `start` (an element index of the global
+    stream) on."""
     pi, pc = _process_slice(process_index, process_count)
+    if start < 0:
+        raise ValueError(f"start={start}: a global position is >= 0")
     if config.global_batch_size % pc:
         raise ValueError(f"global_batch_size={config.global_batch_size} is not divisible by "
                          f"process_count={pc}")
@@ -310,7 +410,7 @@ def make_train_dataset(config, *, seed: int, process_index: int | None = None,
                                 config.caption_index)
     # Random per element from (seed, global position): before the per-process slice on purpose.
     ds = ds.random_map(transform, seed=_seed_for(seed, 2))
-    ds = ds[pi::pc]
+    ds = _ProcessBlocks(ds, start=start, global_batch=config.global_batch_size, process_index=pi, process_count=pc)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=config.read_buffer_size))
     ds = _DropFailedBatch(ds, config.global_batch_size // pc)
@@ -327,9 +427,13 @@ def make_train_iterator(config, *, seed: int, process_index: int | None = None,
     With `config.num_workers > 0` outside `absl.app.run`, call `absl.flags.FLAGS.mark_as_parsed()`
     first (grain's worker processes read absl flags).
     """
-    ds = make_train_dataset(config, seed=seed, process_index=process_index,
-                            process_count=process_count)
-    return TrainIterator(iter(ds))
+    pi, pc = _process_slice(process_index, process_count)
+
+    def build(start: int):
+        return iter(make_train_dataset(config, seed=seed, process_index=pi, process_count=pc, start=start))
+
+    return TrainIterator(build, process_count=pc, num_workers=int(config.num_workers),
+                         global_batch_size=int(config.global_batch_size))
 
 
 def train_factory(config, *, seed: int):

@@ -12,9 +12,11 @@ import collections
 import logging
 from typing import Iterable, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
 from blip2_jax import processor as processor_lib
+from blip2_jax import sharding
 from blip2_jax.data import instructions
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import text as data_text
@@ -48,19 +50,21 @@ def generate_texts(model, params, processor, pixels: np.ndarray, prompts: Option
         q_ids, q_mask = processor.tokenize_instruction(list(prompts) if prompts else [""] * len(pixels))
         generate_kwargs = dict(generate_kwargs, qformer_input_ids=q_ids, qformer_attention_mask=q_mask)
     out = generate(model, params, pixels, ids, mask, **generate_kwargs)
-    return processor.decode(np.asarray(out))
+    return processor.decode(sharding.host_value(out))
 
 
 def caption_split(model, params, processor, batches: Iterable[Mapping[str, np.ndarray]], *, prompt: str,
-                  max_words: int, pad_multiple: int = 1, **generate_kwargs) -> dict[int, str]:
+                  max_words: int, pad_multiple: int = 1, mesh=None, **generate_kwargs) -> dict[int, str]:
     """`{record index: cleaned caption}` for every valid row of eval `batches` (the pipeline's
-    `make_eval_dataset`: `image`, `image_id` = record index, `valid`)."""
+    `make_eval_dataset`: `image`, `image_id` = record index, `valid`). With several processes each
+    passes its own `batches` (as many on every process) and the `mesh`; all get every caption."""
     out: dict[int, str] = {}
     for b in batches:
-        rows = np.asarray(b["image"])
-        texts = generate_texts(model, params, processor, rows, [prompt] * len(rows) if prompt else None,
+        rows = sharding.eval_inputs(np.asarray(b["image"]), mesh)
+        texts = generate_texts(model, params, processor, rows, [prompt] * rows.shape[0] if prompt else None,
                                pad_multiple=pad_multiple, **generate_kwargs)
-        for image_id, valid, t in zip(np.asarray(b["image_id"]), np.asarray(b["valid"]), texts):
+        for image_id, valid, t in zip(sharding.eval_rows(b["image_id"], mesh), sharding.eval_rows(b["valid"], mesh),
+                                      texts):
             if valid:
                 out[int(image_id)] = data_text.clean_caption(t, max_words)
         log.info("captioned %d images", len(out))
@@ -107,10 +111,11 @@ def generation_prompt(config) -> str:
     return ""
 
 
-def evaluator(config, model, tokenizer):
+def evaluator(config, model, tokenizer, mesh=None):
     """`(params, step) -> metrics`: greedy (or `eval.num_beams`) captions of every image of
     `config.eval.source` with the training prompt, scored by `caption_scores` against the cleaned
-    references."""
+    references. With several processes each captions its share of the images on the train `mesh`
+    (as many batches on every process); the metrics are those of one process captioning all."""
     ev, data_cfg = config.eval, config.data
     qformer_tokenizer = None
     if model.config.instruction_aware:
@@ -120,9 +125,9 @@ def evaluator(config, model, tokenizer):
 
     def evaluate(params, step: int) -> dict:
         ds = data_pipeline.make_eval_dataset(data_cfg, ev.source, batch_size=ev.batch_size,
-                                             process_index=0, process_count=1)
+                                             process_index=jax.process_index(), process_count=jax.process_count())
         generated = caption_split(model, params, processor, ds, prompt=prompt, max_words=data_cfg.max_words,
-                                  max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams)
+                                  mesh=mesh, max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams)
         references = [[data_text.clean_caption(c, data_cfg.max_words) for c in caps]
                       for caps in data_pipeline.read_captions(ev.source)]
         for i in sorted(generated)[:ev.log_examples]:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax import sharding
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import text as data_text
 from blip2_jax.evaluate import retrieval
@@ -56,19 +57,25 @@ class RetrievalScorer:
         self.itm_fn = jax.jit(lambda p, e, ids, mask: model.apply({"params": p}, e, ids, mask,
                                                                   method="itm_logits")[:, 1])
 
-    def image_features(self, params, batches: Iterable[Mapping[str, np.ndarray]]):
-        """`(ITC features [N, Q, E], image embeds [N, P, D], image ids [N])` of the valid rows."""
+    def image_features(self, params, batches: Iterable[Mapping[str, np.ndarray]], mesh=None):
+        """`(ITC features [N, Q, E], image embeds [N, P, D], image ids [N])` of the valid rows, by image id.
+
+        With several processes each passes its own `batches` (as many on every process) and `mesh`;
+        every process gets the features of all processes' images."""
         feats, embeds, ids = [], [], []
         for b in batches:
-            f, e = self.image_fn(params, jnp.asarray(b["image"]))
-            valid = np.asarray(b["valid"], bool)
-            feats.append(np.asarray(f)[valid])
-            embeds.append(np.asarray(e)[valid])
-            ids.append(np.asarray(b["image_id"])[valid])
-        return np.concatenate(feats), np.concatenate(embeds), np.concatenate(ids)
+            images = b["image"] if jax.process_count() > 1 else jnp.asarray(b["image"])
+            f, e = self.image_fn(params, sharding.eval_inputs(images, mesh))
+            valid = sharding.eval_rows(b["valid"], mesh).astype(bool)
+            feats.append(sharding.host_value(f)[valid])
+            embeds.append(sharding.host_value(e)[valid])
+            ids.append(sharding.eval_rows(b["image_id"], mesh)[valid])
+        ids = np.concatenate(ids)
+        order = np.argsort(ids, kind="stable")  # processes read interleaved records: back to record order
+        return np.concatenate(feats)[order], np.concatenate(embeds)[order], ids[order]
 
     def text_features(self, params, ids: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
-        return np.concatenate([np.asarray(self.text_fn(params, ids[i:i + batch_size], mask[i:i + batch_size]))
+        return np.concatenate([sharding.host_value(self.text_fn(params, ids[i:i + batch_size], mask[i:i + batch_size]))
                                for i in range(0, len(ids), batch_size)])
 
     def scores(self, params, image_feats, image_embeds, ids, mask, *, k_test: int, batch_size: int):
@@ -85,7 +92,7 @@ class RetrievalScorer:
                 n = len(i)
                 pad = batch_size - n
                 i, t = np.pad(i, (0, pad)), np.pad(t, (0, pad))
-                out.append(np.asarray(self.itm_fn(params, image_embeds[i], ids[t], mask[t]))[:n])
+                out.append(sharding.host_value(self.itm_fn(params, image_embeds[i], ids[t], mask[t]))[:n])
             return np.concatenate(out)
 
         k = max(1, min(k_test, max(sims.shape)))  # candidates per row (clipped per direction inside)
@@ -98,14 +105,14 @@ def select(captions: Sequence[Sequence[str]], image_ids: np.ndarray) -> list[lis
 
 
 def split_recall(scorer: RetrievalScorer, params, tokenizer, batches, captions: Sequence[Sequence[str]], *,
-                 max_words: int, max_text_len: int, k_test: int, batch_size: int, name: str) -> dict:
+                 max_words: int, max_text_len: int, k_test: int, batch_size: int, name: str, mesh=None) -> dict:
     """Recall@1/5/10 both ways over one split (`batches` of images, `captions[i]` those of record i).
 
     An undecodable image is dropped together with its captions (recall is over the decodable
     images; the count of dropped ones is `num_skipped`). Returns the metrics and `num_images`,
     `num_texts`, `num_skipped`.
     """
-    image_feats, image_embeds, image_ids = scorer.image_features(params, batches)
+    image_feats, image_embeds, image_ids = scorer.image_features(params, batches, mesh)
     if not len(image_ids):
         raise ValueError(f"{name}: no image could be decoded")
     texts, txt2img, img2txt = caption_texts(select(captions, image_ids), max_words)
@@ -117,19 +124,21 @@ def split_recall(scorer: RetrievalScorer, params, tokenizer, batches, captions: 
             "num_skipped": len(captions) - int(len(image_ids))}
 
 
-def evaluator(config, model, tokenizer):
+def evaluator(config, model, tokenizer, mesh=None):
     """`(params, step) -> metrics`: zero-shot retrieval on `config.eval.source` during stage-1 training
-    (ITC, with ITM re-ranking of the top `eval.k_test` when > 0), images read as `config.data` says."""
+    (ITC, with ITM re-ranking of the top `eval.k_test` when > 0), images read as `config.data` says.
+    With several processes, each reads its share of the images (`eval.batch_size` rows a batch, as many
+    batches on every process) on the train `mesh`; the metrics are those of one process reading all."""
     ev, data_cfg = config.eval, config.data
     scorer = RetrievalScorer(model)
 
     def evaluate(params, step: int) -> dict:
         ds = data_pipeline.make_eval_dataset(data_cfg, ev.source, batch_size=ev.batch_size,
-                                             process_index=0, process_count=1)
+                                             process_index=jax.process_index(), process_count=jax.process_count())
         out = split_recall(scorer, params, tokenizer, ds, data_pipeline.read_captions(ev.source),
                            max_words=data_cfg.max_words, max_text_len=int(data_cfg.max_text_len),
                            k_test=int(ev.k_test), batch_size=int(ev.batch_size),
-                           name=f"config.eval.source {ev.source.path or ev.source.tfds_name}")
+                           name=f"config.eval.source {ev.source.path or ev.source.tfds_name}", mesh=mesh)
         if out["num_skipped"]:
             log.warning("retrieval eval at step %d: %d held-out images could not be decoded; recall is over "
                         "the other %d", step, out["num_skipped"], out["num_images"])

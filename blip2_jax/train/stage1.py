@@ -72,7 +72,7 @@ def make_task(config, mesh) -> Task:
     train_vision = bool(config.model.train_vision)
     evaluators = []
     if config.get("eval") is not None and config.eval.source.path:
-        evaluators.append(retrieval_eval.evaluator(config, model, built.tokenizer))
+        evaluators.append(retrieval_eval.evaluator(config, model, built.tokenizer, mesh))
     if config.get("eval") is not None and config.eval.get("zero_shot") and config.eval.zero_shot.path:
         evaluators.append(zero_shot.evaluator(config, model, built.tokenizer))
 

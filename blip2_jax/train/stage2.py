@@ -96,7 +96,7 @@ def make_task(config, mesh) -> Task:
     llm_dropout, train_vision = bool(config.model.llm_dropout), bool(config.model.train_vision)
     evaluate = None
     if config.get("eval") is not None and config.eval.source.path:
-        evaluate_params = caption_eval.evaluator(config, model, spec.tokenizer(config))
+        evaluate_params = caption_eval.evaluator(config, model, spec.tokenizer(config), mesh)
         evaluate = lambda trainable, frozen, step: evaluate_params({**trainable, **frozen}, step)  # noqa: E731
 
     def loss_fn(trainable, frozen, batch, rng, train):
