@@ -11,8 +11,10 @@ A stage module `blip2_jax/train/<stage>.py` exposes:
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -70,13 +72,24 @@ def start_processes() -> None:
         sys.exit(flag_errors.USAGE_EXIT_CODE)
 
 
+def cache_directory(flag: str | None) -> str | None:
+    """The compilation cache `--compilation_cache` asks for, except that several CPU processes get none
+    unless the flag names one: JAX writes the cache from process 0 only and the other processes look it
+    up under other keys, so on a restart process 0 would load while the rest compile, and gloo gives up
+    on a collective whose peer is more than 30 s late."""
+    if flag is None and jax.process_count() > 1 and jax.default_backend() == "cpu":
+        logging.info("multi-process CPU run: persistent compilation cache off (--compilation_cache=DIR forces it)")
+        return ""
+    return flag
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
     start_processes()
-    compilation_cache.enable(_COMPILATION_CACHE.value)
+    compilation_cache.enable(cache_directory(_COMPILATION_CACHE.value))
     try:
         metrics = run(_CONFIG.value, _WORKDIR.value)
     except config_validation.ConfigError as e:  # one block naming the fields, no traceback

@@ -38,3 +38,16 @@ def test_main_says_what_is_wrong_in_one_line(tmp_path, flags, message):
                            f"--workdir={tmp_path}", *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [message]
+
+
+def test_several_cpu_processes_leave_the_compilation_cache_off_unless_asked(monkeypatch):
+    """JAX writes the persistent cache from process 0 only: a restarted multi-process CPU run would
+    load on process 0 and compile on the others, and gloo times out the first collective."""
+    import jax
+
+    from blip2_jax import main
+
+    assert main.cache_directory(None) is None and main.cache_directory("/c") == "/c"  # one process: as asked
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert main.cache_directory(None) == ""
+    assert main.cache_directory("/c") == "/c"
