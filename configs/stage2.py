@@ -49,6 +49,25 @@ VARIANTS = {  # variant -> (llm, LLM checkpoint dir, global batch)
     "demo_t5": ("t5", DEMO_LLM["t5"], 48),
 }
 
+_OPT = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True,
+            activation_function="relu", dropout=0.1, attention_dropout=0.0, pad_token_id=1, bos_token_id=2,
+            eos_token_id=2)
+_FLAN_T5 = dict(model_type="t5", vocab_size=32128, d_kv=64, num_layers=24, num_decoder_layers=24,
+                feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", tie_word_embeddings=False,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+# The paper LLMs' published HF config.json fields (facebook/opt-*, google/flan-t5-*): `model.text`, the
+# architecture when `init.llm_checkpoint` is not here (the TPU planner, the paper-scale tests); a
+# checkpoint's own config.json wins whenever it is given.
+LLM_CONFIGS = {
+    "checkpoints/opt-2.7b": dict(_OPT, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240,
+                                 num_attention_heads=32, word_embed_proj_dim=2560),
+    "checkpoints/opt-6.7b": dict(_OPT, hidden_size=4096, num_hidden_layers=32, ffn_dim=16384,
+                                 num_attention_heads=32, word_embed_proj_dim=4096),
+    "checkpoints/flan-t5-xl": dict(_FLAN_T5, d_model=2048, d_ff=5120, num_heads=32),
+    "checkpoints/flan-t5-xxl": dict(_FLAN_T5, d_model=4096, d_ff=10240, num_heads=64),
+}
+
 
 def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
     arg = arg or "opt2.7b"
@@ -79,6 +98,8 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 5000
     c.train.eval_every = 0
     c.init.llm_checkpoint = llm_dir
+    if llm_dir in LLM_CONFIGS:
+        c.model.text = ml_collections.ConfigDict(LLM_CONFIGS[llm_dir])
     c.init.vision_checkpoint = "checkpoints/blip2-itm-vit-g"
     c.init.stage1_checkpoint = "workdirs/stage1_vit_g"  # this project's stage-1 run (or an HF BLIP-2 dir)
     c.model.llm_remat = True
