@@ -13,10 +13,11 @@ temporaries and its peak against the chip's HBM, whether it fits, the compile ti
 next to the model FLOPs the loop's MFU uses, and a roofline lower bound of the step time (an
 estimate). The last stdout line is one JSON object (`plan`'s result).
 
-`--topology` is `GENERATION:SHAPE` as libtpu names slices: `v4:4x4x2`, `v5p:4x4x2`, `v5e:8x8`,
-`v6e:8x8` (chips along each axis). Cloud names count TensorCores for v4 and v5p (2 per chip: v5p-64 is
-32 chips, `v5p:4x4x2`) and chips for v5e and v6e (v5litepod-64 is `v5e:8x8`). JAX sees one device
-per chip on all four (v4 and v5p as megacore).
+`--topology` is `GENERATION:SHAPE` as libtpu names slices, chips along each axis: `v5p:2x2x4`,
+`v4:2x4x4`, `v5e:8x8`, `v6e:8x8`. Cloud TPU names count TensorCores for v4 and v5p (2 per chip:
+v5p-32 is 16 chips, `v5p:2x2x4`; v5p-64 is 32 chips, `v5p:2x4x4`; v5p-128 is `v5p:4x4x4`) and chips
+for v5e and v6e (v5litepod-64 is `v5e:8x8`, v6e-16 is `v6e:4x4`). JAX sees one device per chip on all
+four (v4 and v5p as megacore).
 
 Where a config names checkpoints, only an LLM directory's config.json is read (the architecture);
 without it the config's `model.text` (the published HF config the paper variants carry) describes
@@ -43,8 +44,9 @@ from blip2_jax.train import aot, stage1, stage2
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (get_config(arg)); override fields with --config.x=y.",
     lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as GENERATION:SHAPE, e.g. v5p:4x4x2 "
-                                "(v5p-64), v5e:8x8 (v5litepod-64), v4:4x4x2 (v4-64), v6e:8x8.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as GENERATION:SHAPE (chips per axis), e.g. "
+                                "v5p:2x2x4 (v5p-32), v5p:2x4x4 (v5p-64), v4:2x4x4 (v4-64), v5e:8x8 "
+                                "(v5litepod-64), v6e:8x8 (v6e-64).")
 _DECODE = flags.DEFINE_bool("decode", True, "Also compile stage 2's decode step (eval.* settings).")
 
 GIB = 2 ** 30
@@ -77,7 +79,7 @@ def chip_of(topology: str) -> Chip:
     generation, _, shape = topology.partition(":")
     if generation not in CHIPS or not shape or not all(p.isdigit() for p in shape.split("x")):
         raise PlanError(f"--topology={topology}: expected GENERATION:SHAPE with GENERATION one of "
-                        f"{', '.join(CHIPS)} and SHAPE chips per axis, e.g. v5p:4x4x2 (v5p-64), v5e:8x8")
+                        f"{', '.join(CHIPS)} and SHAPE chips per axis, e.g. v5p:2x2x4 (v5p-32), v5e:8x8")
     return CHIPS[generation]
 
 
@@ -169,7 +171,7 @@ def plan(config, topology: str, decode: bool = True) -> dict:
         mesh = sharding.make_mesh(config.mesh, devices)
     except ValueError as e:
         raise PlanError(f"--topology={topology} ({len(devices)} devices): {e}") from None
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     stage = stage1 if config.task == "stage1" else stage2
     task = stage.make_task(config, mesh)
     step = aot.lower_train_step(config, task, mesh)
@@ -192,6 +194,8 @@ def plan(config, topology: str, decode: bool = True) -> dict:
         "per_device_bytes": per_device, "hbm_bytes": chip.hbm_bytes,
         "fits": per_device["peak"] <= chip.hbm_bytes,
         "compile_seconds": round(lower_seconds + compile_seconds, 1),
+        # CPU seconds of this process (all threads): the machine-load-independent part of compile_seconds
+        "compile_cpu_seconds": round(time.process_time() - cpu_start, 1),
         "compiler_flops_per_device": costs["flops"], "model_flops_per_device": model_flops,
         "bytes_accessed_per_device": costs["bytes_accessed"],
         "step_seconds_estimate": roofline(costs, model_flops, chip),
@@ -201,6 +205,7 @@ def plan(config, topology: str, decode: bool = True) -> dict:
         report["decode"] = plan_decode(config, step, mesh)
         report["fits"] = report["fits"] and report["decode"]["peak"] <= chip.hbm_bytes
         report["compile_seconds"] = round(report["compile_seconds"] + report["decode"]["compile_seconds"], 1)
+        report["compile_cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     return report
 
 
@@ -248,7 +253,8 @@ def format_report(report: dict) -> str:
         lines.append(f"per device (decode, {d['batch']} images, {d['num_beams']} beam(s), {d['max_new_tokens']} "
                      f"tokens): temporaries {gib(d['temporaries'])}, peak {gib(d['peak'])}")
     lines += [
-        f"fits: {'yes' if report['fits'] else 'NO'}; compile time {report['compile_seconds']} s",
+        f"fits: {'yes' if report['fits'] else 'NO'}; compile time {report['compile_seconds']} s "
+        f"({report['compile_cpu_seconds']} s of CPU)",
         f"FLOPs per device and step: compiler {report['compiler_flops_per_device']:.3e} (loop bodies counted "
         f"once), model {report['model_flops_per_device']:.3e} (the MFU formula)",
         f"step time, roofline estimate (lower bound): {est['lower_bound']:.3f} s (compute {est['compute_bound']:.3f} s, "
@@ -265,7 +271,7 @@ def main(argv):
     # libtpu asks the environment for a TPU VM's worker list; say "this host" instead of a stderr error.
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     if not _TOPOLOGY.value:
-        print("error: --topology is required (e.g. --topology=v5p:4x4x2)", file=sys.stderr)
+        print("error: --topology is required (e.g. --topology=v5p:2x2x4, a v5p-32)", file=sys.stderr)
         sys.exit(flag_errors.USAGE_EXIT_CODE)
     try:
         report = plan(_CONFIG.value, _TOPOLOGY.value, decode=_DECODE.value)

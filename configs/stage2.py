@@ -24,6 +24,8 @@ steps; frozen towers in bfloat16):
              tiny OPT trained on the captions by `configs/text_lm.py:demo_opt`, the shapes data; with
              the fixed prompt "a photo of " (set `data.prompt=""` for none).
   demo_t5    the same with the tiny T5 of `configs/text_lm.py:demo_t5`, "a photo of" -> caption.
+  <paper variant>_v5p32  (opt2.7b, opt6.7b, flant5xl, flant5xxl, opt2.7b_coco_ft) with the settings planned
+             for a v5p-32 slice (`PLANNED`; docs/pod_planning.md).
 Initialisation: `init.stage1_checkpoint` (a stage-1 workdir of this project, or an HF BLIP-2 dir)
 gives ln_vision, the queries and the Q-Former; `init.llm_checkpoint` the LLM (and its config);
 `init.vision_checkpoint` the ViT; language_projection starts fresh.
@@ -69,10 +71,29 @@ LLM_CONFIGS = {
 }
 
 
+# Paper variants planned for a TPU slice by `python -m blip2_jax.plan` (docs/pod_planning.md has each
+# plan's per-chip memory, compile time and command): variant -> (paper variant, settings).
+# v5p-32 (16 chips of 95 GiB, --topology=v5p:2x2x4): FSDP over the 16 chips, the paper's global batch
+# split 16 ways (FlanT5's 1520 is a multiple of 16, not of 32).
+V5P_32 = {"mesh.data": 1, "mesh.fsdp": 16, "mesh.tensor": 1}
+PLANNED = {
+    "opt2.7b_v5p32": ("opt2.7b", V5P_32),
+    "opt6.7b_v5p32": ("opt6.7b", V5P_32),
+    "flant5xl_v5p32": ("flant5xl", V5P_32),
+    "flant5xxl_v5p32": ("flant5xxl", V5P_32),
+    "opt2.7b_coco_ft_v5p32": ("opt2.7b_coco_ft", V5P_32),
+}
+
+
 def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
     arg = arg or "opt2.7b"
+    if arg in PLANNED:
+        variant, settings = PLANNED[arg]
+        c = get_config(variant)
+        c.update_from_flattened_dict(settings)
+        return c
     if arg not in VARIANTS:
-        raise ValueError(f"configs/stage2.py: unknown variant {arg!r} ({', '.join(VARIANTS)})")
+        raise ValueError(f"configs/stage2.py: unknown variant {arg!r} ({', '.join([*VARIANTS, *PLANNED])})")
     llm, llm_dir, batch = VARIANTS[arg]
     c = sections.experiment_config("stage2")
     c.seed = 42
