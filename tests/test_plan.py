@@ -98,3 +98,22 @@ def test_plan_errors_name_the_value(topology, mesh, message):
     config.mesh.update(mesh)
     with pytest.raises(plan.PlanError, match=message):
         plan.plan(config, topology)
+
+
+@pytest.mark.parametrize("module, variant", [(stage1_config, v) for v in stage1_config.PLANNED]
+                         + [(stage2_config, v) for v in stage2_config.PLANNED])
+def test_planned_variants_split_the_paper_batch_over_their_slice(module, variant):
+    """Each `<variant>_v5p32` keeps the paper's global batch and splits every micro-batch evenly over the
+    16 chips of a v5p-32 (the rows of docs/pod_planning.md were planned with these settings)."""
+    config, paper = module.get_config(variant), module.get_config(module.PLANNED[variant][0])
+    assert config.train.batch_size == config.data.global_batch_size == paper.train.batch_size
+    mesh = config.mesh
+    assert mesh.data * mesh.fsdp * mesh.tensor == 16
+    assert (config.train.batch_size // config.train.grad_accum_steps) % (mesh.data * mesh.fsdp) == 0
+
+
+def test_the_known_libtpu_crash_is_an_error_line_not_a_segfault():
+    config = stage2_config.get_config("flant5xl")
+    config.mesh.update(data=8, fsdp=1, tensor=2)
+    with pytest.raises(plan.PlanError, match="mesh.tensor=1"):
+        plan.planning_config(config)
