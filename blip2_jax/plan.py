@@ -89,6 +89,11 @@ def topology_devices(topology: str) -> list:
     chip_of(topology)
     if importlib.util.find_spec("libtpu") is None:
         raise PlanError(f"--topology={topology}: libtpu is not installed (pip install -r requirements-tpu.txt)")
+    # Compile-only devices open no TPU: let several planners (and tests) share the machine instead of
+    # queueing on libtpu's one-process lockfile, and tell libtpu the "worker list" is this host (else it
+    # logs an error block looking for a TPU VM's).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     from jax.experimental import topologies  # only the planner needs it
     generation = topology.partition(":")[0]
     kwargs = {"chip_config_name": CHIP_CONFIG[generation]} if generation in CHIP_CONFIG else {}
@@ -269,8 +274,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")  # the local backend only runs eval_shape: never grab a TPU
-    # libtpu asks the environment for a TPU VM's worker list; say "this host" instead of a stderr error.
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     if not _TOPOLOGY.value:
         print("error: --topology is required (e.g. --topology=v5p:2x2x4, a v5p-32)", file=sys.stderr)
         sys.exit(flag_errors.USAGE_EXIT_CODE)
