@@ -36,15 +36,14 @@ PLANNED = {
 
 
 def get_config(arg: str = "vit_g") -> ml_collections.ConfigDict:
-    arg = arg or "vit_g"
     if arg in PLANNED:
         variant, settings = PLANNED[arg]
         c = get_config(variant)
         c.update_from_flattened_dict(settings)
         return c
+    arg = arg or "vit_g"
     if arg not in ("vit_g", "vit_l", "vit_g_coco_ft", "demo"):
-        raise ValueError(f"configs/stage1.py: unknown variant {arg!r} (vit_g, vit_l, vit_g_coco_ft, demo, "
-                         f"{', '.join(PLANNED)})")
+        raise ValueError(f"configs/stage1.py: unknown variant {arg!r} (vit_g, vit_l, vit_g_coco_ft, demo)")
     c = sections.experiment_config("stage1")
     c.seed = 42
     c.model = sections.stage1_model()
