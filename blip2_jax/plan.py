@@ -141,12 +141,17 @@ def _crashes_libtpu(config) -> bool:
 
 
 def stand_in_bert_vocab() -> str:
-    """A temporary directory with a WordPiece vocab.txt of bert-base-uncased's size and special tokens."""
-    path = tempfile.mkdtemp(prefix="blip2_jax_plan_vocab_")
-    specials = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words = specials + [f"w{i}" for i in range(BERT_VOCAB_SIZE - len(specials))]
-    with open(os.path.join(path, "vocab.txt"), "w") as f:
-        f.write("\n".join(words) + "\n")
+    """A directory with a WordPiece vocab.txt of bert-base-uncased's size and special tokens (written
+    once under the temp directory and reused)."""
+    path = os.path.join(tempfile.gettempdir(), f"blip2_jax_plan_vocab_{BERT_VOCAB_SIZE}")
+    if not os.path.exists(os.path.join(path, "vocab.txt")):
+        specials = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        words = specials + [f"w{i}" for i in range(BERT_VOCAB_SIZE - len(specials))]
+        os.makedirs(path, exist_ok=True)
+        part = tempfile.NamedTemporaryFile("w", dir=path, delete=False)  # then renamed: no reader sees half
+        with part:
+            part.write("\n".join(words) + "\n")
+        os.replace(part.name, os.path.join(path, "vocab.txt"))
     return path
 
 
