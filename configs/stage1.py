@@ -11,6 +11,8 @@ Variants:
          364 px, ITC soft targets over same-image pairs, LR 1e-5 -> 0 (no layer-wise LR decay).
   demo   a tiny model on the bundled shapes data that trains on 2 CPU cores in minutes; its frozen
          ViT is randomly initialised (random frozen patch features carry colour and position).
+  vit_g_v5p32, vit_l_v5p32, vit_g_coco_ft_v5p32  the paper variants with the settings planned for a v5p-32
+         slice (`PLANNED`; docs/pod_planning.md).
 The paper-scale variants scan each tower's layers (`model.scan_layers=True`); the demo unrolls them.
 Every field is documented where it is defined: blip2_jax/config_sections.py.
 """
@@ -21,7 +23,24 @@ from blip2_jax import config_sections as sections
 DEMO_DATA = "demo_data/shapes"  # written by `python -m blip2_jax.data.shapes --out demo_data/shapes`
 
 
+# Paper variants planned for a TPU slice by `python -m blip2_jax.plan` (docs/pod_planning.md has each
+# plan's per-chip memory, compile time and command): variant -> (paper variant, settings).
+# v5p-32 (16 chips of 95 GiB, --topology=v5p:2x2x4): FSDP over the 16 chips, the paper's global batch
+# split 16 ways (1680, 2320 and 112 are multiples of 16, not of 32: a v5p-64 would need mesh.tensor=2).
+V5P_32 = {"mesh.data": 1, "mesh.fsdp": 16, "mesh.tensor": 1}
+PLANNED = {
+    "vit_g_v5p32": ("vit_g", V5P_32),
+    "vit_l_v5p32": ("vit_l", V5P_32),
+    "vit_g_coco_ft_v5p32": ("vit_g_coco_ft", V5P_32),
+}
+
+
 def get_config(arg: str = "vit_g") -> ml_collections.ConfigDict:
+    if arg in PLANNED:
+        variant, settings = PLANNED[arg]
+        c = get_config(variant)
+        c.update_from_flattened_dict(settings)
+        return c
     arg = arg or "vit_g"
     if arg not in ("vit_g", "vit_l", "vit_g_coco_ft", "demo", "demo_effnet"):
         raise ValueError(f"configs/stage1.py: unknown variant {arg!r} (vit_g, vit_l, vit_g_coco_ft, demo, demo_effnet)")

@@ -34,6 +34,8 @@ steps; frozen towers in bfloat16):
              scenes of all four shapes (after `configs/stage1.py:demo_effnet` and
              `configs/text_lm.py:demo_opt_effnet`): what launch/demo.sh runs.
   demo_t5    the same with the tiny T5 of `configs/text_lm.py:demo_t5`, "a photo of" -> caption.
+  <paper variant>_v5p32  (opt2.7b, opt6.7b, flant5xl, flant5xxl, opt2.7b_coco_ft) with the settings planned
+             for a v5p-32 slice (`PLANNED`; docs/pod_planning.md).
 Initialisation: `init.stage1_checkpoint` (a stage-1 workdir of this project, or an HF BLIP-2 dir)
 gives ln_vision, the queries and the Q-Former; `init.llm_checkpoint` the LLM (and its config);
 `init.vision_checkpoint` the ViT; language_projection starts fresh.
@@ -63,11 +65,49 @@ VARIANTS = {  # variant -> (llm, LLM checkpoint dir, global batch)
     "demo_opt_effnet": ("opt", DEMO_LLM["opt_effnet"], 48),
 }
 
+_OPT = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True,
+            activation_function="relu", dropout=0.1, attention_dropout=0.0, pad_token_id=1, bos_token_id=2,
+            eos_token_id=2)
+_FLAN_T5 = dict(model_type="t5", vocab_size=32128, d_kv=64, num_layers=24, num_decoder_layers=24,
+                feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", tie_word_embeddings=False,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+# The paper LLMs' published HF config.json fields (facebook/opt-*, google/flan-t5-*): `model.text`, the
+# architecture when `init.llm_checkpoint` is not here (the TPU planner, the paper-scale tests); a
+# checkpoint's own config.json wins whenever it is given.
+LLM_CONFIGS = {
+    "checkpoints/opt-2.7b": dict(_OPT, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240,
+                                 num_attention_heads=32, word_embed_proj_dim=2560),
+    "checkpoints/opt-6.7b": dict(_OPT, hidden_size=4096, num_hidden_layers=32, ffn_dim=16384,
+                                 num_attention_heads=32, word_embed_proj_dim=4096),
+    "checkpoints/flan-t5-xl": dict(_FLAN_T5, d_model=2048, d_ff=5120, num_heads=32),
+    "checkpoints/flan-t5-xxl": dict(_FLAN_T5, d_model=4096, d_ff=10240, num_heads=64),
+}
+
+
+# Paper variants planned for a TPU slice by `python -m blip2_jax.plan` (docs/pod_planning.md has each
+# plan's per-chip memory, compile time and command): variant -> (paper variant, settings).
+# v5p-32 (16 chips of 95 GiB, --topology=v5p:2x2x4): FSDP over the 16 chips, the paper's global batch
+# split 16 ways (FlanT5's 1520 is a multiple of 16, not of 32).
+V5P_32 = {"mesh.data": 1, "mesh.fsdp": 16, "mesh.tensor": 1}
+PLANNED = {
+    "opt2.7b_v5p32": ("opt2.7b", V5P_32),
+    "opt6.7b_v5p32": ("opt6.7b", V5P_32),
+    "flant5xl_v5p32": ("flant5xl", V5P_32),
+    "flant5xxl_v5p32": ("flant5xxl", V5P_32),
+    "opt2.7b_coco_ft_v5p32": ("opt2.7b_coco_ft", V5P_32),
+}
+
 
 def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
     arg = arg or "opt2.7b"
+    if arg in PLANNED:
+        variant, settings = PLANNED[arg]
+        c = get_config(variant)
+        c.update_from_flattened_dict(settings)
+        return c
     if arg not in VARIANTS:
-        raise ValueError(f"configs/stage2.py: unknown variant {arg!r} ({', '.join(VARIANTS)})")
+        raise ValueError(f"configs/stage2.py: unknown variant {arg!r} ({', '.join([*VARIANTS, *PLANNED])})")
     llm, llm_dir, batch = VARIANTS[arg]
     c = sections.experiment_config("stage2")
     c.seed = 42
@@ -93,6 +133,8 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 5000
     c.train.eval_every = 0
     c.init.llm_checkpoint = llm_dir
+    if llm_dir in LLM_CONFIGS:
+        c.model.text = ml_collections.ConfigDict(LLM_CONFIGS[llm_dir])
     c.init.vision_checkpoint = "checkpoints/blip2-itm-vit-g"
     c.init.stage1_checkpoint = "workdirs/stage1_vit_g"  # this project's stage-1 run (or an HF BLIP-2 dir)
     c.model.llm_remat = True

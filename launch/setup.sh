@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 if [ "${1:-}" = "--test" ]; then
   # torch first: the pinned CPU wheel, so nothing later resolves a CUDA build.
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -r requirements.txt -r requirements-test.txt
+  # libtpu too (requirements-tpu.txt), so that tests/test_plan.py compiles for a TPU topology.
+  .venv/bin/python -m pip install -q -r requirements.txt -r requirements-test.txt -r requirements-tpu.txt
 else
   .venv/bin/python -m pip install -q -r requirements.txt
 fi

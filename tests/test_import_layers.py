@@ -27,7 +27,7 @@ LAYERS = (
     ("evaluate", ("blip2_jax.evaluate",)),
     ("train", ("blip2_jax.train", "blip2_jax.config_validation")),
     ("entry points", ("blip2_jax.main", "blip2_jax.caption", "blip2_jax.classify", "blip2_jax.evaluate.run",
-                      "blip2_jax.flag_errors", "blip2_jax.serve")),
+                      "blip2_jax.plan", "blip2_jax.flag_errors", "blip2_jax.serve")),
 )
 
 

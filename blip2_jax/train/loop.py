@@ -61,6 +61,20 @@ def train_state_shardings(abstract_params, param_shardings, tx, mesh):
             "rng": _replicated(mesh)}, abstract_opt
 
 
+def abstract_train_state(task: Task, tx: optax.GradientTransformation, init_key, mesh, rules):
+    """`(abstract state, state shardings)`: the train state as ShapeDtypeStructs carrying their
+    shardings (Orbax restore and ahead-of-time compilation targets); no array is allocated."""
+    boxed = jax.eval_shape(task.init_trainable, init_key)
+    param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+    abstract_params = sharding_lib.unbox(boxed)
+    state_shardings, abstract_opt = train_state_shardings(abstract_params, param_shardings, tx, mesh)
+    abstract_state = sharding_lib.abstract_with_shardings(
+        {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+         "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)},
+        state_shardings)
+    return abstract_state, state_shardings
+
+
 def _split_micro(x, k, mesh):
     """`[B, ...] -> [k, B/k, ...]` with micro-batch i = rows i, i+k, ... (keeps rows on their device)."""
     x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
@@ -227,14 +241,7 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
 
         # ---- optimizer and the train state's shardings (no arrays allocated yet) ----
         tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total)
-        boxed = jax.eval_shape(task.init_trainable, init_key)
-        param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
-        abstract_params = sharding_lib.unbox(boxed)
-        state_shardings, abstract_opt = train_state_shardings(abstract_params, param_shardings, tx, mesh)
-        abstract_state = sharding_lib.abstract_with_shardings(
-            {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
-             "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)},
-            state_shardings)
+        abstract_state, state_shardings = abstract_train_state(task, tx, init_key, mesh, rules)
 
         # ---- fresh start or resume ----
         ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, checkpoint_lib.CHECKPOINTS),
