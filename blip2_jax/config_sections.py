@@ -129,6 +129,11 @@ def data_config() -> ml_collections.ConfigDict:
     c.max_words = 50                # caption cleaning: keep at most this many words
     c.caption_index = -1            # -1: a random caption of the record per visit; k: always the k-th
     c.prompt = ""                   # opt: prepended, masked in labels; t5_prompt: encoder text
+    # opt: how many leading tokens the prompt masks. "lavis": the prompt's own token count, as LAVIS
+    # counts it; a prompt ending in a space ("a photo of ") then masks the caption's first token too (a
+    # byte-level BPE joins the space to the next word: "ĠA"), which is never trained. "exact": the
+    # tokens of the prompt without its trailing whitespace, so the caption's first token is a target.
+    c.prompt_mask = "lavis"
     # Instruction tuning (InstructBLIP, `model.instruction_aware`): "" = off; "caption" = every caption gets
     # one of InstructBLIP's captioning instructions (blip2_jax/data/instructions.py), drawn per visit, as
     # its prompt (text modes opt and t5_prompt) and as the Q-Former's instruction; "vqa" = instruction

@@ -255,6 +255,10 @@ def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
 def _effnet(c: ml_collections.ConfigDict) -> None:
     """The demo with EfficientNet-Lite0 (ImageNet) as the frozen encoder, on all four shapes."""
     sections.use_efficientnet(c)
+    # Train the caption's first token too: with LAVIS's count the prompt "a photo of " masks it, and
+    # greedy captions then hang on whatever the text LM puts after "of" (one seed: caption_exact 0.38,
+    # 57% of the captions the same).
+    c.data.prompt_mask = "exact"
     data = sections.EFFNET_DEMO_DATA
     c.init.stage1_checkpoint = DEMO_EFFNET_STAGE1
     c.data.train_sources.shapes = sections.source_config(data, prefix="train")

@@ -64,6 +64,22 @@ def test_opt_text_matches_lavis_recipe(opt_tok, prompt, caption):
     assert out["labels"].dtype == np.int32
 
 
+def test_exact_prompt_mask_trains_the_captions_first_token(opt_tok):
+    """LAVIS counts "a photo of " as its own tokens, one more than it covers in "a photo of a small ..."
+    (the space joins "a"): the caption's first token is masked. `prompt_mask="exact"` keeps it a target."""
+    prompt, caption = "a photo of ", "a small red circle"
+    joint = opt_tok(prompt + caption + "\n")["input_ids"]  # with </s>
+    covered = len(opt_tok(prompt.rstrip())["input_ids"])  # </s> + the prompt's words
+    assert len(opt_tok(prompt)["input_ids"]) == covered + 1  # LAVIS's count: one more
+    lavis = text.OPTText(opt_tok, 16, prompt)(caption)["labels"]
+    exact = text.OPTText(opt_tok, 16, prompt, prompt_mask="exact")(caption)["labels"]
+    assert lavis[covered] == -100 and exact[covered] == joint[covered]
+    np.testing.assert_array_equal(lavis[covered + 1:], exact[covered + 1:])
+    assert (exact[:covered] == -100).all()
+    with pytest.raises(ValueError, match="data.prompt_mask='loose'"):
+        text.OPTText(opt_tok, 16, prompt, prompt_mask="loose")
+
+
 def test_t5_prefix_split_and_prompt_mode(t5_tok):
     caption = "a small red circle left of a large blue square"
     ids = t5_tok.encode(caption, add_special_tokens=False)

@@ -133,7 +133,7 @@ def make_text_encoder(config):
         return text.Stage1Text(text.load_bert_tokenizer(config.tokenizer_path), config.max_text_len)
     tok = text.load_tokenizer(config.tokenizer_path)
     if mode == "opt":
-        llm_text = text.OPTText(tok, config.max_text_len, config.prompt)
+        llm_text = text.OPTText(tok, config.max_text_len, config.prompt, config.get("prompt_mask", "lavis"))
     else:
         llm_text = text.T5Text(tok, config.max_text_len, mode="prefix" if mode == "t5_prefix" else "prompt",
                                prompt=config.prompt or "a photo of")

@@ -112,30 +112,43 @@ class Stage1Text:
                 "attention_mask": np.asarray(enc["attention_mask"], np.int32)}
 
 
+PROMPT_MASKS = ("lavis", "exact")
+
+
 class OPTText:
     """Caption -> {"input_ids", "attention_mask", "labels"} for a decoder-only LLM (LAVIS blip2_opt.forward):
     `BOS prompt caption "\n"`. BOS only where the tokenizer has one (OPT `</s>`, LLaMA `<s>`; Qwen2 none);
     padding with the pad token, or EOS where there is none (LLaMA; padded positions are masked)."""
 
-    def __init__(self, tokenizer, max_len: int = 32, prompt: str = ""):
+    def __init__(self, tokenizer, max_len: int = 32, prompt: str = "", prompt_mask: str = "lavis"):
+        if prompt_mask not in PROMPT_MASKS:
+            raise ValueError(f"data.prompt_mask={prompt_mask!r}: expected one of {PROMPT_MASKS}")
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.prompt = prompt
+        self.prompt_mask = prompt_mask
         self.bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad is None:
             raise ValueError("the LLM's tokenizer needs a pad_token or an eos_token")
-        self.prompt_len = len(self.bos) + len(self._encode(prompt)) if prompt else 0
+        self.prompt_len = self._prompt_len(prompt)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _prompt_len(self, prompt: str) -> int:
+        """Leading label positions the prompt masks (see `data.prompt_mask` in config_sections)."""
+        if not prompt:
+            return 0
+        counted = prompt.rstrip() if self.prompt_mask == "exact" else prompt
+        return len(self.bos) + len(self._encode(counted))
 
     def __call__(self, caption: str, rng: np.random.Generator | None = None, prompt: str | None = None) -> dict:
         """`prompt` replaces the fixed one for this caption (instruction tuning: one per example)."""
         del rng
         prompt_len = self.prompt_len
         if prompt is not None:
-            prompt_len = len(self.bos) + len(self._encode(prompt)) if prompt else 0
+            prompt_len = self._prompt_len(prompt)
         else:
             prompt = self.prompt
         ids = self.bos + self._encode(prompt + caption + "\n")
