@@ -47,7 +47,11 @@ def test_several_cpu_processes_leave_the_compilation_cache_off_unless_asked(monk
 
     from blip2_jax import main
 
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
     assert main.cache_directory(None) is None and main.cache_directory("/c") == "/c"  # one process: as asked
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     assert main.cache_directory(None) == ""
     assert main.cache_directory("/c") == "/c"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # other backends: as asked (gloo is CPU only)
+    assert main.cache_directory(None) is None
