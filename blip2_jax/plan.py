@@ -42,13 +42,22 @@ from blip2_jax import config_validation, flag_errors, sharding
 from blip2_jax.spec import model as spec
 from blip2_jax.train import aot, stage1, stage2
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (get_config(arg)); override fields with --config.x=y.",
-    lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as GENERATION:SHAPE (chips per axis), e.g. "
-                                "v5p:2x2x4 (v5p-32), v5p:2x4x4 (v5p-64), v4:2x4x4 (v4-64), v5e:8x8 "
-                                "(v5litepod-64), v6e:8x8 (v6e-64).")
-_DECODE = flags.DEFINE_bool("decode", True, "Also compile stage 2's decode step (eval.* settings).")
+
+
+def define_flags() -> dict:
+    """The command line's flags. Defined only when the module runs as a program: `plan()` is also a
+    library function, and `blip2_jax.main` defines `--config` in the same absl registry (a process that
+    imports both, e.g. the test suite, would fail on the duplicate)."""
+    return {
+        "config": config_flags.DEFINE_config_file(
+            "config", None, "Experiment config file (get_config(arg)); override fields with --config.x=y.",
+            lock_config=True),
+        "topology": flags.DEFINE_string("topology", None, "TPU slice as GENERATION:SHAPE (chips per axis), e.g. "
+                                        "v5p:2x2x4 (v5p-32), v5p:2x4x4 (v5p-64), v4:2x4x4 (v4-64), v5e:8x8 "
+                                        "(v5litepod-64), v6e:8x8 (v6e-64)."),
+        "decode": flags.DEFINE_bool("decode", True, "Also compile stage 2's decode step (eval.* settings)."),
+    }
+
 
 GIB = 2 ** 30
 BERT_VOCAB_SIZE = 30522  # bert-base-uncased (the stage-1 tokenizer adds [DEC])
@@ -274,16 +283,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
+def main(argv, cli: dict):
+    """The program: `cli` holds the flags `define_flags` defined."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")  # the local backend only runs eval_shape: never grab a TPU
-    if not _TOPOLOGY.value:
+    if not cli["topology"].value:
         print("error: --topology is required (e.g. --topology=v5p:2x2x4, a v5p-32)", file=sys.stderr)
         sys.exit(flag_errors.USAGE_EXIT_CODE)
     try:
-        report = plan(_CONFIG.value, _TOPOLOGY.value, decode=_DECODE.value)
+        report = plan(cli["config"].value, cli["topology"].value, decode=cli["decode"].value)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(flag_errors.USAGE_EXIT_CODE)
@@ -292,4 +302,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: flag_errors.parse_flags(argv, example="configs/stage2.py:flant5xxl"))
+    _cli = define_flags()
+    app.run(lambda argv: main(argv, _cli),
+            flags_parser=lambda argv: flag_errors.parse_flags(argv, example="configs/stage2.py:flant5xxl"))

@@ -117,3 +117,12 @@ def test_the_known_libtpu_crash_is_an_error_line_not_a_segfault():
     config.mesh.update(data=8, fsdp=1, tensor=2)
     with pytest.raises(plan.PlanError, match="mesh.tensor=1"):
         plan.planning_config(config)
+
+
+def test_the_planner_and_main_import_into_one_process():
+    """`blip2_jax.plan` defines its flags only when run as a program: importing it next to
+    `blip2_jax.main` (whose `--config` lives in the same absl registry) must not clash."""
+    import importlib
+
+    importlib.import_module("blip2_jax.main")
+    assert callable(plan.plan) and not hasattr(plan, "_CONFIG")
