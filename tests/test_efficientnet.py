@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from blip2_jax import config_sections
 from blip2_jax.convert import efficientnet as convert_effnet, pth
 from blip2_jax.convert.hf_io import CheckpointError
 from blip2_jax.models import efficientnet
@@ -143,7 +144,7 @@ def _imagenet_input(image: np.ndarray, size: int = 224) -> np.ndarray:
     im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC)
     left, top = (im.width - size) // 2, (im.height - size) // 2
     im = im.crop((left, top, left + size, top + size))
-    mean, std = np.array(efficientnet.LITE_MEAN), np.array(efficientnet.LITE_STD)
+    mean, std = np.array(config_sections.LITE_MEAN), np.array(config_sections.LITE_STD)
     return ((np.asarray(im, np.float32) / 255.0 - mean) / std).astype(np.float32)
 
 

@@ -71,15 +71,6 @@ def ignore_patterns(config: EfficientNetConfig) -> tuple[str, ...]:
     return tuple(ignore)
 
 
-def is_checkpoint(path: str) -> bool:
-    """Whether `path` is a directory this module wrote (its config.json says `efficientnet_lite`)."""
-    try:
-        with CheckpointReader(path) as reader:
-            return reader.config.get("model_type") == MODEL_TYPE
-    except CheckpointError:
-        return False
-
-
 def read_params(path: str, config: EfficientNetConfig, dtype=np.float32) -> dict:
     """Our tower's tree (numpy) from a directory `convert` wrote; every key accounted for."""
     with CheckpointReader(path) as reader:

@@ -18,7 +18,7 @@ Convolutions pad as TensorFlow's "SAME" (`efficientnet_pytorch`'s static same pa
 the extra row and column go at the bottom and right), which is also what `lax` calls "SAME".
 BatchNorm is inference-only (running statistics are parameters of this frozen tower, eps 1e-3 as in
 TF). Inputs are NHWC like the ViT's; the Lite models expect `(x - 127) / 128` pixels
-(`data.image_mean = data.image_std = LITE_MEAN / LITE_STD`).
+(`config_sections.LITE_MEAN` / `LITE_STD` as `data.image_mean` / `data.image_std`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blip2_jax.config_sections import LITE_MEAN, LITE_STD  # noqa: F401 (the Lite normalisation, re-exported)
 from blip2_jax.models.layers import TowerConfig
 
 
