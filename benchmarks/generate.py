@@ -1,17 +1,22 @@
 """Captions per second: `blip2_jax.generate` vs Hugging Face `Blip2ForConditionalGeneration.generate`.
 
-    python benchmarks/generate.py [--batch=8] [--max_new_tokens=20] [--beams=5] [--repeats=3]
+    python benchmarks/generate.py [--size=small|midsize] [--batch=8] [--max_new_tokens=20] [--beams=5]
+                                  [--repeats=3] [--threads=2]
 
-One tiny-but-not-trivial BLIP-2 OPT (ViT 4x192 at 112 px, Q-Former 2x192 with 16 queries, OPT 6 layers
-of width 256, vocabulary 8192), built with random weights in HF (torch, CPU), saved, loaded by
-`blip2_jax.from_pretrained`. Both sides decode the same batch with the same settings; EOS is masked
-for the whole budget (`min_new_tokens = max_new_tokens`), so every row decodes `max_new_tokens` tokens on
-both sides. Prints the token agreement, compile time, median wall time per call and captions/s, and
-the ratio ours/HF, for greedy and for beam search. No downloads; torch is only the reference here.
+`--size=small` (default): a tiny-but-not-trivial BLIP-2 OPT (ViT 4x192 at 112 px, Q-Former 2x192 with 16
+queries, OPT 6 layers of width 256, vocabulary 8192); `--size=midsize`: the performance issue's model
+(benchmarks/harness.py: ViT 6x384 at 224 px, Q-Former 6x384 with 32 queries, OPT-125m's shape). Built
+with random, spread weights in HF (torch, CPU), saved, loaded by `blip2_jax.from_pretrained` (float32).
+Both sides decode the same batch with the same settings; EOS is masked for the whole budget
+(`min_new_tokens = max_new_tokens`), so every row decodes `max_new_tokens` tokens on both sides. Prints,
+for greedy and for beam search, one JSON line: token agreement, our first call (compilation), the
+median seconds per call of each side (alternated, with the other processes' CPU use recorded:
+benchmarks/harness.py), captions/s and the ratio. No downloads; torch is only the reference here.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -20,20 +25,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def spread_weights_(model, seed: int) -> None:
-    """Redraw `model`'s weights spread out (norm scales near 1, the rest ~ 0.5 / sqrt(fan-in)), so that
-    decoding is not a sequence of near-ties."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else 0.1))
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import spread_weights_  # noqa: E402,F401  (benchmarks/serve.py imports it from here)
 
 
 def build_hf(seed: int = 0, vocab: int = 8192):
@@ -55,21 +48,22 @@ def build_hf(seed: int = 0, vocab: int = 8192):
     return model.eval()
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def build_model(size: str):
+    if size == "small":
+        return build_hf()
+    hf = harness.build_hf_blip2("opt", **harness.MIDSIZE)
+    spread_weights_(hf, 0)
+    return hf.eval()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="small", choices=("small", "midsize"))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=20)
     ap.add_argument("--beams", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
     import jax
@@ -77,7 +71,8 @@ def main() -> None:
 
     import blip2_jax
 
-    hf = build_hf()
+    torch.set_num_threads(args.threads)
+    hf = build_model(args.size)
     cfg = hf.config
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
@@ -90,9 +85,6 @@ def main() -> None:
     hf_ids = torch.from_numpy(np.concatenate([np.full((b, cfg.num_query_tokens), cfg.image_token_index), prompt], 1))
     hf_pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
-    print(f"model: ViT 4x192 @112px, Q-Former 2x192 / 16 queries, OPT 6x256 vocab 8192; batch {b}, "
-          f"{n} new tokens, prompt 4 tokens; jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
     for name, beams in (("greedy", 1), (f"beam{args.beams}", args.beams)):
         kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=beams)
 
@@ -107,11 +99,12 @@ def main() -> None:
         got = ours()
         compile_s = time.perf_counter() - t0
         want = theirs()[:, hf_ids.shape[1]:].numpy()
-        agree = float((got == want).mean())
-        t_ours, t_hf = median_time(ours, args.repeats), median_time(theirs, args.repeats)
-        print(f"{name:7s} token agreement {agree:.3f} | blip2_jax: first call {compile_s:.1f}s, "
-              f"{t_ours * 1e3:.0f} ms/call = {b / t_ours:.1f} captions/s | HF: {t_hf * 1e3:.0f} ms/call = "
-              f"{b / t_hf:.1f} captions/s | ratio {t_hf / t_ours:.1f}x")
+        summary = harness.alternate(ours, theirs, rounds=args.repeats).summary()
+        print(json.dumps({
+            "benchmark": "generate", "decoding": name, "size": args.size, "batch": b, "new_tokens": n,
+            "token_agreement": float((got == want).mean()), "ours_first_call_s": compile_s,
+            "ours_captions_per_s": b / summary["ours_s"], "hf_captions_per_s": b / summary["theirs_s"],
+            "torch_threads": args.threads, "jax": jax.__version__, "torch": torch.__version__, **summary}))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def _prefill_decoder_only(model, params, prompt, input_ids, mask, max_new_tokens
     def run(m, prompt, ids, msk):
         embeds, full_mask = m.prompt_inputs(prompt, ids, msk)
         cache = m.init_cache(ids.shape[0], embeds.shape[1] + max_new_tokens)
-        return m.language_model(embeds, full_mask, cache=cache)
+        return m.language_model(embeds, full_mask, cache=cache, logits_to_keep=1)
 
     logits, cache = model.apply(variables, prompt, input_ids, mask, method=run)
 

@@ -47,3 +47,25 @@ def test_blip2_logits_equal_with_fused_attention(hf_blip2, llm):
     ref = model.apply({"params": params}, *args)
     fused = build_model(_fused(model.config)).apply({"params": params}, *args)
     assert_close(fused, ref, tol=1e-5)
+
+
+def test_logits_to_keep_is_the_tail_of_the_full_logits(hf_blip2):
+    """The LLM's `logits_to_keep=N` (the stage-2 loss keeps the text positions, decoding's prefill the last
+    one) equals the last N positions of the full logits, with left padding."""
+    _, path, _ = hf_blip2("opt")
+    model, params = blip2_jax.from_pretrained(path)
+    rng = np.random.default_rng(2)
+    embeds = rng.normal(size=(2, 9, model.config.text.word_embed_proj_dim)).astype(np.float32)
+    mask = np.ones((2, 9), np.int32)
+    mask[1, :3] = 0
+
+    def logits(keep):
+        return model.apply({"params": params}, embeds, mask, method=lambda m, e, k: m.language_model(
+            e, k, logits_to_keep=keep)[0])
+
+    full = np.asarray(logits(0))
+    assert full.shape[1] == 9
+    for keep in (1, 5):
+        np.testing.assert_array_equal(np.asarray(logits(keep)), full[:, -keep:])
+    with pytest.raises(ValueError, match="logits_to_keep must be >= 0"):
+        logits(-1)

@@ -282,8 +282,8 @@ class Blip2DecoderOnly(_Stage2):
                  qformer_input_ids=None, qformer_attention_mask=None):
         prompt = self.visual_prompt(pixel_values, deterministic, qformer_input_ids, qformer_attention_mask)
         logits, _ = self.language_model(*self.prompt_inputs(prompt, input_ids, attention_mask),
-                                        deterministic=deterministic)
-        return logits[:, prompt.shape[1]:]
+                                        deterministic=deterministic, logits_to_keep=input_ids.shape[1])
+        return logits
 
 
 class Blip2T5(_Stage2):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax.models.layers import (Dense, DecoderMask, Embed, KVCache, RMSNorm, TowerConfig, activation,
-                                     advance_kv_cache, decoder_mask, dot_product_attention, init_kv_cache,
+                                     advance_kv_cache, decoder_mask, dot_product_attention, init_kv_cache, keep_last,
                                      mask_positions, mask_to_bias, merge_heads, remat_block, scan_blocks,
                                      split_heads, write_kv)
 from blip2_jax.models.stacking import LayerStack
@@ -379,11 +379,12 @@ class DecoderForCausalLM(nn.Module):
 
     def __call__(self, inputs_embeds: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
                  *, input_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                 deterministic: bool = True) -> tuple[jax.Array, Optional[KVCache]]:
+                 deterministic: bool = True, logits_to_keep: int = 0) -> tuple[jax.Array, Optional[KVCache]]:
         """Logits `[B, T, vocab]` in float32 and the updated cache (None without a cache).
 
         `attention_mask` `[B, T]` (1 = token, 0 = padding; default all ones) covers the T new positions;
-        with a `cache` the earlier positions' mask and K/V come from the cache.
+        with a `cache` the earlier positions' mask and K/V come from the cache. `logits_to_keep=N > 0`:
+        logits of the last N positions only (HF's argument of that name), `[B, N, vocab]`.
         """
         if (inputs_embeds is None) == (input_ids is None):
             raise ValueError("DecoderForCausalLM: pass exactly one of inputs_embeds and input_ids")
@@ -404,7 +405,7 @@ class DecoderForCausalLM(nn.Module):
                 x, new_layer_cache = layer(x, rope, biases[windows[i]], None if layer_caches is None
                                            else layer_caches[i], mask.index, deterministic)
                 new_layers.append(new_layer_cache)
-        logits = self.logits(self.norm(x))
+        logits = self.logits(self.norm(keep_last(x, logits_to_keep)))
         return logits, None if cache is None else advance_kv_cache(cache, mask, new_layers)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

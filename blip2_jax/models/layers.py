@@ -261,8 +261,10 @@ def dot_product_attention(
     if k.shape[-2] != q.shape[-2]:
         groups = q.shape[-2] // k.shape[-2]
         k, v = jnp.repeat(k, groups, axis=-2), jnp.repeat(v, groups, axis=-2)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
-                        preferred_element_type=jnp.float32)
+    # Heads-first layout for both products: XLA:CPU runs them about 2x faster than the einsums over the
+    # [B, T, H, D] layout (ViT attention at 257 tokens: 29 -> 15 ms); the results differ by rounding.
+    q, k, v = (x.astype(dtype).transpose(0, 2, 1, 3) for x in (q, k, v))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     scores = scores * scale
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
@@ -270,7 +272,16 @@ def dot_product_attention(
     if not deterministic and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v).transpose(0, 2, 1, 3)
+
+
+def keep_last(hidden: jax.Array, n: int) -> jax.Array:
+    """`hidden[:, -n:]` for `n > 0`, all of `hidden` for `n == 0`: the positions whose logits a caller
+    needs (HF's `logits_to_keep`). The LM head is the largest matmul of a small LLM step (vocab x width
+    per position), so a loss over the text alone should not pay it for the visual prompt's positions."""
+    if n < 0:
+        raise ValueError(f"logits_to_keep must be >= 0, got {n}")
+    return hidden[:, hidden.shape[1] - n:] if n else hidden
 
 
 def causal_mask(length: int) -> jax.Array:

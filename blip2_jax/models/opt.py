@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from blip2_jax.models.layers import (Dense, Embed, KVCache, LayerNorm, TowerConfig, activation, advance_kv_cache,
-                                     decoder_mask, dot_product_attention, init_kv_cache, mask_to_bias,
+                                     decoder_mask, dot_product_attention, init_kv_cache, keep_last, mask_to_bias,
                                      merge_heads, remat_block, scan_blocks, split_heads, write_kv)
 from blip2_jax.models.stacking import LayerStack
 
@@ -225,11 +225,12 @@ class OPTForCausalLM(nn.Module):
 
     def __call__(self, inputs_embeds: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
                  *, input_ids: Optional[jax.Array] = None, cache: Optional[Cache] = None,
-                 deterministic: bool = True) -> tuple[jax.Array, Optional[Cache]]:
+                 deterministic: bool = True, logits_to_keep: int = 0) -> tuple[jax.Array, Optional[Cache]]:
         """Logits `[B, T, vocab]` in float32 and the updated cache (None without a cache).
 
         `attention_mask` `[B, T]` (1 = token, 0 = padding; default all ones) covers the T new positions;
-        with a `cache` the earlier positions' mask is taken from the cache.
+        with a `cache` the earlier positions' mask is taken from the cache. `logits_to_keep=N > 0`:
+        logits of the last N positions only (HF's argument of that name), `[B, N, vocab]`.
         """
         if (inputs_embeds is None) == (input_ids is None):
             raise ValueError("OPTForCausalLM: pass exactly one of inputs_embeds and input_ids")
@@ -254,6 +255,7 @@ class OPTForCausalLM(nn.Module):
         # (HF OPT applies no dropout to the embeddings.)
 
         x, new_layers = self._layers(x, bias, None if cache is None else cache["layers"], mask.index, deterministic)
+        x = keep_last(x, logits_to_keep)
         if self.config.has_final_layer_norm:
             x = self.final_layer_norm(x)
         if self.config.embed_dim != self.config.hidden_size:

@@ -58,9 +58,10 @@ def stage2_loss(model, params, batch, rng, *, train: bool, llm_dropout: bool = T
         hidden, _ = m.query_outputs(m.image_embeds(vit), qformer_det, instruction)
         prompt = m.language_projection(hidden).astype(m.config.text.dtype)
         embeds, mask = m.prompt_inputs(prompt, batch["input_ids"], batch["attention_mask"])
-        if decoder_only:
-            logits, _ = m.language_model(embeds, mask, deterministic=llm_det)
-            return losses.lm_loss(logits, batch["labels"]), logits[:, prompt.shape[1]:]
+        if decoder_only:  # the LM head runs over the text positions only (not over the visual prompt)
+            logits, _ = m.language_model(embeds, mask, deterministic=llm_det,
+                                         logits_to_keep=batch["input_ids"].shape[1])
+            return losses.lm_loss(logits, batch["labels"]), logits
         encoded = m.language_model.encode(embeds, mask, deterministic=llm_det)
         logits, _ = m.language_model.decode(batch["decoder_input_ids"], encoded, mask,
                                             batch["decoder_attention_mask"], deterministic=llm_det)
