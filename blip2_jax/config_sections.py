@@ -55,6 +55,9 @@ def loop_config() -> ml_collections.ConfigDict:
     c.train.async_checkpointing = True
     c.train.skip_nonfinite_updates = False  # False: stop with an error naming the step
     c.train.peak_flops_per_device = 0.0     # for MFU (e.g. 197e12 TPU v5e bf16); 0: no MFU
+    # (N, M): a jax.profiler trace of steps N+1..M into <workdir>/profile (TensorBoard's profile plugin,
+    # Perfetto); () = none. Start after the first step, which compiles.
+    c.train.profile_steps = ()
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.schedule = "warmup_cosine"  # or "lavis_epoch_cosine", "constant"

@@ -84,6 +84,11 @@ def semantic_errors(config: Any, num_devices: Optional[int]) -> list[str]:
             errors.append(f"train.{name}={tc[name]}: must be >= 0 (0 = only at the end)")
     if tc.peak_flops_per_device < 0:
         errors.append(f"train.peak_flops_per_device={tc.peak_flops_per_device}: must be >= 0")
+    profile = tuple(tc.get("profile_steps", ()))
+    if profile and not (len(profile) == 2 and all(isinstance(s, int) for s in profile)
+                        and 0 <= profile[0] < profile[1] <= tc.total_steps):
+        errors.append(f"train.profile_steps={profile}: expected () or (N, M) with 0 <= N < M <= "
+                      f"train.total_steps={tc.total_steps} (traces steps N+1..M)")
     if tc.batch_size > 0 and tc.grad_accum_steps > 0:
         if tc.batch_size % tc.grad_accum_steps:
             errors.append(f"train.batch_size={tc.batch_size} is not divisible by "

@@ -47,3 +47,27 @@ def test_generate_benchmark_decodes_the_same_tokens_as_hf():
     for out in outs:
         assert out["token_agreement"] == 1.0
         _check_timings(out)
+
+
+def test_accelerator_benchmark_runs_the_loops_step_and_picks_the_largest_batch_that_fits(hf_blip2, monkeypatch):
+    """benchmarks/accelerator.py on the 8 simulated CPU devices with the tiny stage-2 config: the real step runs,
+    images/s and MFU follow from the step time, and `--batch=auto` keeps the largest doubling of the
+    batch whose compiled peak fits the device memory (a limit set between the peaks of batches 8 and 16)."""
+    from benchmarks import accelerator
+    from tests import tiny_configs
+
+    config = tiny_configs.stage2("opt")
+    config.init.llm_checkpoint = hf_blip2("opt")[2]  # the architecture (and weights) of a tiny OPT
+    config = accelerator.planning_config(config)
+    out = accelerator.run(config, "8", steps=1, peak=1e12)
+    assert out["devices"] == 8 and out["global_batch"] == 8 and out["loss_finite"]
+    assert out["images_per_second"] == pytest.approx(8 / out["step_seconds"])
+    assert out["mfu"] == pytest.approx(out["images_per_second"] * out["flops_per_example"] / 8e12)
+    assert out["flops_per_example"] > 0 and out["peak_bytes_per_device"] > 0
+
+    mesh = accelerator.sharding.make_mesh(config.mesh, accelerator.jax.local_devices())
+    peak8, peak16 = (accelerator.compile_step(config, mesh, b)[3] for b in (8, 16))
+    assert peak16 > peak8
+    monkeypatch.setattr(accelerator, "memory_limit",
+                        lambda device: int((peak8 + peak16) / 2 / accelerator.MEMORY_HEADROOM))
+    assert accelerator.run(config, "auto", steps=1)["global_batch"] == 8

@@ -197,6 +197,7 @@ def _bad(mutate):
     (lambda d: d["train"].update(batch_size=12), "train.batch_size=12"),
     (lambda d: d["train"].update(batch_size=16, grad_accum_steps=4), "train.batch_size=16"),
     (lambda d: d.pop("optimizer"), "optimizer: missing"),
+    (lambda d: d["train"].update(profile_steps=(5, 2)), "train.profile_steps=(5, 2)"),
 ])
 def test_config_validation_names_the_field(mutate, field):
     from blip2_jax import config_validation
@@ -251,3 +252,16 @@ def test_preempted_run_reports_the_metrics_of_the_step_it_stopped_at(tmp_path):
                  hook=_sigterm_at(3))
     np.testing.assert_allclose(out["loss"], (losses[1] + losses[2] + losses[3]) / 3, rtol=1e-6)
     assert out["step"] == 3 and "steps_per_sec" in out
+
+
+def test_profile_steps_writes_a_trace_of_those_steps(tmp_path):
+    """`train.profile_steps=(N, M)`: a jax.profiler trace of steps N+1..M under <workdir>/profile, and the run's
+    losses are those of an unprofiled run."""
+    cfg = toy.config(checkpoint_every=0, total_steps=4, profile_steps=(1, 3))
+    result = _train(tmp_path / "profiled", cfg)
+    traces = [f for _, _, files in os.walk(tmp_path / "profiled" / "profile") for f in files
+              if f.endswith(".xplane.pb")]
+    assert len(traces) == 1
+    plain = _train(tmp_path / "plain", toy.config(checkpoint_every=0, total_steps=4))
+    assert toy.losses(str(tmp_path / "profiled")) == toy.losses(str(tmp_path / "plain"))
+    assert result["step"] == plain["step"] == 4

@@ -195,6 +195,33 @@ class _Window:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
 
+class _StepProfiler:
+    """A `jax.profiler` trace of steps N+1..M (`train.profile_steps = (N, M)`) into `<workdir>/profile`:
+    started before step N+1 is dispatched, stopped once step M has finished (it blocks on it)."""
+
+    def __init__(self, steps, workdir: str):
+        self.first, self.last = tuple(steps) if steps else (None, None)
+        self.directory = os.path.join(workdir, "profile")
+        self.active = False
+
+    def before(self, step: int) -> None:
+        """Called with the number of steps done, before the next one is dispatched."""
+        if step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, device_metrics) -> None:
+        if self.active and step >= self.last:
+            jax.block_until_ready(device_metrics)
+            self.stop()
+            metrics_lib.print_progress(f"profile of steps {self.first + 1}..{step} in {self.directory}")
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def _nonfinite_message(step, m):
     return (f"non-finite loss or gradient at step {step}: loss={float(m['loss'])}, "
             f"grad_norm={float(m['grad_norm'])}. Set train.skip_nonfinite_updates=True to skip "
@@ -262,14 +289,16 @@ def train(config: ml_collections.ConfigDict, task: Task, make_data: Callable[[],
                                      grad_accum_steps=accum,
                                      skip_nonfinite=bool(tc.skip_nonfinite_updates))
         writer = metrics_lib.MetricWriter(workdir)
+        profiler = _StepProfiler(tc.get("profile_steps", ()), workdir)
         try:
             with _StopRequest() as stop:
                 result, params = _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer,
-                                      stop, start, total, step_hook)
+                                      profiler, stop, start, total, step_hook)
             if task.on_finish is not None and not result["preempted"]:
                 task.on_finish(params, workdir)
             return result
         finally:
+            profiler.stop()
             writer.close()
             ckpt.close()
 
@@ -294,7 +323,7 @@ def _fresh_state(task, tx, init_key, train_key, mesh, rules, state_shardings):
             "rng": jax.device_put(np.asarray(train_key), replicated)}
 
 
-def _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer, stop, start, total,
+def _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer, profiler, stop, start, total,
          step_hook):
     tc = config.train
     log_every, eval_every = max(int(tc.log_every), 1), int(tc.eval_every)
@@ -361,9 +390,11 @@ def _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer, stop
         if stop.requested():
             preempted = True
             break
+        profiler.before(step)
         batch = sharding_lib.make_global_batch(next(data), mesh)
         state, device_metrics = train_step(state, frozen, batch)
         step += 1
+        profiler.after(step, device_metrics)
         if pending is not None:
             check(pending)
         pending = (step, device_metrics)
@@ -378,6 +409,7 @@ def _run(config, task, mesh, frozen, state, data, train_step, ckpt, writer, stop
                 evaluate(step)
             if at_ckpt:
                 save(step)
+    profiler.stop()  # a run stopped (or resumed) inside the profiled steps
     if pending is not None:
         check(pending)
     if window.count:
