@@ -8,12 +8,12 @@ steps run under `jax.profiler`; every XLA op in the trace is traced back, throug
 program's `op_name` metadata, to the module that emitted it, and its time is summed per part:
 `vision` (the frozen image encoder), `qformer` (every Q-Former pass: queries, text, ITM, ITG),
 `llm` (stage 2's frozen LLM), `losses` (ITC / ITM / ITG / LM losses and heads outside those),
-`optimizer` (AdamW, gradient norm), `other` - each split into forward and backward (`transpose(...)`
-in the op name). Shares are of the summed op time (ops on parallel threads both count).
+`optimizer` (AdamW, gradient norm), `collectives` (cross-device all-reduces and gathers), `other` -
+each split into forward and backward (`transpose(...)` in the op name). Shares are of the summed op time (ops on parallel threads both count).
 
 `--sweep_batches` / `--sweep_image_sizes`: steps/s and the shares for each combination (the image size
-sets `data.image_size` and `model.vision.image_size`), and with `--plot` a PNG of steps/s and the
-shares. Prints one JSON line per run.
+sets `data.image_size` and `model.vision.image_size`), and with `--plot` a PNG of images/s stacked by
+the shares (drawn with PIL). Prints one JSON line per run.
 """
 from __future__ import annotations
 
@@ -36,15 +36,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import accelerator  # noqa: E402
 from blip2_jax import sharding  # noqa: E402
 
-# (part, substrings of a module path in an op name), first match wins.
+# (part, substrings of a module path in an op name), first match wins: the Q-Former's input LayerNorm
+# (`ln_vision`) and the projection train with it, so they come before the frozen `vision` tower.
 PARTS = (
     ("optimizer", ("optax", "adam", "global_norm", "apply_updates", "scale_by")),
-    ("vision", ("vit_features", "vision", "image_encoder")),
     ("llm", ("language_model",)),
     ("qformer", ("qformer", "query_outputs", "query_tokens", "instruction", "itm_logits", "itg_logits",
-                 "text_features", "image_features")),
+                 "text_features", "image_features", "ln_vision", "image_embeds", "projection")),
+    ("vision", ("vit_features", "/vision/", "image_encoder")),
     ("losses", ("loss", "itc", "itm", "itg", "cross_entropy", "log_softmax", "logsumexp", "_gumbel")),
 )
+# Cross-device communication (gradient all-reduces, FSDP gathers), by the instruction's opcode.
+COLLECTIVES = re.compile(r"(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)")
 # A bare primitive at the top of the step function (no module scope): the code around the gradient, i.e.
 # the gradient norm and AdamW's update (optax names no scopes).
 _STEP_BODY = re.compile(r"jit\(step\)/[a-z_]+")
@@ -64,7 +67,9 @@ def op_parts(hlo_text: str) -> dict[str, tuple[str, bool]]:
     for line in hlo_text.splitlines():
         m = _INSTRUCTION.match(line)
         if m:
-            out[m.group(1)] = (part_of(m.group(2)), "transpose(" in m.group(2))
+            name, op_name = m.groups()
+            part = "collectives" if COLLECTIVES.match(name) else part_of(op_name)
+            out[name] = (part, "transpose(" in op_name)
     return out
 
 
@@ -81,10 +86,10 @@ def op_seconds(trace_dir: str) -> collections.Counter:
     return total
 
 
-def profile(config, batch: int, steps: int = 3) -> dict:
-    """Step time and the per-part shares of one config at one global batch."""
+def profile(config, batch: int, steps: int = 3, devices=None) -> dict:
+    """Step time and the per-part shares of one config at one global batch on `devices` (default: all)."""
     config = accelerator.planning_config(config)
-    mesh = sharding.make_mesh(config.mesh, jax.local_devices())
+    mesh = sharding.make_mesh(config.mesh, devices or jax.local_devices())
     task, step, compiled, _, compile_s = accelerator.compile_step(config, mesh, batch)
     state, frozen, data = accelerator.random_inputs(config, task, step, mesh)
     for _ in range(2):  # warm-up
@@ -104,7 +109,9 @@ def profile(config, batch: int, steps: int = 3) -> dict:
     for name, s in seconds.items():
         if name in parts:
             part, backward = parts[name]
-            by_part[part if part == "optimizer" else f"{part}/{'backward' if backward else 'forward'}"] += s
+            if part not in ("optimizer", "collectives"):
+                part += "/backward" if backward else "/forward"
+            by_part[part] += s
     total = sum(by_part.values())
     shares = {k: round(v / total, 4) for k, v in sorted(by_part.items(), key=lambda kv: -kv[1])}
     step_s = float(np.median(times))
@@ -113,29 +120,36 @@ def profile(config, batch: int, steps: int = 3) -> dict:
             "op_seconds_per_step": total / steps, "shares": shares}
 
 
-def plot(runs: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0))
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for size in sorted({r["image_size"] for r in runs}):
-        rs = [r for r in runs if r["image_size"] == size]
-        ax1.plot([r["global_batch"] for r in rs], [r["global_batch"] * r["steps_per_second"] for r in rs],
-                 marker="o", label=f"{size} px")
-    ax1.set(xlabel="global batch", ylabel="images / s", title="train step throughput")
-    ax1.legend()
-    keys = sorted({k for r in runs for k in r["shares"]})
-    bottom = np.zeros(len(runs))
-    labels = [f"{r['image_size']}px\nb{r['global_batch']}" for r in runs]
-    for k in keys:
-        values = np.array([r["shares"].get(k, 0.0) for r in runs])
-        ax2.bar(labels, values, bottom=bottom, label=k)
-        bottom += values
-    ax2.set(ylabel="share of op time", title="where the step's time goes")
-    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+
+def plot(runs: list[dict], path: str, bar: int = 60, height: int = 300) -> None:
+    """A PNG (PIL, no plotting library): one column per run, its height images/s, stacked by the parts'
+    shares, the value and the setting written under it; a legend of the parts on the right."""
+    from PIL import Image, ImageDraw
+
+    keys = sorted({k for r in runs for k in r["shares"]}, key=lambda k: -max(r["shares"].get(k, 0) for r in runs))
+    rates = [r["global_batch"] * r["steps_per_second"] for r in runs]
+    top, left, gap = 30, 20, 30
+    width = left + len(runs) * (bar + gap) + 190
+    im = Image.new("RGB", (width, top + height + 60), "white")
+    draw = ImageDraw.Draw(im)
+    draw.text((left, 8), "images/s per setting, split by the share of op time per model part", fill="black")
+    for i, (run, rate) in enumerate(zip(runs, rates)):
+        x, y = left + i * (bar + gap), top + height
+        column = height * rate / max(rates)
+        for k, color in zip(keys, COLORS):
+            h = column * run["shares"].get(k, 0.0)
+            draw.rectangle([x, y - h, x + bar, y], fill=color)
+            y -= h
+        draw.text((x, top + height + 6), f"{rate:.1f} img/s", fill="black")
+        draw.text((x, top + height + 22), f"{run['image_size']}px b{run['global_batch']}", fill="black")
+    x = left + len(runs) * (bar + gap)
+    for j, (k, color) in enumerate(zip(keys, COLORS)):
+        draw.rectangle([x, top + 16 * j, x + 10, top + 16 * j + 10], fill=color)
+        draw.text((x + 16, top + 16 * j), k, fill="black")
+    im.save(path)
 
 
 def define_flags() -> dict:

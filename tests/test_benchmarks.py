@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,3 +72,26 @@ def test_accelerator_benchmark_runs_the_loops_step_and_picks_the_largest_batch_t
     monkeypatch.setattr(accelerator, "memory_limit",
                         lambda device: int((peak8 + peak16) / 2 / accelerator.MEMORY_HEADROOM))
     assert accelerator.run(config, "auto", steps=1)["global_batch"] == 8
+
+
+def test_profile_step_splits_the_step_time_by_model_part(hf_blip2):
+    """benchmarks/profile_step.py on the tiny stage-2 config: every part of a stage-2 step shows up (the frozen
+    ViT forward only, the LLM forward and its backward to the queries, the Q-Former both ways, AdamW) and
+    the shares add up to 1."""
+    from benchmarks import profile_step
+    from tests import tiny_configs
+
+    assert profile_step.part_of("jit(step)/jvp(Blip2OPT)/vit_features/vision/layers_0/attn/dot_general") == "vision"
+    assert profile_step.part_of("jit(step)/transpose(jvp(language_model))/layers_3/fc1/dot_general") == "llm"
+    assert profile_step.part_of("jit(step)/sqrt") == "optimizer"
+    assert profile_step.part_of("jit(step)/transpose(jvp(Blip2OPT.image_embeds))/ln_vision/mul") == "qformer"
+    config = tiny_configs.stage2("opt")
+    config.mesh.data = 1  # one device: a tiny step on 8 simulated devices is mostly its gradient all-reduce
+    config.init.llm_checkpoint = hf_blip2("opt")[2]
+    out = profile_step.profile(config, batch=8, steps=1, devices=jax.local_devices()[:1])
+    shares = out["shares"]
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    for part in ("vision/forward", "llm/forward", "llm/backward", "qformer/forward", "qformer/backward",
+                 "optimizer"):
+        assert shares.get(part, 0) > 0, (part, shares)
+    assert shares.get("vision/backward", 0) < 0.01  # frozen: no gradient is computed through the ViT
