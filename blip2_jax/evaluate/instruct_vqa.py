@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
