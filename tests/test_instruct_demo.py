@@ -70,7 +70,8 @@ def test_answers_agree_with_the_pixels(vqa_dir):
                 assert a == where[words[-2]], (q, a)
             elif q.startswith("what size is the "):
                 colour = {v: k for k, v in where.items()}[words[-2]]
-                if o1[0] != o2[0]:  # equal areas: both the same size
+                # A large square covers ~3x a small one's pixels; two of one size differ only where they touch.
+                if max(o1[0], o2[0]) > 1.5 * min(o1[0], o2[0]):
                     assert (a == "large") == (colour == bigger), (q, a)
             else:
                 raise AssertionError(f"unexpected question {q!r}")

@@ -6,7 +6,7 @@ Everything that needs "the model this config describes" comes here: the training
 - `build(config) -> Built(model, tokenizer)` for `config.task` "stage1" (`Blip2Stage1`), "stage2"
   (`Blip2DecoderOnly` for OPT, LLaMA, Mistral, Qwen2, Gemma / `Blip2T5`; InstructBLIP with
   `model.instruction_aware`) or "text_lm" (the demo's
-  `OPTForCausalLM` / `T5ForConditionalGeneration`);
+  `OPTForCausalLM` / `DecoderForCausalLM` (LLaMA) / `T5ForConditionalGeneration`);
   `model_of(config[, tokenizer])` when the tokenizer is not needed (stage 2 at paper scale);
 - `frozen_keys(config)`: the top-level parameter names the run keeps frozen;
 - `init_fns(config, model)`: the two halves of `model.init` (trainable, frozen);
