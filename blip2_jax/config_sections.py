@@ -310,7 +310,7 @@ def stage2_eval() -> ml_collections.ConfigDict:
 def text_lm_model(llm: str = "opt") -> ml_collections.ConfigDict:
     """`config.model` for the text LM: which LLM, its HF config fields, its dtype."""
     m = ml_collections.ConfigDict()
-    m.llm = llm                   # "opt" or "t5"
+    m.llm = llm                   # "opt", "llama" or "t5"
     m.dtype = "float32"           # parameters and compute while training the LM
     m.scan_layers = False         # one nn.scan over the LM's layers (see layer_stack_fields)
     # HF config.json fields of the LM (the names transformers uses); vocab_size 0 = the tokenizer's size.
@@ -320,6 +320,11 @@ def text_lm_model(llm: str = "opt") -> ml_collections.ConfigDict:
             num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=128, dropout=0.1,
             attention_dropout=0.0, activation_function="relu", do_layer_norm_before=True,
             pad_token_id=1, bos_token_id=2, eos_token_id=2))
+    elif llm == "llama":  # grouped-query attention (4 heads, 2 K/V heads), RoPE, untied head
+        m.text = ml_collections.ConfigDict(dict(
+            model_type="llama", vocab_size=0, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+            rope_theta=10000.0, tie_word_embeddings=False))
     else:
         m.text = ml_collections.ConfigDict(dict(
             model_type="t5", vocab_size=0, d_model=128, d_kv=32, d_ff=384, num_layers=2, num_decoder_layers=2,

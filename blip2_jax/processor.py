@@ -83,13 +83,19 @@ class Blip2Processor:
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        rows = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        return pad_rows(rows, max(len(r) for r in rows), self.pad_token_id, side)
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id prompts are padded with: the tokenizer's pad token, or its EOS where it has none (LLaMA's
+        tokenizers; the padded positions are masked anyway)."""
         pad = self.tokenizer.pad_token_id
-        if pad is None:  # LLaMA's tokenizers have none; the padded positions are masked anyway
+        if pad is None:
             pad = self.tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer has no pad token and no EOS token")
-        rows = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-        return pad_rows(rows, max(len(r) for r in rows), pad, side)
+        return pad
 
     @property
     def instruction_aware(self) -> bool:

@@ -34,6 +34,12 @@ steps; frozen towers in bfloat16):
              scenes of all four shapes (after `configs/stage1.py:demo_effnet` and
              `configs/text_lm.py:demo_opt_effnet`): what launch/demo.sh runs.
   demo_t5    the same with the tiny T5 of `configs/text_lm.py:demo_t5`, "a photo of" -> caption.
+  demo_instruct  InstructBLIP instruction tuning on 2 CPU cores: questions about the squares scenes
+             (`python -m blip2_jax.data.shapes_vqa --out demo_data/shapes_vqa --shapes square`: colour, size
+             and position of either square), the instruction-aware Q-Former trained from scratch on the
+             random frozen ViT of demo_opt, the frozen LLM the tiny LLaMA of
+             `configs/text_lm.py:demo_instruct_llama`; held-out answer accuracy against the majority answer
+             at the end (`vqa_acc`, `majority_baseline`): what launch/demo_instruct.sh runs.
   <paper variant>_v5p32  (opt2.7b, opt6.7b, flant5xl, flant5xxl, opt2.7b_coco_ft) with the settings planned
              for a v5p-32 slice (`PLANNED`; docs/pod_planning.md).
 Initialisation: `init.stage1_checkpoint` (a stage-1 workdir of this project, or an HF BLIP-2 dir)
@@ -51,6 +57,8 @@ DEMO_STAGE1 = "workdirs/demo_stage1"  # workdir of `configs/stage1.py:demo`
 DEMO_LLM = {"opt": "workdirs/demo_text_lm_opt/hf", "t5": "workdirs/demo_text_lm_t5/hf",
             "opt_effnet": "workdirs/demo_effnet_text_lm_opt/hf"}  # configs/text_lm.py
 DEMO_EFFNET_STAGE1 = "workdirs/demo_effnet_stage1"  # workdir of `configs/stage1.py:demo_effnet`
+DEMO_VQA_DATA = "demo_data/shapes_vqa"  # python -m blip2_jax.data.shapes_vqa --out demo_data/shapes_vqa --shapes square
+DEMO_INSTRUCT_LLM = "workdirs/demo_instruct_text_lm_llama/hf"  # configs/text_lm.py:demo_instruct_llama
 VARIANTS = {  # variant -> (llm, LLM checkpoint dir, global batch)
     "opt2.7b": ("opt", "checkpoints/opt-2.7b", 1920),
     "opt6.7b": ("opt", "checkpoints/opt-6.7b", 1920),
@@ -63,6 +71,7 @@ VARIANTS = {  # variant -> (llm, LLM checkpoint dir, global batch)
     "demo_opt": ("opt", DEMO_LLM["opt"], 48),
     "demo_t5": ("t5", DEMO_LLM["t5"], 48),
     "demo_opt_effnet": ("opt", DEMO_LLM["opt_effnet"], 48),
+    "demo_instruct": ("llama", DEMO_INSTRUCT_LLM, 48),
 }
 
 _OPT = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True,
@@ -145,6 +154,8 @@ def get_config(arg: str = "opt2.7b") -> ml_collections.ConfigDict:
         _demo(c, llm)
         if arg.endswith("_effnet"):
             _effnet(c)
+        if arg == "demo_instruct":
+            _demo_instruct(c)
     elif arg.endswith("_coco_ft"):
         _caption_finetune(c)
     elif arg.startswith("instruct_"):
@@ -240,8 +251,8 @@ def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
     c.data.caption_index = 0
     c.data.num_workers = 0
     c.data.read_threads = 2
-    c.data.text_mode = "opt" if llm == "opt" else "t5_prompt"
-    c.data.prompt = "a photo of " if llm == "opt" else "a photo of"
+    c.data.text_mode = "t5_prompt" if llm == "t5" else "opt"
+    c.data.prompt = "a photo of" if llm == "t5" else "a photo of "
     # The random frozen ViT of the stage-1 demo: same seed and sizes give the same weights.
     c.seed = 42
     c.init.vision_checkpoint = ""
@@ -250,6 +261,25 @@ def _demo(c: ml_collections.ConfigDict, llm: str) -> None:
     c.eval.source = sections.source_config(DEMO_DATA, prefix="heldout")
     c.eval.batch_size = 50
     c.eval.max_new_tokens = 20  # a shapes caption is 13 tokens + "\n" (EOS)
+
+
+def _demo_instruct(c: ml_collections.ConfigDict) -> None:
+    """InstructBLIP on the shapes questions: `_demo`'s sizes, no stage 1 (the Q-Former, its text path
+    included, starts fresh and learns from the questions alone), the VQA instruction records."""
+    c.model.instruction_aware = True
+    c.model.qformer_text.update(vocab_size=0, pad_token_id=0, max_position_embeddings=64)  # vocab: the data's
+    c.init.stage1_checkpoint = ""
+    c.data.train_sources.shapes = sections.source_config(DEMO_VQA_DATA, prefix="train")
+    c.data.instruction_task = "vqa"
+    c.data.qformer_tokenizer_path = f"{DEMO_VQA_DATA}/tokenizer"  # every word of the questions and templates
+    c.data.caption_index = -1      # one question of the record per visit, drawn
+    c.data.prompt = ""             # the drawn instruction is the prompt
+    c.data.max_text_len = 32       # <s> + the longest template around a question (26 tokens) + answer "\n"
+    c.data.max_instruction_len = 32  # [CLS] + that instruction (26 WordPieces) + [SEP]
+    c.train.total_steps = 1000
+    c.train.checkpoint_every = 500
+    c.eval.source = sections.source_config(DEMO_VQA_DATA, prefix="heldout")
+    c.eval.max_new_tokens = 4      # a one-word answer and "\n" (EOS)
 
 
 def _effnet(c: ml_collections.ConfigDict) -> None:

@@ -10,6 +10,10 @@ Variants:
             EfficientNet demo (configs/stage2.py:demo_opt_effnet).
   demo_t5   a 2+2-layer T5 (d=128, gated GELU, untied head) on "a photo of" -> caption (the stage-2
             demo's captioning form), 400 steps, batch 64.
+  demo_instruct_llama  a 2-layer LLaMA (d=128, 4 heads / 2 K/V heads, RoPE) on the text of VQA instruction
+            tuning (`demo_data/shapes_vqa`, `python -m blip2_jax.data.shapes_vqa`): `<s> instruction
+            answer "\\n"`, an InstructBLIP VQA template around each question, the answer's words as the
+            context half of the time; the frozen LLM of configs/stage2.py:demo_instruct.
 At the end the LM and its tokenizer are written to `<workdir>/hf` (a Hugging Face directory), which
 `configs/stage2.py:demo_opt` / `demo_t5` load as `init.llm_checkpoint` and `data.tokenizer_path`.
 The tokenizer (byte-level BPE trained on the training captions) is built on first use at
@@ -20,6 +24,9 @@ import ml_collections
 from blip2_jax import config_sections as sections
 
 DEMO_DATA = "demo_data/shapes"  # written by `python -m blip2_jax.data.shapes --out demo_data/shapes`
+# The InstructBLIP demo's questions: `python -m blip2_jax.data.shapes_vqa --out demo_data/shapes_vqa --shapes square`
+VQA_DEMO_DATA = "demo_data/shapes_vqa"
+VARIANTS = ("demo_opt", "demo_t5", "demo_opt_effnet", "demo_instruct_llama")
 WORKDIRS = {"opt": "workdirs/demo_text_lm_opt", "t5": "workdirs/demo_text_lm_t5"}
 # The stage-2 demos' captioning prompts (OPT: a prefix, with LAVIS's trailing space; T5: encoder text).
 PROMPTS = {"opt": "a photo of ", "t5": "a photo of"}
@@ -27,10 +34,10 @@ PROMPTS = {"opt": "a photo of ", "t5": "a photo of"}
 
 def get_config(arg: str = "demo_opt") -> ml_collections.ConfigDict:
     arg = arg or "demo_opt"
-    if arg not in ("demo_opt", "demo_t5", "demo_opt_effnet"):
-        raise ValueError(f"configs/text_lm.py: unknown variant {arg!r} (demo_opt, demo_t5, demo_opt_effnet)")
-    llm = arg.split("_")[1]
-    data = sections.EFFNET_DEMO_DATA if arg.endswith("_effnet") else DEMO_DATA
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/text_lm.py: unknown variant {arg!r} ({', '.join(VARIANTS)})")
+    llm = arg.split("_")[-1] if arg.startswith("demo_instruct") else arg.split("_")[1]
+    data = {"demo_opt_effnet": sections.EFFNET_DEMO_DATA, "demo_instruct_llama": VQA_DEMO_DATA}.get(arg, DEMO_DATA)
     c = sections.experiment_config("text_lm")
     c.seed = 7
     c.model = sections.text_lm_model(llm)
@@ -46,8 +53,8 @@ def get_config(arg: str = "demo_opt") -> ml_collections.ConfigDict:
     c.context_drop_words = "a an the of"  # words left out of that context (space-separated)
 
     c.data.train_sources.shapes = sections.source_config(data, prefix="train")
-    c.data.text_mode = "opt" if llm == "opt" else "t5_prompt"
-    c.data.prompt = PROMPTS[llm]
+    c.data.text_mode = "t5_prompt" if llm == "t5" else "opt"
+    c.data.prompt = PROMPTS.get(llm, "")
     c.data.max_text_len = 24  # room for the context: 7 words "\n" + </s> prompt caption "\n" (23 tokens)
     c.data.tokenizer_path = f"{data}/tokenizer_{llm}"
     c.data.caption_index = 0  # the canonical caption, as the stage-2 demo (configs/stage2.py)
@@ -64,4 +71,18 @@ def get_config(arg: str = "demo_opt") -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 40
     c.optimizer.weight_decay = 0.01
     c.mesh.data = -1
+    if arg == "demo_instruct_llama":
+        _instruct(c, data)
     return c
+
+
+def _instruct(c: ml_collections.ConfigDict, data: str) -> None:
+    """The text of VQA instruction tuning without the image (train/text_lm.py): every question of the
+    instruction records in a drawn VQA template, the answer as the target."""
+    c.data.instruction_task = "vqa"
+    c.data.qformer_tokenizer_path = f"{data}/tokenizer"  # the instruction encoder's (unused by the LM itself)
+    c.data.caption_index = -1       # every question of a record, not one
+    c.data.max_text_len = 32        # the answer's context "\n" + <s> + the longest template with a question + answer "\n"
+    c.tokenizer_vocab_size = 512    # the templates' words get their merges
+    c.context_drop_words = ""       # the context is the answer itself
+    c.train.total_steps = 400

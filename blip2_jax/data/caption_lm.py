@@ -1,8 +1,11 @@
 """Caption-only data for the demo's text-LM pretraining (`blip2_jax/train/text_lm.py`).
 
 - `build_tokenizer`: a byte-level BPE trained on the captions, OPT-style (`<s>`=0, `<pad>`=1,
-  `</s>`=2 = BOS = EOS, `<unk>`=3; "\\n" is a byte token) or T5-style (`<pad>`=0, `</s>`=1, `<unk>`=2);
+  `</s>`=2 = BOS = EOS, `<unk>`=3; "\\n" is a byte token), LLaMA-style (`<unk>`=0, `<s>`=1 = BOS,
+  `</s>`=2 = EOS, no pad token, as LLaMA's) or T5-style (`<pad>`=0, `</s>`=1, `<unk>`=2);
 - `training_captions`, `caption_siblings`: the cleaned captions of the training sources;
+- `question_answers`, `QuestionAnswer`: the (answer, question) pairs of instruction records and the
+  encoder adapter that feeds them to an instruction encoder (the InstructBLIP demo's text LM);
 - `WithContext`: a text encoder that sometimes puts a caption's content words in front (what teaches
   a tiny LM to follow its context, the place stage 2's visual prompt takes);
 - `CaptionIterator`: per-process batches of encoded captions with a restartable position.
@@ -18,14 +21,16 @@ from blip2_jax.data import text as data_text
 from blip2_jax.data.text import IGNORE_INDEX
 
 OPT_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+SPECIALS = {"opt": OPT_SPECIALS, "llama": LLAMA_SPECIALS, "t5": T5_SPECIALS}
 
 
 def build_tokenizer(captions: list[str], out_dir: str, style: str, vocab_size: int = 384):
     """Train a byte-level BPE on `captions` and save it as a `PreTrainedTokenizerFast` directory."""
-    if style not in ("opt", "t5"):
-        raise ValueError(f"tokenizer style must be 'opt' or 't5', got {style!r}")
-    specials = OPT_SPECIALS if style == "opt" else T5_SPECIALS
+    if style not in SPECIALS:
+        raise ValueError(f"tokenizer style must be one of {tuple(SPECIALS)}, got {style!r}")
+    specials = SPECIALS[style]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -36,6 +41,10 @@ def build_tokenizer(captions: list[str], out_dir: str, style: str, vocab_size: i
         tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
                                                            special_tokens=[("</s>", 2)])
         kw = dict(bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    elif style == "llama":  # LLaMA prepends <s>; it has no pad token (padding uses EOS, masked)
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+        kw = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     else:  # T5 appends </s>
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                            special_tokens=[("</s>", 1)])
@@ -54,6 +63,34 @@ def training_captions(data_cfg) -> list[str]:
         for caps in data_pipeline.read_captions(data_cfg.train_sources[name]):
             out.extend(data_text.clean_caption(c, data_cfg.max_words) for c in caps)
     return out
+
+
+def question_answers(data_cfg, sources=None) -> list[tuple[str, str]]:
+    """`(answer, question)` of every question of the instruction records of `sources` (default: the
+    training sources), cleaned as the pipeline cleans them (`clean_caption`, `blip_question`)."""
+    sources = sources if sources is not None else [data_cfg.train_sources[n] for n in sorted(data_cfg.train_sources)]
+    out = []
+    for source in sources:
+        for answers, questions in zip(data_pipeline.read_captions(source), data_pipeline.read_questions(source)):
+            if len(questions) != len(answers):
+                raise ValueError(f"{source.path}: a record without a question per answer (instruction records "
+                                 "come from `data.shapes_vqa` or `data.build table --question_key`)")
+            out.extend((data_text.clean_caption(a, data_cfg.max_words), data_text.blip_question(q, data_cfg.max_words))
+                       for a, q in zip(answers, questions))
+    return out
+
+
+class QuestionAnswer:
+    """An `(answer, question)` item -> the instruction encoder's tokens for the LLM (`encoder(answer, rng,
+    question=question)`), without the Q-Former's instruction (a text LM has no Q-Former)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def __call__(self, item: tuple[str, str], rng: np.random.Generator) -> dict:
+        answer, question = item
+        enc = self.encoder(answer, rng, question=question)
+        return {k: v for k, v in enc.items() if not k.startswith("qformer_")}
 
 
 def caption_siblings(data_cfg) -> dict[str, tuple[str, ...]]:
@@ -88,7 +125,9 @@ class WithContext:
     def __init__(self, encoder, tokenizer, prob: float, max_len: int, is_opt: bool, drop_words=(),
                  siblings=None):
         self.encoder, self.tokenizer, self.prob, self.max_len = encoder, tokenizer, float(prob), max_len
-        self.pad, self.is_opt, self.drop_words = tokenizer.pad_token_id, is_opt, frozenset(drop_words)
+        # LLaMA's tokenizers have no pad token: pad with EOS (masked), as the pipeline's OPTText does.
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.is_opt, self.drop_words = is_opt, frozenset(drop_words)
         self.siblings = siblings or {}  # caption -> sorted captions of the same image(s), itself included
 
     def context_text(self, caption: str) -> str:
@@ -104,9 +143,10 @@ class WithContext:
         out[len(context):len(context) + n] = ids[:n]
         return out
 
-    def __call__(self, caption: str, rng: np.random.Generator) -> dict:
+    def __call__(self, caption: str, rng: np.random.Generator, **fields) -> dict:
+        """`fields` go to the wrapped encoder (an instruction encoder's `question`)."""
         use = rng.random() < self.prob
-        enc = self.encoder(caption, rng)
+        enc = self.encoder(caption, rng, **fields)
         if not use:
             return enc
         choices = self.siblings.get(caption, (caption,))

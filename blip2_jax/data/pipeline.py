@@ -504,3 +504,15 @@ def read_captions(source) -> list[list[str]]:
         else:
             out.append(parse(raw)[1])
     return out
+
+
+def read_questions(source) -> list[list[str]]:
+    """The questions of every record of a source (instruction records; [] for a caption record), indexed
+    by record index as `read_captions`."""
+    src = _open_source(source)
+    out = []
+    for i in range(len(src)):
+        raw = src[i]
+        out.append(list(records.decode_header(raw).get("questions", ())) if isinstance(raw, (bytes, bytearray))
+                   else [])
+    return out

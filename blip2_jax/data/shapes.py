@@ -118,7 +118,7 @@ def render(a, relation: str, b, rng: np.random.Generator, canvas: int = 64) -> I
     return im
 
 
-def _png(im: Image.Image) -> bytes:
+def png_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
@@ -132,9 +132,11 @@ def heldout_combinations(num: int, seed: int, shapes: Sequence[str] = SHAPES) ->
     return [combos[i] for i in pick]
 
 
-def make_split(split: str, num: int, seed: int, canvas: int,
-               shapes: Sequence[str] = SHAPES) -> list[records.ImageText]:
-    """Records of one split; deterministic in (split, num, seed, canvas, shapes)."""
+def scenes(split: str, num: int, seed: int, canvas: int,
+           shapes: Sequence[str] = SHAPES) -> list[tuple[tuple, str, tuple, Image.Image]]:
+    """`(a, relation, b, image)` of every scene of one split (object a `relation` object b); deterministic
+    in (split, num, seed, canvas, shapes). The captions and the VQA records (`shapes_vqa.py`) both
+    describe these scenes."""
     split_id = {"train": 1, "heldout": 2}[split]
     combos = all_combinations(shapes)
     chosen = heldout_combinations(num, seed, shapes) if split == "heldout" else None
@@ -145,10 +147,15 @@ def make_split(split: str, num: int, seed: int, canvas: int,
             a, rel, b = chosen[i]
         else:
             a, rel, b = combos[int(rng.integers(len(combos)))]
-        im = render(a, rel, b, rng, canvas)
-        out.append(records.ImageText(_png(im), captions_for(a, rel, b), f"{split}-{i:06d}",
-                                     "shapes", "PNG"))
+        out.append((a, rel, b, render(a, rel, b, rng, canvas)))
     return out
+
+
+def make_split(split: str, num: int, seed: int, canvas: int,
+               shapes: Sequence[str] = SHAPES) -> list[records.ImageText]:
+    """Caption records of one split; deterministic in (split, num, seed, canvas, shapes)."""
+    return [records.ImageText(png_bytes(im), captions_for(a, rel, b), f"{split}-{i:06d}", "shapes", "PNG")
+            for i, (a, rel, b, im) in enumerate(scenes(split, num, seed, canvas, shapes))]
 
 
 ZERO_SHOT_ATTRIBUTES = {"shape": 2, "colour": 1}  # attribute -> its index in an object tuple

@@ -44,8 +44,7 @@ def generate_texts(model, params, processor, pixels: np.ndarray, prompts: Option
     ids = mask = None
     if prompts:
         ids, mask = processor.tokenize(list(prompts))
-        ids, mask = pad_to_multiple(ids, mask, pad_multiple, processor.tokenizer.pad_token_id,
-                                    processor.padding_side)
+        ids, mask = pad_to_multiple(ids, mask, pad_multiple, processor.pad_token_id, processor.padding_side)
     if processor.instruction_aware:
         q_ids, q_mask = processor.tokenize_instruction(list(prompts) if prompts else [""] * len(pixels))
         generate_kwargs = dict(generate_kwargs, qformer_input_ids=q_ids, qformer_attention_mask=q_mask)

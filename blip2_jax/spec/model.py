@@ -6,7 +6,7 @@ Everything that needs "the model this config describes" comes here: the training
 - `build(config) -> Built(model, tokenizer)` for `config.task` "stage1" (`Blip2Stage1`), "stage2"
   (`Blip2DecoderOnly` for OPT, LLaMA, Mistral, Qwen2, Gemma / `Blip2T5`; InstructBLIP with
   `model.instruction_aware`) or "text_lm" (the demo's
-  `OPTForCausalLM` / `T5ForConditionalGeneration`);
+  `OPTForCausalLM` / `DecoderForCausalLM` (LLaMA) / `T5ForConditionalGeneration`);
   `model_of(config[, tokenizer])` when the tokenizer is not needed (stage 2 at paper scale);
 - `frozen_keys(config)`: the top-level parameter names the run keeps frozen;
 - `init_fns(config, model)`: the two halves of `model.init` (trainable, frozen);
@@ -30,7 +30,7 @@ from blip2_jax.convert.hf_io import CheckpointReader
 from blip2_jax.data import text as data_text
 from blip2_jax.models.blip2 import Blip2Config, build_model, dummy_inputs
 from blip2_jax.models.blip2 import init_fns as split_init_fns
-from blip2_jax.models.decoder import FAMILIES
+from blip2_jax.models.decoder import FAMILIES, DecoderConfig, DecoderForCausalLM
 from blip2_jax.models.efficientnet import EfficientNetConfig
 from blip2_jax.models import layers
 from blip2_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
@@ -44,7 +44,7 @@ from blip2_jax.models.vit import VisionConfig
 DTYPES = {name: layers.DTYPES[name] for name in ("float32", "bfloat16")}
 TASKS = ("stage1", "stage2", "text_lm")
 LLMS = ("opt", "t5", *FAMILIES)  # `model.llm`: the LLM's HF model_type (stage 2)
-TEXT_LM_LLMS = ("opt", "t5")  # the demo's text LM
+TEXT_LM_LLMS = ("opt", "llama", "t5")  # the demo's text LM
 
 
 def dtype(name: str, field: str = "model.frozen_dtype"):
@@ -98,6 +98,8 @@ def model_of(config, tok=None) -> nn.Module:
     if tok is None:
         raise ValueError("the text LM's config takes its vocabulary from the tokenizer: pass it")
     cfg = text_lm_config(config, tok)
+    if isinstance(cfg, DecoderConfig):
+        return DecoderForCausalLM(cfg)
     return OPTForCausalLM(cfg) if isinstance(cfg, OPTConfig) else T5ForConditionalGeneration(cfg)
 
 
@@ -225,19 +227,23 @@ def _qformer_text(config) -> dict:
 
 
 def text_lm_config(config, tok):
-    """The demo LM's `OPTConfig` / `T5Config` from `config.model.text` (HF field names; vocab_size 0 =
-    the tokenizer's). OPT's EOS becomes the id of "\\n", as in BLIP-2's OPT configs."""
+    """The demo LM's `OPTConfig` / `DecoderConfig` (LLaMA) / `T5Config` from `config.model.text` (HF field
+    names; vocab_size 0 = the tokenizer's). A decoder-only LM's EOS becomes the id of "\\n", as in BLIP-2's
+    OPT configs: the demo's captions and answers end with it, and `generate` stops there."""
     m = config.model
     fields = dict(m.text)
     if not fields.get("vocab_size"):
         fields["vocab_size"] = len(tok)
     dt = dtype(m.dtype, "model.dtype")
     knobs = dict(dtype=dt, param_dtype=dt, **layer_knobs(config, False))
-    if m.llm == "opt":
+    if m.llm in ("opt", "llama"):
         newline = tok.encode("\n", add_special_tokens=False)
         if len(newline) != 1:
             raise ValueError(f"{config.data.tokenizer_path}: '\\n' must be one token, got {newline}")
         fields["eos_token_id"] = newline[0]
+        if m.llm == "llama":
+            fields.update(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+            return DecoderConfig.from_hf(fields, **knobs)
         return OPTConfig.from_hf(fields, **knobs)
     if m.llm == "t5":  # an untied head (as FlanT5) unless the fields say tied
         return T5Config.from_hf(fields, **knobs, tie_word_embeddings=fields.get("tie_word_embeddings", True) is not False)

@@ -21,7 +21,8 @@ Dropout: the Q-Former's as configured; the frozen LLM's own dropout is active in
 
 Evaluation (`config.eval`, `blip2_jax.evaluate.caption_eval.evaluator`): greedy captions of a held-out
 split with the training prompt, scored by `caption_scores` (caption_exact, top_caption_share, BLEU-4,
-CIDEr).
+CIDEr); with `data.instruction_task = "vqa"` (`blip2_jax.evaluate.instruct_vqa.evaluator`): greedy answers
+to every held-out question, `vqa_acc` against `majority_baseline`.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 
 from blip2_jax import sharding as sharding_lib
 from blip2_jax.data import pipeline as data_pipeline
-from blip2_jax.evaluate import caption_eval
+from blip2_jax.evaluate import caption_eval, instruct_vqa
 from blip2_jax.models.blip2 import Blip2Config, Blip2T5
 from blip2_jax.spec import model as spec
 from blip2_jax.spec import weights
@@ -97,7 +98,10 @@ def make_task(config, mesh) -> Task:
     llm_dropout, train_vision = bool(config.model.llm_dropout), bool(config.model.train_vision)
     evaluate = None
     if config.get("eval") is not None and config.eval.source.path:
-        evaluate_params = caption_eval.evaluator(config, model, spec.tokenizer(config), mesh)
+        # VQA instruction records: held-out answer accuracy against the majority answer; else captioning.
+        make_evaluator = (instruct_vqa.evaluator if config.data.get("instruction_task", "") == "vqa"
+                          else caption_eval.evaluator)
+        evaluate_params = make_evaluator(config, model, spec.tokenizer(config), mesh)
         evaluate = lambda trainable, frozen, step: evaluate_params({**trainable, **frozen}, step)  # noqa: E731
 
     def loss_fn(trainable, frozen, batch, rng, train):

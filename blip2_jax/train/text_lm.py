@@ -1,18 +1,21 @@
-"""Text-only LM pretraining of a tiny OPT or T5 on captions: the demo's stand-in for a pretrained LLM.
+"""Text-only LM pretraining of a tiny OPT, LLaMA or T5 on captions: the demo's stand-in for a pretrained LLM.
 
 No pretrained LLM can be downloaded here, so the stage-2 demo first trains its LLM on the caption
 text alone with the same train loop (`config.task = "text_lm"`), then freezes it. The objectives are
 exactly the stage-2 text objectives without the image (the pipeline's text encoders):
-- OPT (`data.text_mode = "opt"`): causal LM on `</s> [prompt] caption "\\n"`, BOS/prompt/padding
-  out of the loss (`losses.lm_loss`);
+- OPT and LLaMA (`data.text_mode = "opt"`): causal LM on `BOS [prompt] caption "\\n"` (OPT's BOS is
+  `</s>`, LLaMA's `<s>`), BOS/prompt/padding out of the loss (`losses.lm_loss`);
 - T5 (`"t5_prefix"` / `"t5_prompt"`): encoder gets the caption prefix (split uniformly between the
   first token and the middle) or the fixed prompt, the decoder learns the rest (`</s>`-terminated);
   plain prefix -> suffix, no span corruption.
 With `context_prob > 0` (the demo configs), that fraction of sequences also carries the content words
 of a caption of the same image in front (`WithContext`), so the frozen LM learns to follow what
 precedes its text, which is what lets stage 2's visual prompt steer it.
+With `data.instruction_task = "vqa"` (the InstructBLIP demo) the text is that of instruction tuning
+without the image: `BOS instruction answer "\\n"`, one of InstructBLIP's VQA templates around each
+question of the instruction records, the answer as the target, and the answer's words as the context.
 Everything trains (no frozen tree). After the last step (`Task.on_finish`), the weights are written as
-a Hugging Face directory (`opt.save` / `t5.save` + the tokenizer files) to `config.export_dir`, or
+a Hugging Face directory (`opt.save` / `decoder.save` / `t5.save` + the tokenizer files) to `config.export_dir`, or
 `<workdir>/hf`; stage 2 loads it as `init.llm_checkpoint`.
 
 Tokenizers: when `data.tokenizer_path` does not exist and `build_tokenizer` is set, a byte-level BPE
@@ -28,12 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax.convert import decoder as decoder_conv
 from blip2_jax.convert import opt as opt_conv
 from blip2_jax.convert import t5 as t5_conv
-from blip2_jax.data import caption_lm
+from blip2_jax.data import caption_lm, instructions
 from blip2_jax.data import pipeline as data_pipeline
 from blip2_jax.data import text as data_text
 from blip2_jax.models.opt import OPTForCausalLM
+from blip2_jax.models.t5 import T5ForConditionalGeneration
 from blip2_jax.spec import model as spec
 from blip2_jax.train import losses
 from blip2_jax.train.task import Task
@@ -49,7 +54,7 @@ def ensure_tokenizer(config) -> None:
     if not config.build_tokenizer:
         raise FileNotFoundError(f"config.data.tokenizer_path {path!r} does not exist (set build_tokenizer=True "
                                 "to train one on the training captions)")
-    corpus = [config.data.prompt + c for c in caption_lm.training_captions(config.data)]  # the prompt gets merges too
+    corpus = training_texts(config)
     caption_lm.build_tokenizer(corpus, path, config.model.llm, config.tokenizer_vocab_size)
     log.info("trained a %s-style byte-level BPE tokenizer on the training captions -> %s", config.model.llm, path)
 
@@ -58,7 +63,7 @@ def ensure_tokenizer(config) -> None:
 def lm_loss(model, params, batch, rng, train: bool):
     """`(loss, metrics)`: the stage-2 text loss without the image."""
     rngs = {"dropout": rng}
-    if isinstance(model, OPTForCausalLM):
+    if not isinstance(model, T5ForConditionalGeneration):  # decoder-only: OPT, LLaMA
         logits, _ = model.apply({"params": params}, input_ids=batch["input_ids"],
                                 attention_mask=batch["attention_mask"], deterministic=not train, rngs=rngs)
         loss = losses.lm_loss(logits, batch["labels"])
@@ -77,7 +82,8 @@ def lm_loss(model, params, batch, rng, train: bool):
 
 def export(config, model, params, tokenizer, out_dir: str) -> None:
     """Write the LLM as a Hugging Face directory with its tokenizer (what stage 2 loads)."""
-    conv = opt_conv if isinstance(model, OPTForCausalLM) else t5_conv
+    conv = (opt_conv if isinstance(model, OPTForCausalLM) else t5_conv if isinstance(model, T5ForConditionalGeneration)
+            else decoder_conv)
     host = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32)), params)
     conv.save(host, model.config, out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -99,7 +105,8 @@ def make_task(config, mesh) -> Task:
     def init_trainable(rng):
         ids = jnp.zeros((1, 4), jnp.int32)
         mask = jnp.ones((1, 4), jnp.int32)
-        decoder = {} if isinstance(model, OPTForCausalLM) else dict(decoder_input_ids=ids, decoder_attention_mask=mask)
+        decoder = (dict(decoder_input_ids=ids, decoder_attention_mask=mask)
+                   if isinstance(model, T5ForConditionalGeneration) else {})
         return model.init({"params": rng, "dropout": rng}, input_ids=ids, attention_mask=mask, **decoder)["params"]
 
     def loss_fn(trainable, frozen, batch, rng, train):
@@ -121,12 +128,31 @@ def make_task(config, mesh) -> Task:
 
 
 def _eval_batch(config, encoder) -> dict:
-    """Every held-out caption, encoded once (T5 prefix splits drawn with a fixed seed)."""
+    """Every held-out caption (or question's answer), encoded once (T5 prefix splits, instructions drawn
+    with a fixed seed)."""
     rng = np.random.default_rng(0)
-    caps = [data_text.clean_caption(c, config.data.max_words)
-            for group in data_pipeline.read_captions(config.eval_source) for c in group]
-    enc = [encoder(c, rng) for c in caps[:config.eval_max_captions]]
+    if is_vqa(config):
+        items = caption_lm.question_answers(config.data, [config.eval_source])
+        encoder = caption_lm.QuestionAnswer(encoder)
+    else:
+        items = [data_text.clean_caption(c, config.data.max_words)
+                 for group in data_pipeline.read_captions(config.eval_source) for c in group]
+    enc = [encoder(c, rng) for c in items[:config.eval_max_captions]]
     return {k: np.stack([e[k] for e in enc]) for k in enc[0]}
+
+
+def is_vqa(config) -> bool:
+    """The text of VQA instruction tuning (instruction records) rather than captions."""
+    return config.data.get("instruction_task", "") == "vqa"
+
+
+def training_texts(config) -> list[str]:
+    """What the tokenizer is trained on: the prompt and every training caption; with VQA instruction
+    records, every (question, answer) in each VQA template (every word an instruction can use)."""
+    if not is_vqa(config):
+        return [config.data.prompt + c for c in caption_lm.training_captions(config.data)]  # the prompt gets merges too
+    pairs = sorted(set(caption_lm.question_answers(config.data)))
+    return [t.format(question=q) + " " + a for a, q in pairs for t in instructions.TEMPLATES["vqa"]]
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -138,9 +164,11 @@ def make_encoder(config):
         return encoder
     # With a fixed caption per image (data.caption_index >= 0) stage 2 always asks for that caption, so the
     # context is the caption's own words, in order; otherwise any caption of the image may be the context.
-    siblings = caption_lm.caption_siblings(config.data) if config.data.caption_index < 0 else None
+    # VQA: the context is the answer's own words (the other answers of an image answer other questions).
+    any_caption = config.data.caption_index < 0 and not is_vqa(config)
+    siblings = caption_lm.caption_siblings(config.data) if any_caption else None
     return caption_lm.WithContext(encoder, data_text.load_tokenizer(config.data.tokenizer_path), prob, config.data.max_text_len,
-                       is_opt=config.model.llm == "opt", drop_words=config.context_drop_words.split(),
+                       is_opt=config.model.llm != "t5", drop_words=config.context_drop_words.split(),
                        siblings=siblings)
 
 
@@ -149,8 +177,11 @@ def make_data(config):
 
     def factory():
         ensure_tokenizer(config)
-        captions = caption_lm.training_captions(config.data)
-        return caption_lm.CaptionIterator(captions, make_encoder(config), config.train.batch_size,
+        if is_vqa(config):  # (answer, question) items; the context is the answer's own words
+            items, encoder = caption_lm.question_answers(config.data), caption_lm.QuestionAnswer(make_encoder(config))
+        else:
+            items, encoder = caption_lm.training_captions(config.data), make_encoder(config)
+        return caption_lm.CaptionIterator(items, encoder, config.train.batch_size,
                                config.seed, jax.process_index(), jax.process_count())
 
     return factory
