@@ -148,9 +148,7 @@ class GenerationEngine(_Engine):
         # Without a prompt a decoder-only LLM starts from its BOS and T5 encodes the visual prompt alone
         # (as `generate`).
         self.empty_prompt = [text.bos_token_id] if self.llm == "decoder" else []
-        self.pad_id = processor.tokenizer.pad_token_id
-        if self.pad_id is None:
-            raise ValueError("the tokenizer has no pad token")
+        self.pad_id = processor.pad_token_id  # EOS for LLaMA-style tokenizers without a pad token
         if self.llm == "decoder":
             longest = model.config.num_query_tokens + max(settings.prompt_lens) + max(settings.max_new_tokens)
             if longest > text.max_position_embeddings:
