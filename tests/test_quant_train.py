@@ -133,9 +133,21 @@ def test_int8_frozen_bytes_are_at_most_55_percent_of_bfloat16_at_demo_size():
     assert 0.45 < ratio <= 0.55, ratio
 
 
+def _frozen_kernels_are_int8(config) -> dict:
+    """The abstract frozen tree `config`'s loop creates, after checking every matrix in it is int8."""
+    _, init_frozen = spec.init_fns(config, spec.model_of(config))
+    frozen = sharding_lib.unbox(jax.eval_shape(init_frozen, jax.random.PRNGKey(0)))
+    kernels = [leaf for path, leaf in flatten(frozen).items() if path[-1] == "kernel"]
+    assert kernels and all(quant.is_quantized(k) and k.values.dtype == jnp.int8 for k in kernels)
+    return frozen
+
+
 def test_config_checks_of_int8():
     stage1 = tiny_configs.stage1()
-    stage1.model.update(frozen_dtype="int8", train_vision=True)
+    stage1.model.frozen_dtype = "int8"  # stage 1: the frozen ViT int8 (its run: 3 steps' losses within 3e-4)
+    config_validation.validate(stage1, num_devices=1)
+    assert sorted(_frozen_kernels_are_int8(stage1)) == ["vision"]
+    stage1.model.train_vision = True
     with pytest.raises(config_validation.ConfigError, match=r"model.frozen_dtype='int8' with model.train_vision"):
         config_validation.validate(stage1, num_devices=1)
     stage1.model.frozen_dtype = "int4"
@@ -146,11 +158,7 @@ def test_config_checks_of_int8():
     stage2_config.model.update(frozen_dtype="int8", train_vision=True)
     stage2_config.model.text = dict(tiny_configs.load("text_lm", "demo_opt").model.text, vocab_size=64)
     config_validation.validate(stage2_config, num_devices=1)
-    model = spec.model_of(stage2_config)
-    init_trainable, init_frozen = spec.init_fns(stage2_config, model)
-    frozen = sharding_lib.unbox(jax.eval_shape(init_frozen, jax.random.PRNGKey(0)))
+    assert sorted(_frozen_kernels_are_int8(stage2_config)) == ["language_model"]
+    init_trainable, _ = spec.init_fns(stage2_config, spec.model_of(stage2_config))
     vision = sharding_lib.unbox(jax.eval_shape(init_trainable, jax.random.PRNGKey(0)))["vision"]
-    assert sorted(frozen) == ["language_model"]
-    kernels = [leaf for path, leaf in flatten(frozen).items() if path[-1] == "kernel"]
-    assert kernels and all(quant.is_quantized(k) and k.values.dtype == jnp.int8 for k in kernels)
     assert {x.dtype for x in jax.tree.leaves(vision)} == {jnp.dtype(jnp.float32)}
