@@ -7,7 +7,6 @@ import dataclasses
 
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +15,7 @@ from flax.traverse_util import flatten_dict as flatten
 
 from blip2_jax import config_validation, workdir
 from blip2_jax import sharding as sharding_lib
+from blip2_jax.evaluate import load as load_lib
 from blip2_jax.models import quant
 from blip2_jax.spec import model as spec
 from blip2_jax.spec import weights
@@ -70,7 +70,7 @@ def test_int8_frozen_tree_and_step0_loss_against_float32(opt_dirs):
     assert 0 < abs(float(loss8) - loss32) <= LOSS_BOUND, (float(loss8), loss32)
 
 
-def test_int8_fsdp_run_on_8_devices_trains_and_keeps_the_frozen_int8_tree(opt_dirs, tmp_path):
+def test_int8_fsdp_run_on_8_devices_trains_and_keeps_the_frozen_int8_tree(opt_dirs, tokenizer_dir, tmp_path):
     hf, blip2_dir, llm_dir = opt_dirs
     config = _config("opt", blip2_dir, llm_dir, batch_size=8)
     config.model.frozen_dtype = "int8"
@@ -105,12 +105,11 @@ def test_int8_fsdp_run_on_8_devices_trains_and_keeps_the_frozen_int8_tree(opt_di
             assert (spec_s[i] if i < len(spec_s) else None) == want, (path, spec_v, spec_s)
         scales_sharded += any(a is not None for a in spec_s)
     assert scales_sharded > 0
-    # A reload of the workdir (`workdir.load`, `from_pretrained`) makes the tree it trained against: the run
-    # config says int8.
-    recorded = workdir.run_config(str(tmp_path))
-    assert recorded.model.frozen_dtype == "int8"
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.axis_rules(())):
-        reloaded = flatten(weights.frozen_tree(recorded, spec.model_of(recorded), mesh, sharding_lib.axis_rules(())))
+    # The workdir reloads the tree it trained against (the run config says int8), also through the loading
+    # path of the evaluation CLI and the server (`--frozen_dtype=int8`).
+    assert workdir.run_config(str(tmp_path)).model.frozen_dtype == "int8"
+    params = load_lib.load_model(str(tmp_path), tokenizer=tokenizer_dir("opt"), frozen_dtype="int8").params
+    reloaded = flatten({k: params[k] for k in ("vision", "language_model")})
     for path, leaf in flatten(seen["frozen"]).items():
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(reloaded[path]), jax.device_get(leaf))
 
