@@ -7,7 +7,9 @@ Two kinds of checks:
   accepts anything). Overrides given with `--config.x=y` are already checked by ml_collections'
   locked ConfigDict; this catches misspelt or ill-typed fields written inside config files.
 - Semantics: mesh sizes that multiply to the device count, a batch size divisible by the
-  data-parallel degree and the number of micro-batches, a known schedule, step counts > 0, etc.
+  data-parallel degree and the number of micro-batches, a known schedule, step counts > 0, etc.;
+  and `model.frozen_dtype` (where the config has one): a known name, "int8" only where a tower is
+  frozen (int8 weights cannot be trained).
 
 `validate(config, num_devices)` raises `ConfigError` listing every problem found.
 """
@@ -18,6 +20,7 @@ from typing import Any, Iterable, Optional
 import ml_collections
 
 from blip2_jax import config_sections, sharding
+from blip2_jax.spec import model as spec
 from blip2_jax.train.optimizer import SCHEDULES
 
 LOOP_SECTIONS = ("task", "seed", "mesh", "train", "optimizer")
@@ -125,6 +128,23 @@ def semantic_errors(config: Any, num_devices: Optional[int]) -> list[str]:
     return errors
 
 
+def frozen_dtype_errors(config: Any) -> list[str]:
+    """`model.frozen_dtype` checks (configs without one, e.g. the text LM's, have none)."""
+    model = config.get("model")
+    if model is None or "frozen_dtype" not in model:
+        return []
+    name = model.frozen_dtype
+    if name not in spec.FROZEN_DTYPES:
+        return [f"model.frozen_dtype={name!r}: expected one of {spec.FROZEN_DTYPES}"]
+    if name == spec.INT8 and config.get("task") == "stage1" and model.get("train_vision", False):
+        # Stage 1 with a trained ViT has no frozen tower: int8 would quantise nothing (and int8 weights
+        # cannot be trained). Stage 2 keeps its LLM frozen, which int8 then quantises.
+        return ["model.frozen_dtype='int8' with model.train_vision=True: stage 1 then has no frozen tower "
+                "(the ViT trains, in float32) and int8 weights cannot be trained; use model.frozen_dtype="
+                "'float32' or 'bfloat16', or model.train_vision=False"]
+    return []
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
              defaults: Optional[ml_collections.ConfigDict] = None) -> None:
     """Raises ConfigError naming every bad field of the loop's sections.
@@ -141,6 +161,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     defaults = config_sections.loop_config() if defaults is None else defaults
     errors = schema_errors(config, defaults, sections=LOOP_SECTIONS)
     if not errors:
-        errors = semantic_errors(config, num_devices or None)
+        errors = semantic_errors(config, num_devices or None) + frozen_dtype_errors(config)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

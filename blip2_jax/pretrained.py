@@ -31,20 +31,22 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, frozen_dtype: Option
     re-read from where the run read them (or re-drawn from its seed when it had none); the frozen
     towers in `frozen_dtype` if given, else the run's `model.frozen_dtype`.
     `frozen_dtype="int8"`: int8 weight-only quantisation of the frozen towers' matrices (per-channel
-    scales, bfloat16 compute; `blip2_jax.models.quant`): about half the frozen memory of bfloat16.
+    scales, bfloat16 compute; `blip2_jax.models.quant`): about half the frozen memory of bfloat16. For a
+    workdir the frozen towers are quantised as its run's `model.frozen_dtype="int8"` quantises them (from
+    their float32 checkpoint: the tree an int8 run trained against), and a ViT the run trained
+    (`model.train_vision`) is quantised too.
     `scan_layers`: every tower's layers scanned (True) or unrolled (False); default: unrolled for an HF
     directory, the run's layout for a workdir. Either layout loads from either.
     """
     int8 = _is_int8(frozen_dtype)
-    if int8:  # bfloat16 compute, then the frozen towers' matrices stored as int8 (`models.quant`)
-        frozen_dtype = "bfloat16" if checkpoint.is_workdir(path) else jnp.bfloat16
     if checkpoint.is_workdir(path):
-        loaded = workdir.load(path, frozen_dtype=frozen_dtype, scan_layers=scan_layers)
+        loaded = workdir.load(path, frozen_dtype="int8" if int8 else frozen_dtype, scan_layers=scan_layers)
         model, params = loaded.model, loaded.params
-    else:
-        model, params = hf_blip2.load(path, dtype=dtype, frozen_dtype=frozen_dtype, scan_layers=bool(scan_layers))
+    else:  # bfloat16 compute, then the frozen towers' matrices stored as int8 (`models.quant`)
+        model, params = hf_blip2.load(path, dtype=dtype, frozen_dtype=jnp.bfloat16 if int8 else frozen_dtype,
+                                      scan_layers=bool(scan_layers))
     if int8:
-        params = quantize_frozen(params)
+        params = quantize_frozen(params)  # a workdir's frozen towers already are: `quantize_tree` skips them
     return model, params
 
 

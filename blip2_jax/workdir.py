@@ -52,12 +52,20 @@ def llm_kind(model: nn.Module) -> str:
 
 def run_config(path: str, frozen_dtype: Optional[Any] = None):
     """The config `path`'s run recorded (`checkpoint.load_run_config`), its frozen towers in
-    `frozen_dtype` when given (float32 or bfloat16)."""
-    config = checkpoint_lib.load_run_config(path)
-    if frozen_dtype is not None:
-        name = np.dtype(frozen_dtype).name
-        if name not in spec.DTYPES:
-            raise ValueError(f"frozen_dtype={name}: a workdir's frozen towers load as {' or '.join(spec.DTYPES)}")
+    `frozen_dtype` when given (float32, bfloat16 or "int8")."""
+    return with_frozen_dtype(checkpoint_lib.load_run_config(path), frozen_dtype)
+
+
+def with_frozen_dtype(config, frozen_dtype: Optional[Any]):
+    """`config` with `model.frozen_dtype` set to `frozen_dtype` (a dtype or its name: float32, bfloat16,
+    "int8") when given; `config` itself when None."""
+    if frozen_dtype is None:
+        return config
+    name = frozen_dtype if isinstance(frozen_dtype, str) else np.dtype(frozen_dtype).name
+    if name not in spec.FROZEN_DTYPES:
+        raise ValueError(f"frozen_dtype={name}: a workdir's frozen towers load as one of {spec.FROZEN_DTYPES}")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
         config.model.frozen_dtype = name
     return config
 
@@ -70,10 +78,12 @@ def load(path: str, *, config=None, frozen_dtype: Optional[Any] = None, tokenize
     `get_config("demo_opt")` of configs/stage2.py); `tokenizer_path`: another tokenizer directory;
     `scan_layers`: build the model with its layers scanned (True) or unrolled (False) whatever the run
     used (the checkpoint's tree is moved to that layout: `models.stacking.match_layout`).
+    `frozen_dtype` (a dtype, or "int8": the frozen matrices int8-quantised as the train loop's
+    `model.frozen_dtype="int8"` makes them) overrides the run's, also that of a given `config`.
     """
     if not checkpoint_lib.is_workdir(path):
         raise FileNotFoundError(f"{path}: not a workdir of this project (no {checkpoint_lib.CHECKPOINTS}/)")
-    config = run_config(path, frozen_dtype) if config is None else config
+    config = run_config(path, frozen_dtype) if config is None else with_frozen_dtype(config, frozen_dtype)
     if scan_layers is not None:
         with config.unlocked():
             config.model.scan_layers = bool(scan_layers)

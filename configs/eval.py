@@ -23,8 +23,10 @@ Fields:
   train_config    for a workdir: "configs/stage2.py:demo_opt" style path[:variant] of the config
                   that trained it (a workdir does not store its config); "" for an HF directory
   tokenizer       tokenizer directory ("" = the model directory, or the train config's)
-  frozen_dtype    "float32" | "bfloat16": the frozen ViT and LLM (LAVIS evaluates the ViT in fp32
-                  for the 364 px caption/retrieval models and the LLM in fp16/bf16)
+  frozen_dtype    "float32" | "bfloat16" | "int8": the frozen ViT and LLM (LAVIS evaluates the ViT in
+                  fp32 for the 364 px caption/retrieval models and the LLM in fp16/bf16; "int8":
+                  weight-only int8 matrices, bfloat16 compute); "" (default): float32 for an HF
+                  directory, the run's model.frozen_dtype for a workdir
   image_size, batch_size, jpeg_draft (let libjpeg downscale big JPEGs while decoding; False = exact)
   data.source     captioning / retrieval records (blip2_jax.data.pipeline.source_config: this
                   project's ArrayRecord shards, or a TFDS array_record dataset)
@@ -70,7 +72,7 @@ def get_config(arg: str = "coco_caption") -> ml_collections.ConfigDict:
     c.model = ""
     c.train_config = ""
     c.tokenizer = ""
-    c.frozen_dtype = "float32"
+    c.frozen_dtype = ""  # float32 for an HF directory, the run's for a workdir
     c.image_size = 224
     c.batch_size = 16
     c.jpeg_draft = False

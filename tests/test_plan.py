@@ -100,6 +100,28 @@ def test_plan_errors_name_the_value(topology, mesh, message):
         plan.plan(config, topology)
 
 
+@needs_libtpu
+@pytest.mark.slow  # one more stage-2 compile (~30 s on 2 cores); tests/test_quant_train.py checks the trees
+def test_int8_stage2_demo_plan_holds_the_int8_frozen_tree():
+    """`model.frozen_dtype="int8"`: the plan's frozen bytes are those of the int8 tree the loop creates (int8
+    values sharded like the weights, float32 scales like their output channels), under 60% of bfloat16's
+    per chip (not 50%: at these tiny widths the scales of the matrices whose output axis is not sharded,
+    replicated on every chip, are a visible share)."""
+    config = demo_stage2("opt", data=1, fsdp=4, tensor=1)
+    config.model.frozen_dtype = "int8"
+    report = plan.plan(config, TOPOLOGY, decode=False)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
+    task = stage2.make_task(plan.planning_config(config), mesh)
+    frozen, _ = sharding.create_sharded(task.init_frozen, jax.random.PRNGKey(1), mesh, sharding.axis_rules(()))
+    assert {x.dtype for x in jax.tree.leaves(frozen)} == {jax.numpy.dtype(t) for t in ("int8", "float32", "bfloat16")}
+    assert report["per_device_bytes"]["frozen"] == sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(frozen))
+    config.model.frozen_dtype = "bfloat16"
+    bf16 = jax.eval_shape(stage2.make_task(plan.planning_config(config), mesh).init_frozen, jax.random.PRNGKey(1))
+    bf16_per_chip = aot.per_device_bytes(sharding.abstract_with_shardings(
+        bf16, sharding.logical_shardings(bf16, mesh, sharding.axis_rules(()))))
+    assert report["per_device_bytes"]["frozen"] < 0.6 * bf16_per_chip
+
+
 @pytest.mark.parametrize("module, variant", [(stage1_config, v) for v in stage1_config.PLANNED]
                          + [(stage2_config, v) for v in stage2_config.PLANNED])
 def test_planned_variants_split_the_paper_batch_over_their_slice(module, variant):

@@ -1,6 +1,10 @@
 """int8 weight-only quantisation of the frozen towers (`from_pretrained(..., frozen_dtype="int8")`):
 the quantiser's error bound, per-row embedding lookups, scanned stacks, logits and greedy tokens
-against float32 on the tiny HF BLIP-2 OPT, and the frozen memory against bfloat16 at paper scale."""
+against float32 on the tiny HF BLIP-2 OPT, the frozen memory against bfloat16 at paper scale, and int8
+in the evaluation CLI (`config.frozen_dtype="int8"`) and the server (`--frozen_dtype=int8`). Training
+with int8 frozen towers: tests/test_quant_train.py."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +87,76 @@ def test_save_pretrained_of_an_int8_model_writes_float_weights(three_precisions,
     tensors, _ = read_checkpoint(str(tmp_path / "out"))
     key = next(k for k in tensors if k.startswith("language_model.") and k.endswith("fc1.weight"))
     assert tensors[key].dtype == np.float32
+
+
+# -- evaluation CLI and server -----------------------------------------------------------------------------
+def _images(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_evaluation_with_int8_gives_the_captions_of_the_int8_model(hf_captioner, tmp_path):
+    """`python -m blip2_jax.evaluate.run ... --config.frozen_dtype=int8` (its `evaluate`): the captions of
+    `generate` on `from_pretrained(path, frozen_dtype="int8")` for the same batch and prompt."""
+    from blip2_jax.data import records
+    from blip2_jax.data.text import clean_caption
+    from blip2_jax.evaluate import load as load_lib
+    from blip2_jax.evaluate import run
+    from blip2_jax.evaluate.caption_eval import pad_to_multiple
+    from tests.helpers import image_bytes
+
+    _, _, path = hf_captioner("opt")
+    size = 28  # the tiny model's: no resizing
+    arrs = _images(4, size)
+    recs = [records.ImageText(image_bytes(a), ("a caption",), str(i), "test", "PNG") for i, a in enumerate(arrs)]
+    records.write_shard(str(tmp_path / records.shard_name("test", 0, 1)), recs)
+    c = load_lib.load_config_file("configs/eval.py:coco_caption")
+    c.update(model=path, image_size=size, batch_size=4, frozen_dtype="int8")
+    c.data.source.update(path=str(tmp_path), prefix="test")
+    # greedy, 8 new tokens, the prompt padded to 8: the server test below decodes the same shapes (one compile)
+    gen = dict(num_beams=1, max_new_tokens=8, min_new_tokens=1)
+    c.generation.update(prompt_pad_multiple=8, **gen)
+    summary = run.evaluate(c, out=str(tmp_path / "captions.json"))
+    assert summary["num_images"] == 4
+    got = [r["caption"] for r in json.loads((tmp_path / "captions.json").read_text())]
+    loaded = load_lib.load_model(path, frozen_dtype="int8")  # what `evaluate` loaded: the towers' matrices int8
+    assert any(quant.is_quantized(x) for x in jax.tree.leaves(loaded.params["language_model"], is_leaf=quant.is_quantized))
+    model, params = blip2_jax.from_pretrained(path, frozen_dtype="int8")
+    processor = blip2_jax.load_processor(path)
+    ids, mask = processor.tokenize(["a photo of"] * 4)
+    ids, mask = pad_to_multiple(ids, mask, 8, processor.tokenizer.pad_token_id, processor.padding_side)
+    toks = blip2_jax.generate(model, params, processor.preprocess(arrs), ids, mask, length_penalty=1.0,
+                              repetition_penalty=1.0, **gen)
+    want = [clean_caption(t) for t in processor.decode(np.asarray(toks))]
+    assert any(want)  # the random model says something, so the comparison means something
+    assert got == want
+    c.frozen_dtype = "int4"
+    with pytest.raises(ValueError, match="config.frozen_dtype='int4'"):
+        run.evaluate(c)
+
+
+def test_server_engine_with_int8_captions_mostly_as_float32(hf_captioner):
+    """`python -m blip2_jax.serve --frozen_dtype=int8`: the engine holds int8 towers and its greedy captions
+    agree with the float32 engine's on >= 90% of the tokens (the bound of the logits test above)."""
+    from blip2_jax.serve import cli
+    from blip2_jax.serve.engine import Decoding, Prompted, load_engine
+    from blip2_jax.serve.settings import Settings
+    from tests.helpers import image_bytes
+
+    assert cli.parser().parse_args(["--model=m", "--frozen_dtype=int8"]).frozen_dtype == "int8"
+    _, _, path = hf_captioner("opt")
+    settings = Settings(batch_sizes=(4,), prompt_lens=(8,), num_beams=(1,), max_new_tokens=(8,))
+    engines = {name: load_engine(path, settings, frozen_dtype=name) for name in ("float32", "int8")}
+    assert any(quant.is_quantized(x) for x in jax.tree.leaves(engines["int8"].params, is_leaf=quant.is_quantized))
+    assert not any(quant.is_quantized(x) for x in jax.tree.leaves(engines["float32"].params, is_leaf=quant.is_quantized))
+    images = [image_bytes(a) for a in _images(4, 28, seed=1)]
+    tokens = {}
+    for name, engine in engines.items():
+        items = [Prompted(engine.pixels(im), engine.prompt_ids("prompt", "a photo of"), 8) for im in images]
+        tokens[name] = [engine.tokens(t) for t in engine.run(Decoding(1, 8, 1, 1.0), items)]
+    pairs = [(a, b) for t32, t8 in zip(tokens["float32"], tokens["int8"]) for a, b in
+             zip(t32 + [None] * (len(t8) - len(t32)), t8 + [None] * (len(t32) - len(t8)))]
+    agreement = np.mean([a == b for a, b in pairs])
+    print(f"server: int8 greedy caption tokens equal to float32's: {agreement:.1%} of {len(pairs)}")
+    assert sum(len(t) for t in tokens["float32"]) > 4 * 2  # the captions say something
+    assert agreement >= 0.9, tokens

@@ -5,7 +5,8 @@ into the Q-Former, a LAVIS stage-1 directory, a frozen tower for the train loop 
 shard on the loop's shardings), a stage-1 workdir into stage 2. One function, one set of checks:
 shapes, dtype kinds (a float tensor never lands in an integer leaf), the cast to the fresh leaf's
 dtype, the placement on its sharding, and one error that names every missing, unexpected and
-misshapen key together.
+misshapen key together. A target leaf that is a `models.quant.QuantizedArray` (int8 frozen towers,
+`model.frozen_dtype="int8"`) takes a float tensor, quantised on the host and placed on its shardings.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from blip2_jax.convert.hf_io import CheckpointError
+from blip2_jax.models import quant
 
 log = logging.getLogger(__name__)
 _POLICIES = ("error", "keep", "drop")
@@ -46,10 +48,18 @@ def _summary(paths) -> str:
 
 def _place(value, leaf):
     """`value` cast to `leaf`'s dtype, on `leaf`'s sharding when it has one (a jax.Array, or a
-    ShapeDtypeStruct that carries one), else as a jax array on the default device."""
+    ShapeDtypeStruct that carries one), else as a jax array on the default device; quantised like `leaf`
+    when that is a `QuantizedArray`."""
+    if quant.is_quantized(leaf):
+        return quant.place(value, leaf)
     value = np.asarray(value).astype(leaf.dtype) if not isinstance(value, jax.Array) else value.astype(leaf.dtype)
     sharding = getattr(leaf, "sharding", None)
     return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+
+
+def _is_float(leaf) -> bool:
+    """Whether `leaf` holds a float tensor (a quantised one does: it stands for float weights)."""
+    return quant.is_quantized(leaf) or jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
 def merge_params(fresh: Mapping, loaded: Mapping, *, source: str, missing: str = "error",
@@ -83,9 +93,9 @@ def merge_params(fresh: Mapping, loaded: Mapping, *, source: str, missing: str =
         if tuple(np.shape(value)) != tuple(leaf.shape):
             problems.append(f"{_name(path)}: shape {tuple(np.shape(value))} in the checkpoint, "
                             f"{tuple(leaf.shape)} in the model")
-        elif jnp.issubdtype(leaf.dtype, jnp.floating) != jnp.issubdtype(np.asarray(value).dtype, jnp.floating):
+        elif _is_float(leaf) != jnp.issubdtype(np.asarray(value).dtype, jnp.floating):
             problems.append(f"{_name(path)}: dtype {np.asarray(value).dtype} in the checkpoint, "
-                            f"{leaf.dtype} in the model")
+                            f"{'int8-quantised float' if quant.is_quantized(leaf) else leaf.dtype} in the model")
     if problems:
         raise CheckpointError(f"{source}: the checkpoint does not fit the model:\n  " + "\n  ".join(problems))
     if lacking:

@@ -29,19 +29,22 @@ def load_config_file(spec_str: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
-def load_model(path: str, *, train_config=None, tokenizer: str = "", frozen_dtype: str = "float32") -> Loaded:
-    """The model at `path` (HF BLIP-2 directory or workdir; see the module docstring)."""
+def load_model(path: str, *, train_config=None, tokenizer: str = "", frozen_dtype: str = "") -> Loaded:
+    """The model at `path` (HF BLIP-2 directory or workdir; see the module docstring), its frozen ViT and
+    LLM in `frozen_dtype`: "float32", "bfloat16" or "int8" (weight-only int8, bfloat16 compute,
+    `blip2_jax.models.quant`); "": float32 for an HF directory, the run's `model.frozen_dtype` for a workdir."""
     if not path:
         raise ValueError("config.model is empty: pass --config.model=PATH (an HF BLIP-2 directory or a workdir)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
-    dtype = spec.dtype(frozen_dtype, "frozen_dtype")
     if checkpoint.is_workdir(path):
-        return workdir.load(path, config=train_config, tokenizer_path=tokenizer)
+        dtype = spec.check_frozen_dtype(frozen_dtype, "frozen_dtype") if frozen_dtype else None
+        return workdir.load(path, config=train_config, frozen_dtype=dtype, tokenizer_path=tokenizer)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json and no checkpoints/: neither a Hugging Face BLIP-2 "
                                 "directory nor a workdir of this project")
-    model, params = from_pretrained(path, frozen_dtype=dtype)
+    name = spec.check_frozen_dtype(frozen_dtype or "float32", "frozen_dtype")
+    model, params = from_pretrained(path, frozen_dtype=name if name == spec.INT8 else spec.DTYPES[name])
     stage1 = model.config.text is None
     tok_dir = tokenizer or path
     tok = data_text.load_bert_tokenizer(tok_dir) if stage1 else data_text.load_tokenizer(tok_dir)

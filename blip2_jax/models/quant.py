@@ -12,12 +12,20 @@ What is quantised (`quantize_tree`): every matrix-like weight, i.e. leaves named
 `[in, out]`, stacked `[L, in, out]`: one scale per output channel; convolutions `[h, w, in, out]`: one
 per output channel) and `embedding` tables (`[V, D]`: one scale per row, so a lookup reads its own
 row's scale). Biases, norms, position and class embeddings stay as they are (they are small).
+
+Two ways a quantised tree is made:
+- from a float tree on the host (`quantize_tree`: `from_pretrained`; `place`: a checkpoint's float32
+  tensor quantised and put on the shardings of its abstract `QuantizedArray`, `convert.merge`);
+- inside an init function (`quantized_init`: the train loop's `model.frozen_dtype="int8"`), where the
+  leaves are still boxed with their logical axis names: the values keep the kernel's names, the scale
+  the same names with None on the reduced axes, so it is sharded like the output channels it scales.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,13 +76,20 @@ def _reduced_axes(name: str, ndim: int) -> tuple[int, ...] | None:
     return None
 
 
-def quantize(w, axes: tuple[int, ...]) -> QuantizedArray:
-    """Symmetric int8 quantisation of `w` with one scale per slice along the axes not in `axes`."""
-    w = np.asarray(w, np.float32)
-    amax = np.abs(w).max(axis=axes, keepdims=True)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    values = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+def quantize(w, axes: tuple[int, ...], xp=np) -> QuantizedArray:
+    """Symmetric int8 quantisation of `w` with one scale per slice along the axes not in `axes`
+    (`xp=jnp` inside a traced function, numpy on the host)."""
+    w = xp.asarray(w, xp.float32)
+    amax = xp.abs(w).max(axis=axes, keepdims=True)
+    scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
+    values = xp.clip(xp.rint(w / scale), -127, 127).astype(xp.int8)
     return QuantizedArray(values, scale)
+
+
+def scale_axes(q: QuantizedArray) -> tuple[int, ...]:
+    """The axes one scale of `q` spans (those of size 1 in its scale; reducing over a kept axis of size 1
+    too changes nothing)."""
+    return tuple(i for i, d in enumerate(np.shape(q.scale)) if d == 1)
 
 
 def quantize_tree(tree: dict) -> dict:
@@ -83,9 +98,43 @@ def quantize_tree(tree: dict) -> dict:
     flat = traverse_util.flatten_dict(tree)
     out = {}
     for path, leaf in flat.items():
-        axes = _reduced_axes(path[-1], np.ndim(leaf))
+        axes = None if is_quantized(leaf) else _reduced_axes(path[-1], np.ndim(leaf))
         out[path] = leaf if axes is None else quantize(jax.device_get(leaf), axes)
     return traverse_util.unflatten_dict(out)
+
+
+def quantized_init(init_fn: Callable[[jax.Array], dict]) -> Callable[[jax.Array], dict]:
+    """`init_fn` (`rng -> params`, leaves possibly boxed in flax `LogicallyPartitioned`) with its output's
+    matrix-like weights quantised as `quantize_tree` chooses them; pure and jittable, so the train loop
+    runs it under `eval_shape` (the abstract int8 tree and its logical axes) and `jit(out_shardings=...)`.
+    The scale's logical names are the kernel's with None on the reduced axes."""
+    def init(rng):
+        out = {}
+        for path, leaf in traverse_util.flatten_dict(init_fn(rng)).items():
+            boxed = isinstance(leaf, nn.Partitioned)
+            value = leaf.value if boxed else leaf
+            axes = _reduced_axes(path[-1], np.ndim(value))
+            if axes is None:
+                out[path] = leaf
+                continue
+            q = quantize(value, axes, xp=jnp)
+            if boxed:
+                scale_names = tuple(None if i in axes else n for i, n in enumerate(leaf.names))
+                q = QuantizedArray(leaf.replace(value=q.values), leaf.replace(value=q.scale, names=scale_names))
+            out[path] = q
+        return traverse_util.unflatten_dict(out)
+
+    return init
+
+
+def place(value, leaf: QuantizedArray) -> QuantizedArray:
+    """A float tensor (a checkpoint's, numpy) quantised on the host like `leaf` (an abstract or real
+    `QuantizedArray`: the same scale axes) and put on `leaf`'s shardings where its parts carry them.
+    Quantising from the checkpoint's float32 values, one tensor at a time, keeps the host's extra
+    memory to one tensor and the device's to the int8 tree."""
+    q = quantize(np.asarray(value, np.float32), scale_axes(leaf))
+    put = lambda x, like: jax.device_put(x, like.sharding) if getattr(like, "sharding", None) else jnp.asarray(x)  # noqa: E731
+    return QuantizedArray(put(q.values, leaf.values), put(q.scale, leaf.scale))
 
 
 def dequantize_tree(tree, dtype=jnp.float32):
@@ -109,6 +158,18 @@ def quantized_nbytes(tree) -> int:
 
 def is_quantized(leaf) -> bool:
     return isinstance(leaf, QuantizedArray)
+
+
+def as_dicts(tree):
+    """`tree` with each quantised leaf shown as `{"values": ..., "scale": ...}` (for listings that expect
+    arrays with a dtype, e.g. the train loop's parameter overview)."""
+    return jax.tree.map(lambda x: {"values": x.values, "scale": x.scale} if is_quantized(x) else x, tree,
+                        is_leaf=is_quantized)
+
+
+def param_count(tree) -> int:
+    """Parameters in `tree`, a quantised leaf counting as the weight it stands for (its scales not counted)."""
+    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree, is_leaf=is_quantized))
 
 
 def tree_nbytes(tree) -> int:

@@ -19,6 +19,7 @@ from blip2_jax import checkpoint, compilation_cache
 from blip2_jax.serve import settings as settings_lib
 from blip2_jax.serve.app import Service, bind, url_of, uvicorn_server
 from blip2_jax.serve.engine import load_engine
+from blip2_jax.spec import model as spec
 
 log = logging.getLogger("blip2_jax.serve")
 
@@ -28,8 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m blip2_jax.serve", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face BLIP-2 directory or a workdir of this project")
     p.add_argument("--tokenizer", default="", help="tokenizer directory (default: the model's)")
-    p.add_argument("--frozen_dtype", choices=("float32", "bfloat16"), default="",
-                   help="dtype of the frozen ViT and LLM (default: float32 for a directory, the run's for a workdir)")
+    p.add_argument("--frozen_dtype", choices=spec.FROZEN_DTYPES, default="",
+                   help="dtype of the frozen ViT and LLM (int8: weight-only int8 storage, bfloat16 compute; "
+                        "default: float32 for a directory, the run's for a workdir)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     p.add_argument("--max_batch", type=int, default=d.max_batch, help="largest batch (requests per model call)")

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from blip2_jax import checkpoint, workdir
+from blip2_jax import workdir
 from blip2_jax.data import image_ops
 from blip2_jax.data import text as data_text
 from blip2_jax.decoding import generate
@@ -38,7 +38,6 @@ from blip2_jax.models.blip2 import Blip2DecoderOnly
 from blip2_jax.processor import Blip2Processor, load_processor, pad_rows
 from blip2_jax.serve.inputs import Field, RequestError, decode_image
 from blip2_jax.serve.settings import Settings, bucket
-from blip2_jax.spec import model as spec
 
 log = logging.getLogger(__name__)
 
@@ -330,13 +329,10 @@ def _retrieval_result(item: Pair, image_feats: np.ndarray, text_feat: np.ndarray
 # -- loading ------------------------------------------------------------------------------------------
 def load_engine(path: str, settings: Settings, *, tokenizer: str = "", frozen_dtype: str = "") -> _Engine:
     """The engine for the model at `path` (a Hugging Face BLIP-2 directory or a workdir of this project):
-    generation for an OPT / FlanT5 model, retrieval for a stage-1 one. `frozen_dtype` ("float32" or
-    "bfloat16") is that of the frozen ViT and LLM; default: float32 for a directory, the run's for a workdir."""
-    if checkpoint.is_workdir(path):
-        dtype = spec.dtype(frozen_dtype, "frozen_dtype") if frozen_dtype else None
-        loaded = workdir.load(path, frozen_dtype=dtype, tokenizer_path=tokenizer)
-    else:
-        loaded = load_lib.load_model(path, tokenizer=tokenizer, frozen_dtype=frozen_dtype or "float32")
+    generation for an OPT / FlanT5 model, retrieval for a stage-1 one. `frozen_dtype` ("float32", "bfloat16"
+    or "int8": weight-only int8 matrices, bfloat16 compute) is that of the frozen ViT and LLM; default:
+    float32 for a directory, the run's for a workdir."""
+    loaded = load_lib.load_model(path, tokenizer=tokenizer, frozen_dtype=frozen_dtype)
     if loaded.llm:
         processor = load_processor(path, tokenizer_path=tokenizer or None)
         return GenerationEngine(loaded.model, loaded.params, processor, settings)

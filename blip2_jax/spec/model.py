@@ -12,7 +12,9 @@ Everything that needs "the model this config describes" comes here: the training
 - `init_fns(config, model)`: the two halves of `model.init` (trainable, frozen);
 - `run_keys(seed)`: the run's init / frozen / train keys (a random frozen tower is re-drawn from the
   frozen key by whoever needs it again: the train loop, a workdir reload);
-- `DTYPES` / `dtype(name)`: the dtype names configs may use.
+- `DTYPES` / `dtype(name)`: the dtype names configs may use; `FROZEN_DTYPES` / `frozen_compute_dtype`
+  / `is_int8`: those of `model.frozen_dtype`, which may also be "int8" (the frozen towers' matrices
+  stored as int8 with per-channel scales and run in bfloat16, `blip2_jax.models.quant`).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from blip2_jax.models.blip2 import Blip2Config, build_model, dummy_inputs
 from blip2_jax.models.blip2 import init_fns as split_init_fns
 from blip2_jax.models.decoder import FAMILIES, DecoderConfig, DecoderForCausalLM
 from blip2_jax.models.efficientnet import EfficientNetConfig
-from blip2_jax.models import layers
+from blip2_jax.models import layers, quant
 from blip2_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
 from blip2_jax.models.opt import OPTConfig, OPTForCausalLM
 from blip2_jax.models.qformer import QFormerConfig
@@ -42,6 +44,9 @@ from blip2_jax.models.vit import VisionConfig
 # The dtype names a config may give a tower: `layers.DTYPES` (the one table) without float16, which
 # FlanT5 and the frozen towers do not tolerate.
 DTYPES = {name: layers.DTYPES[name] for name in ("float32", "bfloat16")}
+# `model.frozen_dtype` may also be "int8": weight-only int8 storage, bfloat16 compute (`models.quant`).
+INT8 = "int8"
+FROZEN_DTYPES = (*DTYPES, INT8)
 TASKS = ("stage1", "stage2", "text_lm")
 LLMS = ("opt", "t5", *FAMILIES)  # `model.llm`: the LLM's HF model_type (stage 2)
 TEXT_LM_LLMS = ("opt", "llama", "t5")  # the demo's text LM
@@ -52,6 +57,23 @@ def dtype(name: str, field: str = "model.frozen_dtype"):
     if name not in DTYPES:
         raise ValueError(f"config.{field}={name!r}: expected one of {tuple(DTYPES)}")
     return DTYPES[name]
+
+
+def check_frozen_dtype(name: str, field: str = "model.frozen_dtype") -> str:
+    """`name` if it is a frozen-tower dtype name (`FROZEN_DTYPES`); the error names the field and the choices."""
+    if name not in FROZEN_DTYPES:
+        raise ValueError(f"config.{field}={name!r}: expected one of {FROZEN_DTYPES}")
+    return name
+
+
+def frozen_compute_dtype(name: str, field: str = "model.frozen_dtype"):
+    """The jnp dtype the frozen towers run (and keep their unquantised leaves) in: bfloat16 for "int8"."""
+    return DTYPES["bfloat16"] if check_frozen_dtype(name, field) == INT8 else DTYPES[name]
+
+
+def is_int8(config) -> bool:
+    """Whether `config`'s frozen towers are int8 weight-only quantised (`model.frozen_dtype="int8"`)."""
+    return config.model.get("frozen_dtype", "") == INT8
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -113,8 +135,13 @@ def frozen_keys(config) -> tuple[str, ...]:
 
 
 def init_fns(config, model: nn.Module):
-    """`(init_trainable, init_frozen)`: pure `rng -> params` halves of `model.init` for this config."""
-    return split_init_fns(model, dummy_inputs(model), frozen_keys=frozen_keys(config))
+    """`(init_trainable, init_frozen)`: pure `rng -> params` halves of `model.init` for this config. With
+    `model.frozen_dtype="int8"`, `init_frozen` gives the frozen towers' matrices int8-quantised (drawn
+    in bfloat16, then quantised: `quant.quantized_init`), the shape every frozen tree of the run has."""
+    init_trainable, init_frozen = split_init_fns(model, dummy_inputs(model), frozen_keys=frozen_keys(config))
+    if is_int8(config) and frozen_keys(config):
+        init_frozen = quant.quantized_init(init_frozen)
+    return init_trainable, init_frozen
 
 
 # -- model configs ------------------------------------------------------------------------------
@@ -137,7 +164,7 @@ def _vision(config) -> VisionConfig | EfficientNetConfig:
     """The frozen image encoder's config: a ViT (`model.vision.style` "eva" / "clip") or EfficientNet-Lite0
     (`style="efficientnet_lite0"`, with only `image_size` and `with_head` to choose)."""
     m = config.model
-    vision_dtype = jnp.float32 if m.train_vision else dtype(m.frozen_dtype)  # a trained ViT: float32
+    vision_dtype = jnp.float32 if m.train_vision else frozen_compute_dtype(m.frozen_dtype)  # a trained ViT: float32
     fields = dict(m.vision.items())
     if fields.get("style") == EfficientNetConfig.style:
         if m.train_vision:  # its BatchNorm statistics are fixed: fine-tuning it needs a train mode
@@ -178,7 +205,7 @@ def text_config(config):
     config.json (and which weights the file holds: an `lm_head.weight` unties the head), else from
     `model.text` (HF names)."""
     m = config.model
-    frozen = dtype(m.frozen_dtype)
+    frozen = frozen_compute_dtype(m.frozen_dtype)
     path = config.init.llm_checkpoint
     if path:
         hf = read_hf_config(path)

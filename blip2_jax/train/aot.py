@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from blip2_jax import decoding, sharding
+from blip2_jax.models import quant
 from blip2_jax.spec import model as spec
 from blip2_jax.train import loop, optimizer
 
@@ -26,11 +27,13 @@ DECODE_PROMPT_TOKENS = 8
 
 
 def count(tree: Any) -> int:
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+    """Parameters in `tree` (an int8 matrix of `model.frozen_dtype="int8"` counts as its weights)."""
+    return quant.param_count(tree)
 
 
 def per_device_bytes(tree: Any) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs / arrays (its shard of each leaf)."""
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs / arrays (its shard of each leaf; an
+    int8 matrix: its int8 values and float32 scales)."""
     return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
                    for x in jax.tree.leaves(tree)))
 

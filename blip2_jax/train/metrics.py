@@ -16,6 +16,8 @@ from typing import Any, Mapping, Optional
 import jax
 from clu import parameter_overview
 
+from blip2_jax.models import quant
+
 
 def _to_float(value: Any) -> float:
     return float(value)
@@ -63,7 +65,7 @@ PARAMETER_OVERVIEW = "parameter_overview.txt"
 def write_parameter_overview(workdir: str, trainable: Any, frozen: Any) -> str:
     """Write `workdir/parameter_overview.txt` (process 0): every trainable and frozen parameter's name,
     shape and dtype, and the totals (clu's parameter overview). Returns the one-line summary."""
-    count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
+    count = quant.param_count  # an int8 frozen matrix counts as its weights (its scales not counted)
     summary = f"parameters: {count(trainable):,} trainable, {count(frozen):,} frozen"
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -72,7 +74,8 @@ def write_parameter_overview(workdir: str, trainable: Any, frozen: Any) -> str:
             f.write(parameter_overview.get_parameter_overview(trainable, include_stats=False))
             if jax.tree.leaves(frozen):
                 f.write("\n\n# frozen\n")
-                f.write(parameter_overview.get_parameter_overview(frozen, include_stats=False))
+                # an int8 matrix is listed as its `values` (int8) and `scale` (float32) arrays
+                f.write(parameter_overview.get_parameter_overview(quant.as_dicts(frozen), include_stats=False))
             f.write("\n")
     return summary
 
