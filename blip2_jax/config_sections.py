@@ -29,6 +29,8 @@ EFFNET_DEMO_DATA = "demo_data/shapes4"  # python -m blip2_jax.data.shapes --out 
 EFFNET_DEMO_WEIGHTS = "demo_data/efficientnet_lite0"  # python -m blip2_jax.convert.efficientnet --out ...
 
 
+SOURCE_WEIGHTINGS = ("weights", "sqrt_size")  # data.source_weighting: how train sources mix
+
 def loop_config() -> ml_collections.ConfigDict:
     """Every field the loop reads, with its default. Stage configs start from this and add sections.
 
@@ -114,6 +116,10 @@ def data_config() -> ml_collections.ConfigDict:
     # train.batch_size itself (a FieldReference: `experiment_config`), so there is one batch size.
     c.global_batch_size = 32
     c.shuffle = True                # global shuffle of each source (reshuffled every epoch)
+    # How sources mix: "weights" - in proportion to each source's `weight`; "sqrt_size" - InstructBLIP's
+    # size-balanced sampling (Dai et al. 2023, sec. 3.3): in proportion to sqrt(records) x `weight` (the
+    # paper's manual adjustments), so small datasets are not drowned and large ones not overfitted.
+    c.source_weighting = "weights"  # one of SOURCE_WEIGHTINGS
     # Images.
     c.image_size = 224              # output H = W (224 pretrain, 364 caption fine-tuning, ...)
     c.min_scale = 0.5               # RandomResizedCrop area scale range (LAVIS: 0.5 - 1.0)

@@ -145,6 +145,17 @@ def frozen_dtype_errors(config: Any) -> list[str]:
     return []
 
 
+def data_errors(config: Any) -> list[str]:
+    """Checks of the data section that would otherwise fail only once the input pipeline is built."""
+    data = config.get("data")
+    if data is None or "source_weighting" not in data:
+        return []
+    if data.source_weighting not in config_sections.SOURCE_WEIGHTINGS:
+        return [f"data.source_weighting={data.source_weighting!r}: expected one of "
+                f"{config_sections.SOURCE_WEIGHTINGS}"]
+    return []
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
              defaults: Optional[ml_collections.ConfigDict] = None) -> None:
     """Raises ConfigError naming every bad field of the loop's sections.
@@ -161,6 +172,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     defaults = config_sections.loop_config() if defaults is None else defaults
     errors = schema_errors(config, defaults, sections=LOOP_SECTIONS)
     if not errors:
-        errors = semantic_errors(config, num_devices or None) + frozen_dtype_errors(config)
+        errors = semantic_errors(config, num_devices or None) + frozen_dtype_errors(config) + data_errors(config)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

@@ -178,6 +178,7 @@ def _instruction_tuning(c: ml_collections.ConfigDict) -> None:
     c.data.qformer_tokenizer_path = "checkpoints/bert-base-uncased"
     c.data.max_text_len = 64
     c.data.max_instruction_len = 64
+    c.data.source_weighting = "sqrt_size"  # InstructBLIP's size-balanced sampling once sources are added
     c.data.train_sources = ml_collections.ConfigDict()
     c.data.train_sources.coco = sections.source_config("data/coco", prefix="coco_karpathy_train")
     c.optimizer.b2 = 0.999
@@ -204,6 +205,7 @@ def _caption_finetune(c: ml_collections.ConfigDict) -> None:
     c.data.image_size = 364
     c.data.text_mode = "opt"
     c.data.prompt = "a photo of "
+    c.data.source_weighting = "sqrt_size"  # InstructBLIP's size-balanced sampling once sources are added
     c.data.train_sources = ml_collections.ConfigDict()
     c.data.train_sources.coco = sections.source_config("data/coco", prefix="coco_karpathy_train")
     c.optimizer.peak_lr = 1e-5

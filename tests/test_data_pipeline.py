@@ -272,3 +272,19 @@ def test_caption_iterator_blocks_and_state_reshard():
     legacy = make(0, 1)
     legacy.set_state({"index": 8})  # the state's name before it re-sharded
     _same_batches(_global([legacy], 3), expected[2:])
+
+
+def test_size_balanced_mixing_weights_sources_by_the_square_root_of_their_size(data):
+    """`data.source_weighting="sqrt_size"` (InstructBLIP's size-balanced sampling): sources a (12 records) and
+    b (4 records) at equal `weight` mix as sqrt(12) : sqrt(4), and `weight` still scales each source."""
+    cfg = _config(data, {"a": 1.0, "b": 1.0}, global_batch_size=8, source_weighting="sqrt_size")
+    assert pipeline.mixture_weights(cfg, [("a", 12), ("b", 4)]) == pytest.approx([12 ** 0.5, 2.0])
+    cfg.train_sources.b.weight = 3.0
+    assert pipeline.mixture_weights(cfg, [("a", 12), ("b", 4)]) == pytest.approx([12 ** 0.5, 6.0])
+    cfg.train_sources.b.weight = 1.0
+    ids = _rows(_take(pipeline.make_train_iterator(cfg, seed=0, process_index=0, process_count=1), 8), "image_id")
+    share_b = float((ids >= 12).mean())  # b's ids are 12..15
+    assert share_b == pytest.approx(2 / (2 + 12 ** 0.5), abs=0.08)  # 0.366 of 64 elements
+    cfg.source_weighting = "sizes"
+    with pytest.raises(ValueError, match="data.source_weighting='sizes'"):
+        pipeline.mixture_weights(cfg, [("a", 12), ("b", 4)])

@@ -57,6 +57,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from blip2_jax import config_sections
 from blip2_jax.data import image_ops, records, text
 
 TEXT_MODES = ("stage1", "opt", "t5_prefix", "t5_prompt")
@@ -382,6 +383,19 @@ def _image_kwargs(config) -> dict:
                 mean=tuple(config.image_mean), std=tuple(config.image_std))
 
 
+def mixture_weights(config, sizes: list[tuple[str, int]]) -> list[float]:
+    """Each train source's (unnormalised) mixing weight, in `sizes`' order ((name, records) pairs):
+    `weight`, or with `source_weighting="sqrt_size"` sqrt(records) x `weight` (InstructBLIP's size-balanced
+    sampling with its manual adjustment factor)."""
+    how = config.get("source_weighting", "weights")
+    if how not in config_sections.SOURCE_WEIGHTINGS:
+        raise ValueError(f"data.source_weighting={how!r}: expected one of {config_sections.SOURCE_WEIGHTINGS}")
+    weights = [float(config.train_sources[name].weight) for name, _ in sizes]
+    if how == "sqrt_size":
+        weights = [w * math.sqrt(n) for w, (_, n) in zip(weights, sizes)]
+    return weights
+
+
 def make_train_dataset(config, *, seed: int, process_index: int | None = None,
                        process_count: int | None = None, start: int = 0) -> grain.IterDataset:
     """The grain IterDataset behind `make_train_iterator` (batches still carry drop counters): this
@@ -403,7 +417,7 @@ def make_train_dataset(config, *, seed: int, process_index: int | None = None,
         if config.shuffle:
             ds = ds.shuffle(seed=_seed_for(seed, 1, k))
         datasets.append(ds.repeat())
-    weights = [float(config.train_sources[name].weight) for name, _, _ in opened]
+    weights = mixture_weights(config, [(name, len(src)) for name, src, _ in opened])
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
     transform = _TrainTransform(tuple(p for _, _, p in opened), make_text_encoder(config),
                                 _image_kwargs(config), config.image_size, config.max_words,
