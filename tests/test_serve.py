@@ -415,3 +415,39 @@ def test_t5_captions_equal_generate_alone_and_batched(tmp_path):
         assert [r[1]["caption"] for r in results] == want
     finally:
         running.stop()
+
+
+# -- InstructBLIP ------------------------------------------------------------------------------------------
+def test_instructblip_captions_and_answers_equal_generate_with_the_instruction(tmp_path):
+    """An InstructBLIP (LLaMA): the prompt (or the VQA prompt) is also the Q-Former's instruction, `[CLS] [SEP]`
+    without one, as the caption CLI; results equal `generate` called directly with those instructions."""
+    from tests.test_caption_kinds import PROMPT, _save
+
+    path = str(tmp_path / "model")
+    _save("instructblip-llama", path)
+    settings = dataclasses.replace(SETTINGS, batch_sizes=(2,), prompt_lens=(48,), num_beams=(1,))
+    running = start_in_thread(Service(load_engine(path, settings), settings))
+    try:
+        assert wait_ready(running.url)["instruction_aware"] is True
+        captions = concurrently(running.url, "/caption", [{"image": b64(png(40)), "prompt": PROMPT},
+                                                          {"image": b64(png(41))}])
+        answer = post(running.url, "/vqa", {"image": b64(png(42)), "question": "what colour is the square"})
+    finally:
+        running.stop()
+    model, params = blip2_jax.from_pretrained(path)
+    processor = blip2_jax.load_processor(path)
+
+    def direct(image, text):
+        ids = mask = None
+        if text is not None:
+            ids, mask = processor.tokenize([text])
+        q_ids, q_mask = processor.tokenize_instruction([text or ""])
+        out = blip2_jax.generate(model, params, processor.preprocess([Image.open(io.BytesIO(image))]), ids, mask,
+                                 max_new_tokens=8, min_new_tokens=1, qformer_input_ids=q_ids,
+                                 qformer_attention_mask=q_mask)
+        return processor.decode(np.asarray(out))[0]
+
+    assert [c[0] for c in captions] == [200, 200], captions
+    assert [c[1]["caption"] for c in captions] == [direct(png(40), PROMPT), direct(png(41), None)]
+    question = VQA_PROMPT.format(blip_question("what colour is the square"))
+    assert answer[:2] == (200, {"answer": direct(png(42), question)})

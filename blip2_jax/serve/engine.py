@@ -126,12 +126,14 @@ class Decoding:
 
 @dataclasses.dataclass(eq=False)
 class Prompted:
-    """One generation request: its image, its prompt's token ids (special tokens included, unpadded)
-    and how many new tokens it wants."""
+    """One generation request: its image, its prompt's token ids (special tokens included, unpadded),
+    how many new tokens it wants, and for InstructBLIP the same text as the Q-Former's instruction
+    (`[CLS] ... [SEP]` in its BERT vocabulary, unpadded)."""
 
     pixels: np.ndarray
     ids: list
     max_new_tokens: int
+    instruction: Optional[list] = None
 
 
 class GenerationEngine(_Engine):
@@ -148,6 +150,11 @@ class GenerationEngine(_Engine):
         # (as `generate`).
         self.empty_prompt = [text.bos_token_id] if self.llm == "decoder" else []
         self.pad_id = processor.pad_token_id  # EOS for LLaMA-style tokenizers without a pad token
+        # InstructBLIP: the prompt is also the Q-Former's instruction, padded to one width (the longest prompt
+        # bucket + [CLS] and [SEP], within the Q-Former's positions) so that it adds no bucket dimension.
+        self.instruction_width = 0
+        if processor.instruction_aware:
+            self.instruction_width = min(max(settings.prompt_lens) + 2, model.config.qformer.max_position_embeddings)
         if self.llm == "decoder":
             longest = model.config.num_query_tokens + max(settings.prompt_lens) + max(settings.max_new_tokens)
             if longest > text.max_position_embeddings:
@@ -163,21 +170,33 @@ class GenerationEngine(_Engine):
     def warm(self, shape: tuple) -> None:
         b, t, k, n = shape
         filler = [self.pad_id if self.llm == "t5" else self.empty_prompt[0]] * t
-        self.run(Decoding(k, n, 1, 1.0), [Prompted(self.blank_pixels(), filler, n)] * b)
+        instruction = self.instruction_ids("prompt", "") if self.instruction_width else None
+        self.run(Decoding(k, n, 1, 1.0), [Prompted(self.blank_pixels(), filler, n, instruction)] * b)
 
     def prepare(self, route: str, fields: dict) -> tuple[Decoding, Prompted]:
         decoding, max_new = self.decoding(route, fields)
         if route == "caption":
-            prompt = fields.get("prompt")
-            if prompt is None:
+            name, text = "prompt", fields.get("prompt")
+            if text is None:
                 ids = self.empty_prompt
             else:
-                ids = self.prompt_ids("prompt", self.check_text("prompt", prompt, ": leave it out to caption "
-                                                                                  "without a prompt"))
+                text = self.check_text("prompt", text, ": leave it out to caption without a prompt")
+                ids = self.prompt_ids("prompt", text)
         else:
             question = data_text.blip_question(self.check_text("question", fields["question"]))
-            ids = self.prompt_ids("question", self.settings.vqa_prompt.format(self.check_text("question", question)))
-        return decoding, Prompted(self.pixels(fields["image"]), ids, max_new)
+            name, text = "question", self.settings.vqa_prompt.format(self.check_text("question", question))
+            ids = self.prompt_ids("question", text)
+        instruction = self.instruction_ids(name, text or "") if self.instruction_width else None
+        return decoding, Prompted(self.pixels(fields["image"]), ids, max_new, instruction)
+
+    def instruction_ids(self, name: str, text: str) -> list[int]:
+        """InstructBLIP's Q-Former instruction for `text` (an empty one is `[CLS] [SEP]`, as the caption CLI)."""
+        with self._tokenizer_lock:
+            ids = list(self.processor.qformer_tokenizer(text, add_special_tokens=True)["input_ids"])
+        if len(ids) > self.instruction_width:
+            raise RequestError(400, f"field {name!r} is too long: it is {len(ids)} WordPieces in the Q-Former's "
+                                    f"vocabulary, more than this server's {self.instruction_width}")
+        return ids
 
     def decoding(self, route: str, fields: dict) -> tuple[Decoding, int]:
         """The request's decoding settings within the compiled ones, and its `max_new_tokens`."""
@@ -218,9 +237,14 @@ class GenerationEngine(_Engine):
         rows = fill_batch(list(items), bucket(len(items), s.batch_sizes))
         width = bucket(max(len(r.ids) for r in rows), s.prompt_lens)
         ids, mask = pad_rows([r.ids for r in rows], width, self.pad_id, self.processor.padding_side)
+        instruction = {}
+        if self.instruction_width:
+            q_pad = self.processor.qformer_tokenizer.pad_token_id or 0
+            q_ids, q_mask = pad_rows([r.instruction for r in rows], self.instruction_width, q_pad, "right")
+            instruction = {"qformer_input_ids": q_ids, "qformer_attention_mask": q_mask}
         out = generate(self.model, self.params, np.stack([r.pixels for r in rows]), ids, mask,
                        max_new_tokens=key.budget, num_beams=key.num_beams, min_new_tokens=key.min_new_tokens,
-                       length_penalty=key.length_penalty, repetition_penalty=s.repetition_penalty)
+                       length_penalty=key.length_penalty, repetition_penalty=s.repetition_penalty, **instruction)
         out = np.asarray(out)
         return [self.processor.decode(out[i:i + 1, :item.max_new_tokens])[0] for i, item in enumerate(items)]
 
@@ -232,6 +256,7 @@ class GenerationEngine(_Engine):
         return {**super().describe(), "llm": workdir.llm_kind(self.model), "prompt_lens": list(s.prompt_lens),
                 "num_beams": list(s.num_beams), "max_new_tokens": list(s.max_new_tokens),
                 "repetition_penalty": s.repetition_penalty, "vqa_prompt": s.vqa_prompt,
+                "instruction_aware": bool(self.instruction_width),
                 "per_request": ["prompt/question", "num_beams", "max_new_tokens", "min_new_tokens", "length_penalty"]}
 
 
