@@ -133,3 +133,17 @@ def test_instruction_records_from_jsonl_through_the_pipeline(tmp_path):
         prompt = tok.decode(batch["input_ids"][i][batch["labels"][i] == -100][:int(np.argmax(batch["labels"][i] != -100))],
                             skip_special_tokens=True)
         assert question in prompt.lower(), prompt
+
+    # Visual question generation on the same records (InstructBLIP's third held-in task): the instruction
+    # holds the answer, the target is the question.
+    c.instruction_task = "vqg"
+    batch = next(pipeline.make_train_iterator(c, seed=0, process_index=0, process_count=1))
+    questions = {"red": "what colour is the left square?", "blue": "what colour is the right square?",
+                 "two": "how many squares?"}
+    for i in range(4):
+        labels = batch["labels"][i]
+        prompt = tok.decode(batch["input_ids"][i][:int(np.argmax(labels != -100))], skip_special_tokens=True)
+        answer = next(a for a in questions if f"{a}" in prompt.split("answer")[-1])
+        target = tok.decode([t for t in labels if t != -100])
+        assert target == f" {text.blip_question(questions[answer])}\n", (prompt, target)
+        assert any(t.format(answer=answer) == prompt.strip() for t in instructions.TEMPLATES["vqg"]), prompt

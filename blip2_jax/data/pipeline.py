@@ -174,9 +174,9 @@ class _TrainTransform(grain.transforms.RandomMap):
             else:
                 k = min(self.caption_index, len(captions) - 1)
             caption = text.clean_caption(captions[k], self.max_words)
-            if questions:  # an instruction record: the answer to question k (data.instruction_task "vqa")
+            if questions:  # an instruction record: question k and its answer (instruction_task "vqa" / "vqg")
                 if not isinstance(self.text_encoder, text.InstructText):
-                    raise ValueError("an instruction record (questions) needs data.instruction_task = 'vqa'")
+                    raise ValueError("an instruction record (questions) needs data.instruction_task = 'vqa' or 'vqg'")
                 tokens = self.text_encoder(caption, rng, question=text.blip_question(questions[k], self.max_words))
             else:
                 tokens = self.text_encoder(caption, rng)

@@ -204,11 +204,18 @@ class T5Text:
 class InstructText:
     """Caption -> the LLM's tokens (`OPTText` / `T5Text` in prompt mode) with an InstructBLIP instruction of
     `task` as the prompt, drawn per example from `data/instructions.py`, plus that instruction for the
-    Q-Former: `qformer_input_ids` / `qformer_attention_mask` (`[CLS] instruction [SEP]`, padded to `max_len`)."""
+    Q-Former: `qformer_input_ids` / `qformer_attention_mask` (`[CLS] instruction [SEP]`, padded to `max_len`).
+
+    Tasks: "caption" (caption records; the target is the caption), "vqa" (instruction records; the target is
+    the answer, the instruction holds the question), "vqg" (visual question generation on the same records,
+    InstructBLIP's third held-in task: the instruction holds the answer, the target is the question)."""
+
+    TASKS = ("caption", "vqa", "vqg")
+    QUESTION_TASKS = ("vqa", "vqg")  # read instruction records (a question per caption)
 
     def __init__(self, llm_text, qformer_tokenizer, task: str = "caption", max_len: int = 32):
-        if task not in ("caption", "vqa"):
-            raise ValueError(f"data.instruction_task={task!r}: expected 'caption' (caption records) or 'vqa' "
+        if task not in self.TASKS:
+            raise ValueError(f"data.instruction_task={task!r}: expected 'caption' (caption records), 'vqa' or 'vqg' "
                              "(instruction records of question and answer, `data.build table --question_key`)")
         self.llm_text, self.qformer_tokenizer, self.task, self.max_len = llm_text, qformer_tokenizer, task, max_len
         # A decoder-only LLM reads `instruction caption`. The space goes in front of the caption, not after the
@@ -217,15 +224,19 @@ class InstructText:
         self.separator = " " if isinstance(llm_text, OPTText) else ""
 
     def __call__(self, caption: str, rng: np.random.Generator | None = None, question: str | None = None) -> dict:
-        """`caption`: the target (a caption, or the answer to `question` for task "vqa")."""
+        """`caption`: a caption, or the answer to `question` (tasks "vqa" and "vqg")."""
         if rng is None:
             raise ValueError("InstructText draws its instruction from an rng")
-        if (question is not None) != (self.task == "vqa"):
+        if (question is not None) != (self.task in self.QUESTION_TASKS):
             raise ValueError(f"instruction task {self.task!r} got {'a' if question is not None else 'no'} question: "
-                             "vqa needs instruction records (questions), caption needs caption records")
-        fields = {"question": question} if question is not None else {}
+                             "vqa and vqg need instruction records (questions), caption needs caption records")
+        target, fields = caption, {}
+        if self.task == "vqa":
+            fields = {"question": question}
+        elif self.task == "vqg":
+            target, fields = question, {"answer": caption}
         instruction = instructions.instruction(self.task, rng, **fields)
-        out = self.llm_text(self.separator + caption, rng, prompt=instruction)
+        out = self.llm_text(self.separator + target, rng, prompt=instruction)
         enc = self.qformer_tokenizer(instruction, padding="max_length", truncation=True, max_length=self.max_len)
         out["qformer_input_ids"] = np.asarray(enc["input_ids"], np.int32)
         out["qformer_attention_mask"] = np.asarray(enc["attention_mask"], np.int32)

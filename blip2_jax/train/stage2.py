@@ -98,6 +98,9 @@ def make_task(config, mesh) -> Task:
     llm_dropout, train_vision = bool(config.model.llm_dropout), bool(config.model.train_vision)
     evaluate = None
     if config.get("eval") is not None and config.eval.source.path:
+        if config.data.get("instruction_task", "") == "vqg":
+            raise ValueError("config.data.instruction_task='vqg' has no held-out evaluation: set "
+                             "config.eval.source.path='' (or evaluate the model on a caption or vqa split)")
         # VQA instruction records: held-out answer accuracy against the majority answer; else captioning.
         make_evaluator = (instruct_vqa.evaluator if config.data.get("instruction_task", "") == "vqa"
                           else caption_eval.evaluator)
