@@ -47,31 +47,9 @@ mkdir -p "$WORK"
 "$PY" -m blip2_jax.data.shapes --out "$DATA" --num_heldout 100 --if_changed
 [ -f "$WEIGHTS/model.safetensors" ] || "$PY" -m blip2_jax.convert.efficientnet --out "$WEIGHTS"
 
-# show_progress LOG: appends stdin to LOG and copies it to stderr, less absl's INFO lines ("I1201 ...").
-# Ctrl-C and SIGTERM are ignored here so that the stage, which checkpoints before it stops on either,
-# can still write its last lines; the copy ends when the stage closes its stderr.
-show_progress() {
-  trap '' INT TERM
-  tee -a "$1" | { grep --line-buffered -Ev '^I[0-9]{4} ' >&2 || true; }
-}
-
-# run_stage NAME CONFIG [FLAGS...]: trains one stage into $WORK/NAME; its final JSON line goes to $WORK/NAME.json.
-run_stage() {
-  local name=$1 config=$2 start
-  shift 2
-  [ -z "$SEED" ] || set -- --config.seed="$SEED" "$@"
-  start=$(date +%s)
-  echo "== $name: python -m blip2_jax.main --config=$config --workdir=$WORK/$name $* (log: $WORK/$name.log)"
-  echo "== $(date '+%F %T') python -m blip2_jax.main --config=$config --workdir=$WORK/$name $*" >>"$WORK/$name.log"
-  # stdout (the final JSON line) to $WORK/NAME.out; stderr (progress) to the log and the terminal.
-  if ! "$PY" -m blip2_jax.main --config="$config" --workdir="$WORK/$name" "$@" \
-      2>&1 >"$WORK/$name.out" | (show_progress "$WORK/$name.log"); then
-    echo "$name failed (its log: $WORK/$name.log)" >&2
-    exit 1
-  fi
-  tail -n 1 "$WORK/$name.out" >"$WORK/$name.json"
-  echo "== $name done in $(( $(date +%s) - start )) s"
-}
+# show_progress and run_stage NAME CONFIG [FLAGS...] (each stage into $WORK/NAME, its final JSON line in
+# $WORK/NAME.json).
+source launch/stages.sh  # (the script runs from the repository root)
 
 # zero_shot: the stage-1 model classifies held-out scenes by shape and by colour (prompt ensembles of
 # caption fragments in the demo's vocabulary); one JSON line with top-1 and chance for each.

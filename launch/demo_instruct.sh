@@ -34,28 +34,8 @@ mkdir -p "$WORK"
 # Squares only: the random frozen ViT reads colour, size and position, not shape (blip2_jax/data/shapes.py).
 "$PY" -m blip2_jax.data.shapes_vqa --out "$DATA" --shapes square --if_changed
 
-# show_progress LOG: appends stdin to LOG and copies it to stderr, less absl's INFO lines (as demo.sh).
-show_progress() {
-  trap '' INT TERM
-  tee -a "$1" | { grep --line-buffered -Ev '^I[0-9]{4} ' >&2 || true; }
-}
-
-# run_stage NAME CONFIG [FLAGS...]: trains one stage into $WORK/NAME; its final JSON line goes to $WORK/NAME.json.
-run_stage() {
-  local name=$1 config=$2 start
-  shift 2
-  [ -z "$SEED" ] || set -- --config.seed="$SEED" "$@"
-  start=$(date +%s)
-  echo "== $name: python -m blip2_jax.main --config=$config --workdir=$WORK/$name $* (log: $WORK/$name.log)"
-  echo "== $(date '+%F %T') python -m blip2_jax.main --config=$config --workdir=$WORK/$name $*" >>"$WORK/$name.log"
-  if ! "$PY" -m blip2_jax.main --config="$config" --workdir="$WORK/$name" "$@" \
-      2>&1 >"$WORK/$name.out" | (show_progress "$WORK/$name.log"); then
-    echo "$name failed (its log: $WORK/$name.log)" >&2
-    exit 1
-  fi
-  tail -n 1 "$WORK/$name.out" >"$WORK/$name.json"
-  echo "== $name done in $(( $(date +%s) - start )) s"
-}
+# show_progress and run_stage NAME CONFIG [FLAGS...], as launch/demo.sh.
+source launch/stages.sh  # (the script runs from the repository root)
 
 run_stage demo_instruct_text_lm_llama configs/text_lm.py:demo_instruct_llama
 run_stage demo_instruct configs/stage2.py:demo_instruct \

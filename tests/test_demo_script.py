@@ -27,7 +27,8 @@ echo "{\"stage\": \"$name\"}"
 def _repo(tmp_path):
     os.makedirs(tmp_path / "launch")
     os.makedirs(tmp_path / ".venv" / "bin")
-    shutil.copy(os.path.join(ROOT, "launch", "demo.sh"), tmp_path / "launch" / "demo.sh")
+    for script in ("demo.sh", "stages.sh"):
+        shutil.copy(os.path.join(ROOT, "launch", script), tmp_path / "launch" / script)
     (tmp_path / "launch" / "setup.sh").write_text("exit 0\n")
     (tmp_path / ".venv" / "bin" / "python").write_text(STUB)
     os.chmod(tmp_path / ".venv" / "bin" / "python", 0o755)
