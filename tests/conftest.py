@@ -155,15 +155,3 @@ def toy_reference(tmp_path_factory):
         out = loop.train(toy.config(), toy.make_task(), toy.data_factory(), str(workdir), devices=jax.devices()[:1])
     return workdir, out
 
-
-# The slowest test files first. `launch/test.sh` runs two pytest-xdist workers that take one file at a time
-# in collection order; a long file collected late (test_multiprocess.py took 8 of the suite's 22 minutes)
-# would run alone at the end while the other worker idles.
-SLOWEST_FILES_FIRST = ("test_multiprocess.py", "test_scan_layers.py", "test_stage1.py", "test_paper_scale.py",
-                       "test_efficientnet.py", "test_instruct_demo.py", "test_instruction_tuning.py",
-                       "test_stage2.py", "test_stage2_demo.py", "test_benchmarks.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
