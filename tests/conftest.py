@@ -154,4 +154,3 @@ def toy_reference(tmp_path_factory):
     with toy.persistent_compile_cache(tmp_path_factory):
         out = loop.train(toy.config(), toy.make_task(), toy.data_factory(), str(workdir), devices=jax.devices()[:1])
     return workdir, out
-
