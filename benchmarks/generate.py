@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import harness  # noqa: E402
-from benchmarks.harness import spread_weights_  # noqa: E402,F401  (benchmarks/serve.py imports it from here)
+from benchmarks.harness import spread_weights_  # noqa: E402
 
 
 def build_hf(seed: int = 0, vocab: int = 8192):

@@ -65,7 +65,7 @@ def build_model(size: str, out_dir: str) -> None:
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
 
-    from benchmarks.generate import spread_weights_
+    from benchmarks.harness import spread_weights_
     from blip2_jax.data.testing import make_tiny_opt_tokenizer
 
     tok = make_tiny_opt_tokenizer(out_dir)
