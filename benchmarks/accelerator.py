@@ -102,10 +102,8 @@ def random_inputs(config, task, step: aot.TrainStep, mesh):
     rules = sharding.axis_rules(tuple(config.mesh.axis_rules))
     init_key, frozen_key, train_key = spec.run_keys(config.seed)
     tx, _ = optimizer.make_optimizer(config.optimizer, config.train.total_steps)
-    params, _ = sharding.create_sharded(task.init_trainable, init_key, mesh, rules)
-    state = {"step": np.zeros((), np.int32), "params": params, "opt_state": jax.jit(tx.init)(params),
-             "rng": np.asarray(train_key)}
-    state = jax.device_put(state, jax.tree.map(lambda s: s.sharding, step.state))
+    state = loop._fresh_state(task, tx, init_key, train_key, mesh, rules,  # the loop's own fresh start
+                              jax.tree.map(lambda s: s.sharding, step.state))
     frozen = loop.make_frozen(task, frozen_key, mesh, rules)
     rng = np.random.default_rng(0)
     vocab = text_vocab_size(config)  # the step's cost does not depend on which ids
