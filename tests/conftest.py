@@ -1,16 +1,28 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere; the data, tokenizers, tiny
 models and runs several test modules share, each built once per session (tests/helpers.py has the shared
 helper functions, tests/tiny_configs.py the tiny config of each stage)."""
+import atexit
 import os
+import shutil
 import tempfile
 
+from tests.helpers import FAST_COMPILE
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite's time is mostly XLA:CPU compiling tiny programs; LLVM's optimisation passes take half of it.
+# Without them the programs compute the same thing (XLA keeps its HLO passes, and never lets LLVM reorder
+# floating point), slower, which tiny shapes do not notice (README, "Test suite").
+if FAST_COMPILE not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# The CLIs' persistent XLA cache (blip2_jax/compilation_cache.py) in a directory of this session, not ~/.cache.
-os.environ.setdefault("BLIP2_JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="blip2_jax_xla_"))
+# The CLIs' persistent XLA cache (blip2_jax/compilation_cache.py) in a directory of this session, not ~/.cache;
+# made by the first process (pytest-xdist's workers inherit it) and removed when that process ends.
+if "BLIP2_JAX_COMPILATION_CACHE" not in os.environ:
+    os.environ["BLIP2_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="blip2_jax_xla_")
+    atexit.register(shutil.rmtree, os.environ["BLIP2_JAX_COMPILATION_CACHE"], ignore_errors=True)
 
 import jax  # noqa: E402
 

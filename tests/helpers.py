@@ -5,6 +5,16 @@ import io
 
 import numpy as np
 
+# XLA flag of every test process (tests/conftest.py): compile without LLVM's optimisation passes.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def subprocess_xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a JAX process a test starts: the suite's fast compile, and `devices` simulated CPU
+    devices (None: the one CPU device)."""
+    count = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
+    return " ".join([*count, FAST_COMPILE])
+
 
 def assert_close(ours, ref, tol: float = 1e-4) -> float:
     """The parity bound: same shape and max|ours - ref| <= tol * max(1, max|ref|). Returns the error."""

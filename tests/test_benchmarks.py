@@ -9,11 +9,14 @@ import sys
 import jax
 import pytest
 
+from tests.helpers import subprocess_xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script: str, *args: str) -> list[dict]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags(), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": REPO}
     run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args], capture_output=True,
                          text=True, env=env, cwd=REPO, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import blip2_jax
-from tests.helpers import write_images
+from tests.helpers import subprocess_xla_flags, write_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a photo of"
@@ -81,7 +81,7 @@ def test_caption_cli(saved):
     hf, tok, path, images, bad = saved
     args = [sys.executable, "-m", "blip2_jax.caption", f"--model={path}", f"--prompt={PROMPT}", "--num_beams=3",
             "--max_new_tokens=8", "--batch_size=2", images[0], bad, images[1], images[2]]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": REPO}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags(), "PYTHONPATH": REPO}
     run = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert run.returncode == 1, run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]

@@ -24,6 +24,7 @@ from blip2_jax.evaluate import captioning, retrieval, run, vqa_data
 from blip2_jax.evaluate.load import load_config_file
 from tests import hf_tiny, tiny_configs
 from tests.helpers import image_bytes
+from tests.helpers import subprocess_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 28  # the tiny models' image size: images are written at it, so resizing is the identity
@@ -73,7 +74,7 @@ def test_caption_cli_matches_generate_and_metrics(opt_dir, caption_shards, tmp_p
            f"--config.model={opt_dir}", f"--config.data.source.path={data}", "--config.data.source.prefix=test",
            f"--config.image_size={SIZE}", "--config.batch_size=2", f"--out={out}"]
     cmd += [f"--config.generation.{k}={v}" for k, v in gen.items()]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags()}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

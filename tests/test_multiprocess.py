@@ -27,6 +27,7 @@ import pytest
 from tests import multiprocess_worker as worker
 from tests import tiny_configs
 from tests.toy_task import compile_cache, losses  # noqa: F401  (fixture)
+from tests.helpers import subprocess_xla_flags
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,7 @@ def _free_port() -> int:
 def _run_processes(commands: list[list[str]], timeout: float = 300) -> list[str]:
     """Starts one process per command (4 CPU devices each), waits for all; their stdouts. On a failure or
     a timeout, ends the ones still running and fails with the stderr of each."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": subprocess_xla_flags(4), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": REPO}
     procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in commands]

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from tests.helpers import subprocess_xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,7 +16,7 @@ def test_serve_benchmark_runs_at_tiny_size(tmp_path):
     args = [sys.executable, os.path.join(REPO, "benchmarks", "serve.py"), "--size=tiny", "--clients=1,2",
             "--requests=4", "--seconds=60", "--max_new_tokens=4", "--max_batch=2", "--direct=2",
             "--startup_timeout=300", f"--json={out}"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags()}
     run = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "| mode | clients | requests | p50 ms | p99 ms | captions/s |" in run.stdout

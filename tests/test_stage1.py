@@ -17,6 +17,7 @@ from blip2_jax import sharding
 from blip2_jax.train import loop, stage1
 from tests import tiny_configs
 from tests.toy_task import compile_cache, losses  # noqa: F401  (fixture)
+from tests.helpers import subprocess_xla_flags
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def test_main_runs_the_demo_config_and_ends_with_one_json_line(shapes_dir, tmp_p
     overrides = tiny_configs.flags(c, "stage1", "demo")
     proc = subprocess.run([sys.executable, "-m", "blip2_jax.main", "--config=configs/stage1.py:demo",
                            f"--workdir={tmp_path}", *overrides], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                          timeout=600, env={**os.environ, "XLA_FLAGS": subprocess_xla_flags(1)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "temperature", "itm_accuracy", "t2i_r1", "i2t_r1"):
