@@ -34,14 +34,15 @@ TEXT_LEN = 24  # prompt + caption tokens per example, right-padded as the data p
 PROMPT_LEN = 4
 
 
-def make_batch(cfg, batch: int, llm: str, seed: int = 0) -> dict:
+def make_batch(cfg, batch: int, llm: str, seed: int = 0, text_len: int = TEXT_LEN) -> dict:
     """A stage-2 batch in the pipeline's layout (numpy, NHWC pixels): right-padded text, labels -100 on
     BOS, prompt and padding; for T5 the prompt goes to the encoder and the caption is the decoder's."""
     rng = np.random.default_rng(seed)
     size, vocab = cfg.vision_config.image_size, cfg.text_config.vocab_size
-    lengths = rng.integers(TEXT_LEN // 2, TEXT_LEN + 1, size=batch)
-    mask = (np.arange(TEXT_LEN)[None] < lengths[:, None]).astype(np.int32)
-    ids = np.where(mask == 1, rng.integers(4, vocab - 1, size=(batch, TEXT_LEN)), cfg.text_config.pad_token_id)
+    lengths = rng.integers(text_len // 2, text_len + 1, size=batch)
+    mask = (np.arange(text_len)[None] < lengths[:, None]).astype(np.int32)
+    pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0  # LLaMA has none
+    ids = np.where(mask == 1, rng.integers(4, vocab - 1, size=(batch, text_len)), pad)
     out = {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32)}
     if llm == "opt":
         ids[:, 0] = cfg.text_config.bos_token_id

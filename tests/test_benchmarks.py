@@ -108,3 +108,42 @@ def test_profile_step_splits_the_step_time_by_model_part(hf_blip2):
                  "optimizer"):
         assert shares.get(part, 0) > 0, (part, shares)
     assert shares.get("vision/backward", 0) < 0.01  # frozen: no gradient is computed through the ViT
+
+
+@pytest.mark.parametrize("case", ["stage1", "stage1_bfloat16", "stage2_opt_bfloat16", "stage2_t5"])
+def test_accelerator_torch_benchmark_runs_the_reference_step_with_our_flop_count(case, hf_blip2, shapes_dir):
+    """benchmarks/accelerator_torch.py on the CPU with the tiny configs: the torch reference's step runs at the
+    config's shapes (frozen towers in bfloat16 where the config says so), its loss is finite, and images/s
+    and MFU follow from the step time and our task's FLOPs per example (the figure accelerator.py uses)."""
+    from benchmarks import accelerator_torch
+    from blip2_jax import sharding
+    from blip2_jax.plan import planning_config
+    from blip2_jax.train import stage1, stage2
+    from tests import tiny_configs
+
+    if case.startswith("stage1"):
+        config = tiny_configs.stage1(shapes_dir)
+    else:
+        llm = case.split("_")[1]
+        config = tiny_configs.stage2(llm)
+        config.init.llm_checkpoint = hf_blip2(llm)[2]  # the architecture of a tiny OPT / T5
+    config.model.frozen_dtype = "bfloat16" if case.endswith("bfloat16") else "float32"
+    out = accelerator_torch.run(config, batch=4, steps=1, device="cpu", peak=1e12, threads=1)
+    assert out["fits"] and out["loss_finite"] and out["implementation"] == "torch"
+    assert (out["global_batch"], out["frozen_dtype"]) == (4, config.model.frozen_dtype)
+    assert out["images_per_second"] == pytest.approx(4 / out["step_seconds"])
+    assert out["mfu"] == pytest.approx(out["images_per_second"] * out["flops_per_example"] / 1e12)
+    planned = planning_config(config)
+    mesh = sharding.make_mesh(planned.mesh, jax.devices()[:1])
+    task = (stage1 if case.startswith("stage1") else stage2).make_task(planned, mesh)
+    assert out["flops_per_example"] == pytest.approx(task.flops_per_example)
+
+
+def test_accelerator_torch_benchmark_refuses_what_the_reference_cannot_express(shapes_dir):
+    from benchmarks import accelerator_torch
+    from tests import tiny_configs
+
+    config = tiny_configs.stage1(shapes_dir)
+    config.model.train_vision = True
+    with pytest.raises(ValueError, match="train_vision"):
+        accelerator_torch.run(config, batch=2, steps=1, device="cpu")
