@@ -1,6 +1,6 @@
 """Stage-1 train step (ITC + ITM + ITG): blip2_jax's against a PyTorch reference of the same computation.
 
-    python benchmarks/stage1_step.py [--batch=8] [--rounds=5] [--threads=2] [--size=midsize|tiny]
+    python benchmarks/stage1_step.py [--batch=8] [--rounds=5] [--threads=2] [--size=midsize|tiny] [--vocab=N]
 
 The model is the issue's mid-size stage-1 BLIP-2 (benchmarks/harness.py: ViT 6x384 at 224 px, frozen;
 Q-Former 6x384 with 32 queries, cross-attention every 2 layers; ITC width 256) with BERT-base's vocabulary
@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", default="midsize", choices=tuple(SIZES))
+    ap.add_argument("--vocab", type=int, default=0, help="Q-Former vocabulary, [DEC] included (default: the size's)")
     args = ap.parse_args()
 
     import jax
@@ -135,6 +136,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     dims, vocab, text_len = SIZES[args.size]
+    vocab = args.vocab or vocab
     ref = torch_stage1.build(torch_stage1.hf_config(**dims, vocab=vocab))
     with tempfile.TemporaryDirectory() as d:
         torch_stage1.save_for_ours(ref, d)
