@@ -102,7 +102,6 @@ def step_fn(config, model_cfg, batch: int, device: str):
         data = stage1_step.make_batch(model_cfg.vision.image_size, vocab, batch, text_len)
         inputs = stage1_step.torch_inputs(data, device)
         ref.train()
-        ref.hf.vision_model.eval()
         step, metrics = step_fns.torch_step_fn(lambda: ref(**inputs, dec_token_id=vocab - 1),
                                                ref.trainable_parameters())
         return step, metrics, stage1.flops_per_example(model_cfg, text_len)

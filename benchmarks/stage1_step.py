@@ -115,7 +115,6 @@ def reference_step_fn(ref, inputs: dict, dec_token_id: int, first_negatives=None
         return ref(**inputs, dec_token_id=dec_token_id, negatives=negatives)
 
     ref.train()
-    ref.hf.vision_model.eval()  # frozen: always in eval mode (LAVIS's disabled_train)
     return step_fns.torch_step_fn(compute, ref.trainable_parameters())
 
 

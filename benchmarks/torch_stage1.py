@@ -62,6 +62,12 @@ class Stage1Reference(nn.Module):
             p.requires_grad_(not (name.startswith("hf.vision_model.") and "post_layernorm" not in name))
         hf.vision_model.eval()
 
+    def train(self, mode: bool = True):
+        """As `nn.Module.train`, but the frozen ViT stays in eval mode (LAVIS's `disabled_train`)."""
+        super().train(mode)
+        self.hf.vision_model.eval()
+        return self
+
     def trainable_parameters(self) -> list:
         return [p for p in self.parameters() if p.requires_grad]
 
