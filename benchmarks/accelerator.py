@@ -53,7 +53,11 @@ def define_flags() -> dict:
 
 
 def peak_flops(device) -> float:
-    kind = device.device_kind
+    return peak_flops_of(device.device_kind)
+
+
+def peak_flops_of(kind: str) -> float:
+    """The table's dense bfloat16 peak for a device name (jax's `device_kind`, torch's device name), or 0."""
     return next((flops for name, flops in PEAK_FLOPS if name in kind), 0.0)
 
 

@@ -28,21 +28,21 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, step_fns  # noqa: E402
 
 TEXT_LEN = 24  # prompt + caption tokens per example, right-padded as the data pipeline writes them
 PROMPT_LEN = 4
-LR, WEIGHT_DECAY = 1e-4, 0.05
 
 
-def make_batch(cfg, batch: int, llm: str, seed: int = 0) -> dict:
+def make_batch(cfg, batch: int, llm: str, seed: int = 0, text_len: int = TEXT_LEN) -> dict:
     """A stage-2 batch in the pipeline's layout (numpy, NHWC pixels): right-padded text, labels -100 on
     BOS, prompt and padding; for T5 the prompt goes to the encoder and the caption is the decoder's."""
     rng = np.random.default_rng(seed)
     size, vocab = cfg.vision_config.image_size, cfg.text_config.vocab_size
-    lengths = rng.integers(TEXT_LEN // 2, TEXT_LEN + 1, size=batch)
-    mask = (np.arange(TEXT_LEN)[None] < lengths[:, None]).astype(np.int32)
-    ids = np.where(mask == 1, rng.integers(4, vocab - 1, size=(batch, TEXT_LEN)), cfg.text_config.pad_token_id)
+    lengths = rng.integers(text_len // 2, text_len + 1, size=batch)
+    mask = (np.arange(text_len)[None] < lengths[:, None]).astype(np.int32)
+    pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0  # LLaMA has none
+    ids = np.where(mask == 1, rng.integers(4, vocab - 1, size=(batch, text_len)), pad)
     out = {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32)}
     if llm == "opt":
         ids[:, 0] = cfg.text_config.bos_token_id
@@ -76,58 +76,23 @@ def hf_inputs(cfg, batch: dict, llm: str) -> dict:
 
 def hf_step_fn(hf, inputs: dict):
     """HF's step: forward with labels, backward, AdamW over the parameters outside ViT and LLM."""
-    import torch
-
     for name, p in hf.named_parameters():
         p.requires_grad_(not name.startswith(("vision_model.", "language_model.")))
-    trainable = [p for p in hf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY, eps=1e-8)
     hf.train()
-    losses = []
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = hf(**inputs).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-
-    return step, losses
+    step, metrics = step_fns.torch_step_fn(lambda: {"loss": hf(**inputs).loss},
+                                           [p for p in hf.parameters() if p.requires_grad])
+    return step, metrics
 
 
 def our_step_fn(model, params, batch: dict):
-    """The train loop's jitted step on a one-device mesh, AdamW over the trainable tree only."""
-    import jax
-    import optax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
+    """The train loop's jitted step over the stage-2 loss, AdamW over the trainable tree only."""
     from blip2_jax.models.blip2 import FROZEN_KEYS
-    from blip2_jax.train import loop, stage2
-    from blip2_jax.train.task import Task
+    from blip2_jax.train import stage2
 
     frozen = {k: v for k, v in params.items() if k in FROZEN_KEYS}
     trainable = {k: v for k, v in params.items() if k not in FROZEN_KEYS}
-    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    schedule = optax.constant_schedule(LR)  # a schedule: the loop logs the learning rate from its count
-    tx = optax.adamw(schedule, weight_decay=WEIGHT_DECAY, eps=1e-8)
-    task = Task(init_trainable=lambda rng: trainable, name="stage2",
-                loss_fn=lambda t, f, b, rng, train: stage2.stage2_loss(model, {**t, **f}, b, rng, train=train))
-    replicated = lambda tree: jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)  # noqa: E731
-    state_shardings, _ = loop.train_state_shardings(trainable, replicated(trainable), tx, mesh)
-    train_step = loop.make_train_step(task, tx, schedule, mesh, state_shardings, grad_accum_steps=1,
-                                      skip_nonfinite=False)
-    state = {"step": jax.numpy.zeros((), jax.numpy.int32), "params": trainable, "opt_state": tx.init(trainable),
-             "rng": jax.random.PRNGKey(0)}
-    state = jax.device_put(state, state_shardings)
-    batch = jax.device_put(batch)
-    box = {"state": state}
-    losses = []
-
-    def step():
-        box["state"], metrics = train_step(box["state"], frozen, batch)
-        losses.append(float(metrics["loss"]))  # float() waits for the step
-
-    return step, losses
+    loss_fn = lambda t, f, b, rng, train: stage2.stage2_loss(model, {**t, **f}, b, rng, train=train)  # noqa: E731
+    return step_fns.loop_step_fn(loss_fn, trainable, frozen, batch, name="stage2")
 
 
 def main() -> None:
@@ -168,7 +133,7 @@ def main() -> None:
         "benchmark": "stage2_train_step", "llm": args.llm, "size": args.size, "batch": args.batch,
         "frozen_dtype": args.frozen_dtype, "baseline": args.baseline, "torch_threads": args.threads,
         "jax": jax.__version__, "torch": torch.__version__,
-        "loss_step0": {"ours": our_losses[0], args.baseline: their_losses[0]}, **comparison.summary()}))
+        "loss_step0": {"ours": our_losses[0]["loss"], args.baseline: their_losses[0]["loss"]}, **comparison.summary()}))
 
 
 if __name__ == "__main__":
