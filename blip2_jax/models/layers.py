@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blip2_jax.models import quant
+from blip2_jax.models import pallas_attention, quant
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -48,7 +48,7 @@ class TowerConfig:
     param_dtype: Dtype = jnp.float32
     remat: Union[bool, str] = False
     scan_layers: bool = False
-    attention_impl: str = "xla"  # "fused": jax.nn.dot_product_attention (`dot_product_attention`)
+    attention_impl: str = "xla"  # or "fused" / "pallas" (`ATTENTION_IMPLS`, `dot_product_attention`)
 
     def __post_init__(self):
         for k in ("dtype", "param_dtype"):
@@ -220,7 +220,7 @@ def mask_to_bias(mask: jax.Array, fill: float = -1e9) -> jax.Array:
     return jnp.where(mask.astype(bool), 0.0, fill).astype(jnp.float32)
 
 
-ATTENTION_IMPLS = ("xla", "fused")
+ATTENTION_IMPLS = ("xla", "fused", "pallas")
 
 
 def dot_product_attention(
@@ -241,7 +241,10 @@ def dot_product_attention(
     `impl="xla"` is the einsum form below; `impl="fused"` hands the same computation to
     `jax.nn.dot_product_attention`, which picks a fused kernel where the backend has one (cuDNN flash
     attention on NVIDIA GPUs for bfloat16 / float16) and XLA's form elsewhere. Attention dropout (a
-    training-only option no frozen tower uses) always takes the einsum form.
+    training-only option no frozen tower uses) always takes the einsum form. `impl="pallas"` runs the
+    Pallas TPU flash-attention kernel (`pallas_attention`: padded to its block sizes, never the
+    `[B, H, Tq, Tk]` probabilities in HBM); it lowers for TPU only (on CPU inside Pallas's
+    `force_tpu_interpret_mode()`, which the tests use).
 
     q: `[B, Tq, H, D]`, k and v: `[B, Tk, H, D]`, or `[B, Tk, KV, D]` with H a multiple of KV (grouped-query
     attention: query head h reads K/V head h // (H / KV), as HF's `repeat_kv`); `bias` broadcasts to
@@ -252,7 +255,10 @@ def dot_product_attention(
         raise ValueError(f"attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if impl == "fused" and (deterministic or dropout_rate == 0.0):
+    no_dropout = deterministic or dropout_rate == 0.0
+    if impl == "pallas" and no_dropout:
+        return pallas_attention.flash_attention(q, k, v, bias, scale=float(scale), dtype=dtype)
+    if impl == "fused" and no_dropout:
         if bias is not None:  # [B, H, Tq, Tk] as jax.nn wants it (it broadcasts only size-1 axes itself)
             bias = jnp.broadcast_to(bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])).astype(dtype)
         out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), bias=bias,
