@@ -171,9 +171,11 @@ def layer_stack_fields() -> dict:
         # pass: "full" (nothing but each block's input: the least memory), "save_dots" (the weight
         # matmuls' outputs: less recomputation, more memory), "none" (no remat whatever the switches).
         remat_policy="full",
-        # Every tower's attention: "xla" (the einsum form, float32 scores) or "fused"
+        # Every tower's attention: "xla" (the einsum form, float32 scores), "fused"
         # (jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA GPUs in bfloat16/float16,
-        # XLA's form elsewhere; the same numbers up to float rounding).
+        # XLA's form elsewhere) or "pallas" (the Pallas flash-attention kernel: TPU only, or CPU under
+        # Pallas's interpret mode; blip2_jax/models/pallas_attention.py). The same numbers up to float
+        # rounding; attention dropout always takes the einsum form.
         attention_impl="xla",
     )
 

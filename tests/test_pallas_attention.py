@@ -4,6 +4,7 @@ an additive bias such as T5's relative bias), padded lengths, masks, grouped-que
 blocks; whole BLIP-2 models (OPT and T5) in float32. `tests/test_plan.py` compiles the kernel for TPU."""
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import blip2_jax
+from blip2_jax import sharding
 from blip2_jax.models import layers, pallas_attention
 from blip2_jax.models.blip2 import build_model
 from tests.helpers import assert_close
@@ -59,6 +61,20 @@ def test_pallas_without_bias_masks_the_padded_keys():
     with pltpu.force_tpu_interpret_mode():
         out = layers.dot_product_attention(q, k, v, impl="pallas")
     assert_close(out, layers.dot_product_attention(q, k, v), tol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [4, 3], ids=["split", "replicated-batch"])
+def test_pallas_under_a_mesh_is_a_shard_map_over_batch_and_heads(batch):
+    """Under `jax.set_mesh` (as the train step runs) the kernel runs per shard: batch over data x fsdp, heads
+    over tensor, by the logical axis rules; a batch the mesh does not divide is replicated."""
+    rng, q, k, v = _inputs(3, batch, 6, 10, 4, 2)
+    bias = layers.mask_to_bias(rng.random((batch, 1, 6, 10)) > 0.2)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+    attend = jax.jit(lambda q, k, v, b: layers.dot_product_attention(q, k, v, b, impl="pallas"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.axis_rules()), pltpu.force_tpu_interpret_mode():
+        assert "shard_map" in str(jax.make_jaxpr(attend)(q, k, v, bias))
+        out = attend(q, k, v, bias)
+    assert_close(out, layers.dot_product_attention(q, k, v, bias), tol=1e-5)
 
 
 def test_pallas_with_attention_dropout_takes_the_einsum_form():

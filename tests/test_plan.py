@@ -79,6 +79,33 @@ def test_stage1_demo_plan_replicated_holds_every_parameter_on_each_chip():
     assert params["trainable"] == aot.count(jax.eval_shape(task.init_trainable, jax.random.PRNGKey(0)))
 
 
+def _lowered_text(config) -> str:
+    """The train step `config` lowers to for the 4-chip slice (StableHLO), as the planner lowers it."""
+    config = plan.planning_config(config)
+    mesh = sharding.make_mesh(config.mesh, plan.topology_devices(TOPOLOGY))
+    task = (stage1 if config.task == "stage1" else stage2).make_task(config, mesh)
+    return aot.lower_train_step(config, task, mesh).lowered.as_text()
+
+
+@needs_libtpu
+@pytest.mark.parametrize("demo", ["stage2_opt", pytest.param("stage2_t5", marks=pytest.mark.slow),
+                                  pytest.param("stage1", marks=pytest.mark.slow)])
+def test_demo_plans_compile_with_the_pallas_attention_kernel(demo):
+    """`model.attention_impl="pallas"`: libtpu compiles the Mosaic flash-attention kernels of every tower's
+    attention (forward, and the backward's dK/dV and dQ kernels of the trained towers) in the train step,
+    and stage 2's decode step; the lowered step holds them as TPU custom calls."""
+    if demo == "stage1":
+        config = stage1_config.get_config("demo")
+        config.mesh.update(data=4, fsdp=1, tensor=1)
+    else:
+        config = demo_stage2(demo.split("_")[1], data=1, fsdp=4, tensor=1)
+    config.model.attention_impl = "pallas"
+    assert _lowered_text(config).count("tpu_custom_call") >= 3
+    report = plan.plan(config, TOPOLOGY)
+    assert report["fits"] is True and report["per_device_bytes"]["peak"] > 0
+    assert (report["decode"] is None) == (demo == "stage1")
+
+
 def test_bad_topology_is_one_error_line():
     """An unknown chip generation: one `error:` line naming the value, exit status 2 (no libtpu needed)."""
     out = subprocess.run([sys.executable, "-m", "blip2_jax.plan", "--config=configs/stage1.py:demo",

@@ -17,14 +17,20 @@ asks of its inputs, and how this module meets it with the semantics of `layers.d
 - The bias is an input of shape `[B, H, Tq, Tk]`: ours (a mask, T5's relative bias) is broadcast to it
   in float32 (the scores' precision), so a masked call still reads one float per score from HBM.
 - Head dims up to 128, or multiples of 128; anything else is refused with a ValueError.
+- A Mosaic kernel is not partitioned by XLA's SPMD pass: under a mesh (`jax.set_mesh`, as the train
+  step, the planner and the evaluation traces run) the call is a `shard_map` whose blocks split the
+  batch and the heads as the logical axis rules in force split "batch" and "heads" (replicated where
+  the mesh size does not divide them, e.g. a one-image decode on a 4-chip slice).
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+from jax.sharding import PartitionSpec as P
 
 LANES = 128  # the kernel's key blocks (and its m / l statistics) are multiples of the lane width
 SUBLANES = 16  # short query lengths are padded to this (bfloat16's sublane tile) instead of 128
@@ -80,6 +86,33 @@ def _key_padding_segments(batch: int, q_len: int, kv_len: int, kv_real: int) -> 
     return tpu_flash.SegmentIds(q=jnp.ones((batch, q_len), jnp.int32), kv=jnp.broadcast_to(kv, (batch, kv_len)))
 
 
+def _mesh_axes(logical: str, size: int, mesh) -> Any:
+    """The mesh axes the rules in force give `logical`, or None where their product does not divide `size`."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = 1
+    for name in names:
+        shards *= mesh.shape[name]
+    return axes if names and size % shards == 0 else None
+
+
+def _kernel(q, k, v, bias, segments, sizes):
+    return tpu_flash.flash_attention(q, k, v, bias, segments, sm_scale=1.0, block_sizes=sizes)
+
+
+def _call_kernel(q, k, v, bias, segments, sizes):
+    """The kernel on `[B, H, T, D]` inputs; under a mesh, a `shard_map` over batch and heads (module docstring)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return _kernel(q, k, v, bias, segments, sizes)
+    batch, heads = _mesh_axes("batch", q.shape[0], mesh), _mesh_axes("heads", q.shape[1], mesh)
+    qkv, rows = P(batch, heads, None, None), P(batch, None)
+    specs = (qkv, qkv, qkv, None if bias is None else qkv,
+             None if segments is None else tpu_flash.SegmentIds(rows, rows))
+    return jax.shard_map(lambda *a: _kernel(*a, sizes), mesh=mesh, in_specs=specs, out_specs=qkv,
+                         check_vma=False)(q, k, v, bias, segments)
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None, *,
                     scale: float, dtype: Any = jnp.float32) -> jax.Array:
     """`layers.dot_product_attention`'s semantics (no dropout) on the TPU flash kernel.
@@ -100,5 +133,5 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax
         bias = jnp.broadcast_to(bias.astype(jnp.float32), (b, h, tq, tk))
         bias = _pad(_pad(bias, 2, q_pad), 3, k_pad)
     segments = _key_padding_segments(b, q_pad, k_pad, tk) if k_pad != tk else None
-    out = tpu_flash.flash_attention(q, k, v, bias, segments, sm_scale=1.0, block_sizes=block_sizes(q_pad, k_pad))
+    out = _call_kernel(q, k, v, bias, segments, block_sizes(q_pad, k_pad))
     return out[:, :, :tq].transpose(0, 2, 1, 3).astype(dtype)
