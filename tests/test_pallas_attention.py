@@ -1,7 +1,7 @@
 """`model.attention_impl="pallas"` (the Pallas TPU flash-attention kernel, `models/pallas_attention.py`)
 against the einsum form, run on CPU in Pallas's TPU interpret mode: outputs and gradients (q, k, v and
 an additive bias such as T5's relative bias), padded lengths, masks, grouped-query heads, several
-blocks; whole BLIP-2 models (OPT and T5) in float32. `tests/test_plan.py` compiles the kernel for TPU."""
+blocks, a shard_map under a CPU mesh; whole BLIP-2 models (OPT and T5) in float32. `tests/test_plan.py` compiles the kernel for TPU."""
 import dataclasses
 
 import flax.linen as nn
