@@ -116,3 +116,25 @@ def assert_dropout_and_remat(run, variables) -> None:
     assert not np.allclose(np.asarray(d1), np.asarray(logits))
     np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
     np.testing.assert_allclose(np.asarray(logits_remat), np.asarray(logits), atol=1e-6, rtol=1e-6)
+
+
+def with_attention_impl(config, impl: str):
+    """A BLIP-2 model config whose towers (ViT, Q-Former, LLM) all take `attention_impl=impl`."""
+    import dataclasses
+
+    def tower(c):
+        return None if c is None else dataclasses.replace(c, attention_impl=impl)
+    return dataclasses.replace(config, vision=tower(config.vision), qformer=tower(config.qformer),
+                               text=tower(config.text))
+
+
+def blip2_call_args(model, llm: str) -> tuple:
+    """Two random images and token rows for `model.apply` of a BLIP-2 (`llm`: "opt" or "t5"); row 1 is
+    left-padded for the decoder-only LLM; T5 gets the same ids as its decoder input."""
+    size = model.config.vision.image_size
+    rng = np.random.default_rng(1)
+    px = rng.normal(size=(2, size, size, 3)).astype(np.float32)
+    ids = rng.integers(4, 50, (2, 6))
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0 if llm == "opt" else 1
+    return (px, ids, mask) + ((ids, np.ones_like(ids)) if llm == "t5" else ())

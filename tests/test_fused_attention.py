@@ -1,14 +1,12 @@
 """`model.attention_impl="fused"` (jax.nn.dot_product_attention) against the einsum form: the kernel
 alone (grouped-query heads, an additive mask) and whole BLIP-2 models (OPT and T5) in float32."""
-import dataclasses
-
 import numpy as np
 import pytest
 
 import blip2_jax
 from blip2_jax.models import layers
 from blip2_jax.models.blip2 import build_model
-from tests.helpers import assert_close
+from tests.helpers import assert_close, blip2_call_args, with_attention_impl
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
@@ -26,26 +24,13 @@ def test_fused_equals_einsum_attention(kv_heads):
         layers.dot_product_attention(q, k, v, impl="flash")
 
 
-def _fused(config):
-    def tower(c):
-        return None if c is None else dataclasses.replace(c, attention_impl="fused")
-    return dataclasses.replace(config, vision=tower(config.vision), qformer=tower(config.qformer),
-                               text=tower(config.text))
-
-
 @pytest.mark.parametrize("llm", ["opt", "t5"])
 def test_blip2_logits_equal_with_fused_attention(hf_blip2, llm):
     _, path, _ = hf_blip2(llm)
     model, params = blip2_jax.from_pretrained(path)
-    size = model.config.vision.image_size
-    rng = np.random.default_rng(1)
-    px = rng.normal(size=(2, size, size, 3)).astype(np.float32)
-    ids = rng.integers(4, 50, (2, 6))
-    mask = np.ones_like(ids)
-    mask[1, :2] = 0 if llm == "opt" else 1  # left padding for the decoder-only LLM
-    args = (px, ids, mask) + ((ids, np.ones_like(ids)) if llm == "t5" else ())
+    args = blip2_call_args(model, llm)
     ref = model.apply({"params": params}, *args)
-    fused = build_model(_fused(model.config)).apply({"params": params}, *args)
+    fused = build_model(with_attention_impl(model.config, "fused")).apply({"params": params}, *args)
     assert_close(fused, ref, tol=1e-5)
 
 

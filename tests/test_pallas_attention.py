@@ -2,7 +2,6 @@
 against the einsum form, run on CPU in Pallas's TPU interpret mode: outputs and gradients (q, k, v and
 an additive bias such as T5's relative bias), padded lengths, masks, grouped-query heads, several
 blocks, a shard_map under a CPU mesh; whole BLIP-2 models (OPT and T5) in float32. `tests/test_plan.py` compiles the kernel for TPU."""
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -15,7 +14,7 @@ import blip2_jax
 from blip2_jax import sharding
 from blip2_jax.models import layers, pallas_attention
 from blip2_jax.models.blip2 import build_model
-from tests.helpers import assert_close
+from tests.helpers import assert_close, blip2_call_args, with_attention_impl
 
 
 def _inputs(seed, batch, q_len, kv_len, heads, kv_heads, head_dim=8):
@@ -103,27 +102,14 @@ def test_padded_lengths_and_block_sizes():
     assert (sizes.block_q, sizes.block_k, sizes.block_q_dq, sizes.block_k_dkv) == (128, 512, 128, 512)
 
 
-def _pallas(config):
-    def tower(c):
-        return None if c is None else dataclasses.replace(c, attention_impl="pallas")
-    return dataclasses.replace(config, vision=tower(config.vision), qformer=tower(config.qformer),
-                               text=tower(config.text))
-
-
 @pytest.mark.parametrize("llm", ["opt", "t5"])
 def test_blip2_logits_equal_with_pallas_attention(hf_blip2, llm):
     _, path, _ = hf_blip2(llm)
     model, params = blip2_jax.from_pretrained(path)
-    size = model.config.vision.image_size
-    rng = np.random.default_rng(1)
-    px = rng.normal(size=(2, size, size, 3)).astype(np.float32)
-    ids = rng.integers(4, 50, (2, 6))
-    mask = np.ones_like(ids)
-    mask[1, :2] = 0 if llm == "opt" else 1  # left padding for the decoder-only LLM
-    args = (px, ids, mask) + ((ids, np.ones_like(ids)) if llm == "t5" else ())
+    args = blip2_call_args(model, llm)
     ref = model.apply({"params": params}, *args)
     with pltpu.force_tpu_interpret_mode():
-        out = jax.jit(build_model(_pallas(model.config)).apply)({"params": params}, *args)
+        out = jax.jit(build_model(with_attention_impl(model.config, "pallas")).apply)({"params": params}, *args)
     # T5's tiny random model amplifies float32 rounding: any one tower's attention through "fused" alone
     # moves its logits (max 6.1) by 5-6e-5, the kernel in each tower by 3-5e-5; all three together 1.5e-4.
     assert_close(out, ref, tol=1e-5 if llm == "opt" else 5e-5)
