@@ -127,10 +127,10 @@ def planning_config(config):
     if config.task == "stage2" and not config.init.llm_checkpoint and not config.model.text:
         raise PlanError("config.model.text is empty and config.init.llm_checkpoint has no config.json: the "
                         "planner needs the LLM's HF config (set --config.init.llm_checkpoint=DIR)")
-    if _crashes_libtpu(config):
-        raise PlanError("libtpu 0.0.42.1's compiler crashes (segfault) on a scanned T5's attention dropout "
-                        f"with heads split over mesh.tensor={config.mesh.tensor}: set --config.mesh.tensor=1 "
-                        "or --config.model.llm_dropout=False")
+    crash = _crashes_libtpu(config)
+    if crash:
+        raise PlanError(f"libtpu 0.0.42.1's compiler crashes (segfault) on a scanned T5's dropout {crash}: "
+                        "set --config.model.llm_dropout=False to plan the step without it")
     if config.get("eval") is not None:
         config.eval.source.path = ""
         if config.eval.get("zero_shot") is not None:
@@ -140,13 +140,21 @@ def planning_config(config):
     return config
 
 
-def _crashes_libtpu(config) -> bool:
-    """The one combination the pinned TPU compiler is known to die on (found planning flant5xl), so that
-    the planner says so instead of ending in a segfault."""
+def _crashes_libtpu(config) -> str:
+    """What of `config` the pinned TPU compiler is known to die on, or "": a scanned T5 with dropout, its
+    heads split over mesh.tensor > 1 (found planning flant5xl) or inside gradient accumulation's scan
+    (found planning flant5xxl_v5p32 with grad_accum_steps=5; without the dropout it compiles). The
+    planner says so instead of ending in a segfault."""
     if config.task != "stage2" or config.model.llm != "t5" or not config.model.get("scan_layers"):
-        return False
-    dropout = config.model.llm_dropout and config.model.text.get("dropout_rate", 0.1) > 0
-    return bool(dropout) and config.mesh.tensor != 1
+        return ""
+    if not (config.model.llm_dropout and config.model.text.get("dropout_rate", 0.1) > 0):
+        return ""
+    if config.mesh.tensor != 1:
+        return f"with heads split over mesh.tensor={config.mesh.tensor} (or set --config.mesh.tensor=1)"
+    if config.train.grad_accum_steps > 1:
+        return (f"inside gradient accumulation, train.grad_accum_steps={config.train.grad_accum_steps} "
+                "(or set --config.train.grad_accum_steps=1)")
+    return ""
 
 
 def stand_in_bert_vocab() -> str:

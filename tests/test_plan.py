@@ -161,11 +161,17 @@ def test_planned_variants_split_the_paper_batch_over_their_slice(module, variant
     assert (config.train.batch_size // config.train.grad_accum_steps) % (mesh.data * mesh.fsdp) == 0
 
 
-def test_the_known_libtpu_crash_is_an_error_line_not_a_segfault():
+def test_the_known_libtpu_crashes_are_error_lines_not_segfaults():
     config = stage2_config.get_config("flant5xl")
     config.mesh.update(data=8, fsdp=1, tensor=2)
     with pytest.raises(plan.PlanError, match="mesh.tensor=1"):
         plan.planning_config(config)
+    config = stage2_config.get_config("flant5xxl_v5p32")
+    config.train.grad_accum_steps = 5
+    with pytest.raises(plan.PlanError, match="grad_accum_steps=1"):
+        plan.planning_config(config)
+    config.model.llm_dropout = False  # what the error suggests: then it plans
+    assert plan.planning_config(config).train.grad_accum_steps == 5
 
 
 def test_the_planner_and_main_import_into_one_process():
