@@ -220,6 +220,41 @@ def mask_to_bias(mask: jax.Array, fill: float = -1e9) -> jax.Array:
     return jnp.where(mask.astype(bool), 0.0, fill).astype(jnp.float32)
 
 
+# -- Dropout ---------------------------------------------------------------------------------------
+def dropout_mask(rng: jax.Array, rate: float, shape: Sequence[int]) -> jax.Array:
+    """The keep mask of dropout at `rate`: `jax.random.bernoulli(rng, 1 - rate, shape)`, bit for bit,
+    behind an optimization barrier so that XLA computes it once, on its own, and its consumers read it.
+
+    Without the barrier XLA fuses the mask's threefry hash (about 200 integer ops an element) into every
+    consumer: the forward's select, the rematerialised forward, the backward's select, and the matmul
+    that reads the dropped-out activation (T5's `wo`). On TPU that code is emitted per fusion and per
+    vector-memory window, so the paper-scale stage-2 step's compile spent most of its time generating
+    the same hash many times over (docs/pod_planning.md, "Compile time"). The barrier changes no value.
+    """
+    return jax.lax.optimization_barrier(jax.random.bernoulli(rng, 1.0 - rate, tuple(shape)))
+
+
+class Dropout(nn.Dropout):
+    """flax's `nn.Dropout` (the same class name, hence the same automatic module names and RNG stream, and
+    the same mask and scaling), its mask made by `dropout_mask`."""
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: Optional[bool] = None, rng: Optional[jax.Array] = None):
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        keep_prob = 1.0 - self.rate
+        if rng is None:
+            rng = self.make_rng(self.rng_collection)
+        shape = list(inputs.shape)
+        for dim in self.broadcast_dims:
+            shape[dim] = 1
+        mask = jnp.broadcast_to(dropout_mask(rng, self.rate, shape), inputs.shape)
+        return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+
+
 ATTENTION_IMPLS = ("xla", "fused", "pallas")
 
 
@@ -276,7 +311,7 @@ def dot_product_attention(
         scores = scores + bias.astype(jnp.float32)
     probs = jax.nn.softmax(scores, axis=-1)
     if not deterministic and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        keep = dropout_mask(dropout_rng, dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v).transpose(0, 2, 1, 3)
 

@@ -26,9 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blip2_jax.models.layers import (Dense, Embed, KVCache, LayerNorm, TowerConfig, activation, advance_kv_cache,
-                                     decoder_mask, dot_product_attention, init_kv_cache, keep_last, mask_to_bias,
-                                     merge_heads, remat_block, scan_blocks, split_heads, write_kv)
+from blip2_jax.models.layers import (Dense, Dropout, Embed, KVCache, LayerNorm, TowerConfig, activation,
+                                     advance_kv_cache, decoder_mask, dot_product_attention, init_kv_cache, keep_last,
+                                     mask_to_bias, merge_heads, remat_block, scan_blocks, split_heads, write_kv)
 from blip2_jax.models.stacking import LayerStack
 
 Dtype = Any
@@ -158,7 +158,7 @@ class OPTDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, bias, layer_cache, index, deterministic: bool):
         cfg = self.config
-        drop = nn.Dropout(cfg.dropout)
+        drop = Dropout(cfg.dropout)
         attn_norm = _norm(cfg, "self_attn_layer_norm")
         ffn_norm = _norm(cfg, "final_layer_norm")
 

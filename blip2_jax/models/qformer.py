@@ -124,7 +124,7 @@ class AddNorm(nn.Module):
         cfg = self.config
         h = Dense(cfg.hidden_size, (self.in_axis, "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   name="dense")(x)
-        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        h = layers.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
         return LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="LayerNorm")(h + residual)
 
 
@@ -217,7 +217,7 @@ class QFormer(nn.Module):
             self.position_embeddings = Embed(cfg.max_position_embeddings, cfg.hidden_size, axes=(None, "embed"),
                                              dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="position_embeddings")
         self.layernorm = LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="layernorm")
-        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.embedding_dropout = layers.Dropout(cfg.hidden_dropout)
         if cfg.scan_layers:
             b = nn.broadcast
             self.layers = layers.scan_blocks(QFormerGroup, cfg, cfg.num_layers // cfg.cross_attention_frequency,

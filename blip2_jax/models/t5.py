@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax.models.layers import (Dense, Embed, KVCache, RMSNorm, TowerConfig, activation, advance_kv_cache,
-                                     decoder_mask, dot_product_attention, init_kv_cache, mask_to_bias, merge_heads,
-                                     remat_block, scan_blocks, split_heads, write_kv)
+from blip2_jax.models.layers import (Dense, Dropout, Embed, KVCache, RMSNorm, TowerConfig, activation,
+                                     advance_kv_cache, decoder_mask, dot_product_attention, init_kv_cache, mask_to_bias,
+                                     merge_heads, remat_block, scan_blocks, split_heads, write_kv)
 from blip2_jax.models.stacking import LayerStack
 
 Dtype = Any
@@ -223,7 +223,7 @@ class T5MLP(nn.Module):
         dense = lambda name: Dense(c.d_ff, axes=("embed", "mlp"), use_bias=False, dtype=c.dtype,  # noqa: E731
                                    param_dtype=c.param_dtype, name=name)
         h = act(dense("wi_0")(x)) * dense("wi_1")(x) if c.is_gated_act else act(dense("wi")(x))
-        h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(c.dropout_rate)(h, deterministic=deterministic)
         # `wo` in float32 (HF `_keep_in_fp32_modules = ["wo"]`): FlanT5 overflows here in low precision.
         y = Dense(c.d_model, axes=("mlp", "embed"), use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
                   name="wo")(h.astype(jnp.float32))
@@ -246,7 +246,7 @@ class T5Block(nn.Module):
             self.cross_attn = T5Attention(c)
         self.mlp_norm = norm()
         self.mlp = T5MLP(c)
-        self.dropout = nn.Dropout(c.dropout_rate)
+        self.dropout = Dropout(c.dropout_rate)
 
     def __call__(self, x, self_bias, layer_cache, index, cross_bias, encoder_hidden_states, cross_kv,
                  deterministic: bool):
@@ -283,7 +283,7 @@ class T5Stack(nn.Module):
         self.relative_attention_bias = Embed(c.relative_attention_num_buckets, c.num_heads, axes=(None, "heads"),
                                              dtype=jnp.float32, param_dtype=c.param_dtype)
         self.final_layer_norm = RMSNorm(epsilon=c.layer_norm_epsilon, dtype=c.dtype, param_dtype=c.param_dtype)
-        self.dropout = nn.Dropout(c.dropout_rate)
+        self.dropout = Dropout(c.dropout_rate)
 
     def position_bias(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
         """`[1, H, Tq, Tk]` float32 bias for absolute query and key positions."""
